@@ -1,0 +1,306 @@
+"""Typed schemas of every config group, and their validation.
+
+The Hydra YAML tree under ``conf/`` fills these dataclasses; the root schema ``RootConfig`` is
+registered in Hydra's ConfigStore as ``train_schema`` and is the first entry of
+``conf/train.yaml``'s defaults list, so a misspelt key or a wrong type fails at compose time.
+Cross-field rules (k <= n_latents, strength >= 0, ...) live in ``__post_init__`` and run when a
+composed config is turned into objects by :func:`validate` -- for a sweep, for every cell before
+any job is submitted.
+
+Every field is documented once, here, by the comment beside it. This module imports no torch.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+REGULARIZERS = ("none", "offsupport_l1", "l1l2")
+DATASET_KINDS = ("synthetic", "digits", "files", "images")
+BACKBONE_LIBRARIES = ("none", "open_clip", "timm")
+
+
+class ConfigError(ValueError):
+    """A config value is invalid. The message names the field, the problem and the fix."""
+
+
+def _require(ok: bool, field_name: str, problem: str, fix: str) -> None:
+    if not ok:
+        raise ConfigError(f"{field_name}: {problem}. Fix: {fix}")
+
+
+@dataclass
+class BackboneConfig:
+    """A frozen vision backbone that turns images into one embedding each (METHOD.md s1)."""
+
+    name: str = "none"  # config key, e.g. clip_vitl14; "none" = the dataset already is embeddings
+    library: str = "none"  # open_clip | timm | none
+    model: str = ""  # library model identifier, e.g. "ViT-L-14" or "vit_large_patch16_224.augreg_in21k_ft_in1k"
+    pretrained: str | None = None  # open_clip pretrained tag / timm "true"; null = random weights (tests)
+    checkpoint_path: str | None = None  # local weights file, for compute nodes without network
+    embedding: str = "none"  # what is taken: image_projected (open_clip encode_image) | cls_pre_logits (timm)
+    model_kwargs: dict[str, Any] = field(default_factory=dict)  # extra factory kwargs (small test variants)
+    batch_size: int = 128  # images per forward pass during extraction
+    num_workers: int = 4  # DataLoader workers decoding images
+    storage_dtype: str = "float16"  # dtype of the cached array: float16 | float32
+
+    def __post_init__(self) -> None:
+        _require(self.library in BACKBONE_LIBRARIES, "backbone.library",
+                 f"unknown library {self.library!r}", f"use one of {BACKBONE_LIBRARIES}")
+        _require(self.storage_dtype in ("float16", "float32"), "backbone.storage_dtype",
+                 f"{self.storage_dtype!r} is not supported", "use float16 or float32")
+        _require(self.batch_size > 0, "backbone.batch_size", "must be positive", "set e.g. 128")
+        if self.library != "none":
+            _require(bool(self.model), "backbone.model", "is empty",
+                     "give the open_clip / timm model identifier")
+
+
+@dataclass
+class DatasetConfig:
+    """Where the embeddings come from. One flat schema; ``kind`` says which fields apply."""
+
+    name: str = MISSING  # config key: synthetic | digits | files | imagenet | openimages | digits_images
+    kind: str = MISSING  # synthetic | digits | files | images (images need a backbone)
+    multi_label: bool = False  # labels are (N, C) multi-hot instead of (N,) class ids
+    normalize: bool = True  # L2-normalise every embedding to unit norm (MonoLoss convention)
+    eval_fraction: float = 0.2  # digits: fraction held out (stratified) as the evaluation split
+    split_seed: int = 0  # seed of the train/eval split of datasets without an official one
+    # -- synthetic: a planted sparse dictionary (recovery is measurable) --
+    dim: int = 64  # embedding dimension d
+    n_atoms: int = 256  # planted dictionary size
+    atoms_per_sample: int = 4  # planted atoms active in each sample
+    n_classes: int = 8  # classes; each class prefers its own block of atoms
+    class_affinity: float = 0.8  # probability that an atom is drawn from the sample's class block
+    noise: float = 0.01  # std of isotropic Gaussian noise added before normalisation
+    n_train: int = 20000  # samples in the train split
+    n_eval: int = 4000  # samples in the evaluation split
+    data_seed: int = 0  # seed of the planted dictionary and the samples
+    # -- files: user-supplied embeddings (.npy or .safetensors) --
+    train_path: str | None = None  # (N, d) embeddings of the train split
+    eval_path: str | None = None  # (N, d) embeddings of the evaluation split; null = hold out eval_fraction
+    train_labels: str | None = None  # optional labels of the train split (.npy)
+    eval_labels: str | None = None  # optional labels of the evaluation split (.npy)
+    # -- images: real image datasets, embedded by the backbone into the cache --
+    root: str | None = None  # dataset root directory (from an environment variable in conf/dataset)
+    train_split: str = "train"  # split name that trains the SAE
+    eval_split: str = "val"  # split name that evaluates it
+    max_per_split: int | None = None  # keep at most this many images per split (smoke tests)
+    on_unreadable: str = "fail"  # an undecodable image: fail (naming its path) | skip (and count it)
+
+    def __post_init__(self) -> None:
+        _require(self.kind in DATASET_KINDS, "dataset.kind", f"unknown kind {self.kind!r}",
+                 f"use one of {DATASET_KINDS}")
+        _require(0.0 < self.eval_fraction < 1.0, "dataset.eval_fraction",
+                 f"{self.eval_fraction} is outside (0, 1)", "use e.g. 0.2")
+        _require(self.on_unreadable in ("fail", "skip"), "dataset.on_unreadable",
+                 f"{self.on_unreadable!r} is not an option", "use fail or skip")
+        if self.kind == "synthetic":
+            for name in ("dim", "n_atoms", "atoms_per_sample", "n_classes", "n_train", "n_eval"):
+                _require(getattr(self, name) > 0, f"dataset.{name}", "must be positive",
+                         "set a positive integer")
+            _require(self.atoms_per_sample <= self.n_atoms, "dataset.atoms_per_sample",
+                     "exceeds n_atoms", "lower atoms_per_sample or raise n_atoms")
+            _require(self.noise >= 0, "dataset.noise", "is negative", "use noise >= 0")
+        if self.kind == "files":
+            _require(bool(self.train_path), "dataset.train_path", "is not set",
+                     "point it to a .npy or .safetensors file of shape (N, d)")
+        if self.kind == "images":
+            _require(bool(self.root), "dataset.root", "is not set",
+                     f"set dataset.root=/path/to/{self.name} or the environment variable named "
+                     f"in conf/dataset/{self.name}.yaml")
+
+
+@dataclass
+class SAEConfig:
+    """The Top-k sparse autoencoder (METHOD.md s2). The budget k is the top-level ``k``."""
+
+    n_latents: int = 8192  # dictionary size n
+    tied: bool = False  # encoder weight = decoder weight (one matrix)
+    layernorm: bool = False  # per-sample standardisation inside the SAE, undone on the output
+    aux_alpha: float = 1.0 / 32  # weight of the AuxK loss (Gao et al. 2024)
+    aux_k: int | None = None  # dead latents used by AuxK; null = min(d // 2, n_latents)
+    dead_window_samples: int = 10_000_000  # a latent is dead after this many samples without firing
+    dead_window_max_epochs: float = 2.0  # ...capped at this many epochs of a small dataset
+
+    def __post_init__(self) -> None:
+        _require(self.n_latents > 0, "sae.n_latents", "must be positive", "use e.g. 8192")
+        _require(self.aux_alpha >= 0, "sae.aux_alpha", "is negative", "use 1/32 or 0")
+        _require(self.aux_k is None or self.aux_k > 0, "sae.aux_k", "must be positive or null",
+                 "use null for min(d // 2, n_latents)")
+        _require(self.dead_window_samples > 0 and self.dead_window_max_epochs > 0,
+                 "sae.dead_window_samples", "must be positive", "use e.g. 10000000")
+
+
+@dataclass
+class RegularizerConfig:
+    """The sparsity penalty before Top-k (METHOD.md s3); its mask rule is the top-level ``mask``."""
+
+    name: str = "none"  # none | offsupport_l1 | l1l2
+    strength: float = 0.0  # lambda: weight of the penalty in the loss (calibration in README)
+    eps: float = 1e-8  # l1l2: added to the L2 norm so an all-zero code has ratio 0
+
+    def __post_init__(self) -> None:
+        _require(self.name in REGULARIZERS, "regularizer.name", f"unknown regularizer {self.name!r}",
+                 f"use one of {REGULARIZERS} (regularizer=<name> on the command line)")
+        _require(math.isfinite(self.strength) and self.strength >= 0, "regularizer.strength",
+                 f"{self.strength} is not a finite value >= 0", "use e.g. regularizer.strength=0.01")
+        _require(self.eps > 0, "regularizer.eps", "must be positive", "use 1e-8")
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation (METHOD.md s2 defaults: batch 2048, Adam lr 1e-4, eps 6.25e-10, 50 epochs)."""
+
+    batch_size: int = 2048  # samples per step
+    lr: float = 1e-4  # Adam learning rate
+    adam_eps: float = 6.25e-10  # Adam epsilon
+    adam_beta1: float = 0.9  # Adam beta1
+    adam_beta2: float = 0.999  # Adam beta2
+    epochs: float = 50.0  # passes over the train split (fractional allowed)
+    max_steps: int | None = None  # stop after this many steps regardless of epochs (smoke tests)
+    checkpoint_every: int = 500  # steps between checkpoints (and at the end); 0 = only at the end
+    log_every: int = 50  # steps between logged losses (the only host synchronisation points)
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    autocast_bf16: bool = False  # bf16 autocast with fp32 master weights (GPU)
+    compile: bool = False  # torch.compile the training step
+    progress: bool = True  # progress bar (plain lines when stderr is not a terminal)
+
+    def __post_init__(self) -> None:
+        _require(self.batch_size > 0, "train.batch_size", "must be positive", "use e.g. 2048")
+        _require(math.isfinite(self.lr) and self.lr > 0, "train.lr", f"{self.lr} is not > 0",
+                 "use e.g. 1e-4")
+        _require(self.epochs > 0, "train.epochs", "must be positive", "use e.g. 50")
+        _require(self.max_steps is None or self.max_steps > 0, "train.max_steps",
+                 "must be positive or null", "use null to train for train.epochs")
+        _require(self.checkpoint_every >= 0 and self.log_every > 0, "train.checkpoint_every",
+                 "must be >= 0 (log_every > 0)", "use e.g. 500 and 50")
+
+
+@dataclass
+class EvalConfig:
+    """The evaluation stage (METHOD.md s4)."""
+
+    chunk_size: int = 8192  # samples per streamed chunk (bounds memory on large splits)
+    k_multiples: list[float] = field(default_factory=lambda: [0.25, 0.5, 1.0, 2.0, 4.0])  # inference k / train k
+    probe_m: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16, 32])  # top-m kept for probing (k is added)
+    probe_max_train: int = 100_000  # probe-train samples (a seeded subsample of the train split)
+    probe_epochs: int = 30  # full-batch-equivalent epochs of the logistic-regression probe
+    probe_weight_decay: float = 1e-4  # L2 penalty of the probe
+    similarity: str = "input"  # MonoScore similarity embeddings: input (the SAE's own) or a cache path
+    purity_top_n: int | None = None  # purity over each latent's top-N activations only; null = all
+    inspect_latents: int = 12  # latents per selection rule on the contact sheets
+    inspect_top_images: int = 16  # top-activating images per latent
+
+    def __post_init__(self) -> None:
+        _require(self.chunk_size > 0, "eval.chunk_size", "must be positive", "use e.g. 8192")
+        _require(all(m > 0 for m in self.k_multiples), "eval.k_multiples",
+                 "holds a non-positive multiple", "use positive multiples such as [0.5, 1, 2]")
+        _require(all(m > 0 for m in self.probe_m), "eval.probe_m", "holds a non-positive m",
+                 "use positive budgets such as [1, 2, 4]")
+
+
+@dataclass
+class LoggerConfig:
+    """Experiment tracking. Only ``sae.tracking`` reads it."""
+
+    name: str = "wandb"  # wandb | none
+    project: str = "sae-grid"  # W&B project
+    entity: str | None = None  # W&B entity (team or user); null = the account default
+    mode: str = "auto"  # auto (offline without an API key) | online | offline
+
+    def __post_init__(self) -> None:
+        _require(self.name in ("wandb", "none"), "logger.name", f"unknown logger {self.name!r}",
+                 "use logger=wandb or logger=none")
+        _require(self.mode in ("auto", "online", "offline"), "logger.mode",
+                 f"unknown mode {self.mode!r}", "use auto, online or offline")
+
+
+@dataclass
+class PathsConfig:
+    """Where things are written. Never part of a run's identity."""
+
+    root: str = "${oc.env:SAE_OUTPUT_ROOT,outputs}"  # root of runs, sweeps and caches
+    runs: str = "${paths.root}/runs"  # one directory per run id
+    sweeps: str = "${paths.root}/sweeps"  # one directory per sweep name
+    cache: str = "${paths.root}/cache"  # content-addressed embedding caches
+
+
+@dataclass
+class RootConfig:
+    """One grid cell: backbone x dataset x k x regularizer x mask x seed, and how to run it."""
+
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    sae: SAEConfig = field(default_factory=SAEConfig)
+    regularizer: RegularizerConfig = field(default_factory=RegularizerConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    k: int = 64  # Top-k budget during training
+    mask: bool = True  # restrict the regularizer to batch-active units (no effect without one)
+    seed: int = 0  # seed of SAE initialisation and batch order
+    sweep_name: str = "adhoc"  # W&B group and sweep directory name (set by sweep files)
+    dry_run: bool = False  # multirun: list the cells and their run ids, run nothing
+    force: bool = False  # re-run a cell even when its status is done
+
+    def __post_init__(self) -> None:
+        _require(self.k > 0, "k", f"{self.k} is not positive", "use a budget such as k=32")
+        _require(self.k <= self.sae.n_latents, "k",
+                 f"{self.k} exceeds sae.n_latents={self.sae.n_latents}",
+                 "lower k or raise sae.n_latents")
+        if self.dataset.kind == "images":
+            _require(self.backbone.library != "none", "backbone",
+                     f"dataset {self.dataset.name!r} holds images and needs a backbone",
+                     "add backbone=clip_vitl14 (or another conf/backbone option)")
+        else:
+            _require(self.backbone.library == "none", "backbone",
+                     f"dataset {self.dataset.name!r} already holds embeddings",
+                     "use backbone=none with this dataset")
+        if self.regularizer.name != "none":
+            _require(self.regularizer.strength > 0, "regularizer.strength",
+                     f"is 0 with regularizer {self.regularizer.name!r}",
+                     "set a positive strength or use regularizer=none")
+
+
+def register_configs() -> None:
+    """Register the root schema with Hydra (called on import of the entry points)."""
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(name="train_schema", node=RootConfig)
+
+
+def validate(cfg: DictConfig | RootConfig) -> RootConfig:
+    """Resolve a composed config and run every schema and cross-field check.
+
+    Returns the typed config. Raises :class:`ConfigError` naming the field and the fix.
+    """
+    if isinstance(cfg, RootConfig):
+        return cfg
+    node = cfg.copy()
+    with_hydra = "hydra" in node
+    if with_hydra:
+        with_flag = OmegaConf.is_struct(node)
+        OmegaConf.set_struct(node, False)
+        node.pop("hydra")
+        OmegaConf.set_struct(node, with_flag)
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(RootConfig), node)
+        obj = OmegaConf.to_object(merged)
+    except ConfigError:
+        raise
+    except OmegaConfBaseException as exc:
+        raise ConfigError(f"{exc}. Fix: check the field's name and type in sae/config.py") from exc
+    except ValueError as exc:  # raised by a __post_init__ check of a nested dataclass
+        raise ConfigError(str(exc)) from exc
+    assert isinstance(obj, RootConfig)
+    return obj
+
+
+def to_dict(cfg: RootConfig) -> dict[str, Any]:
+    """A plain, JSON-serialisable dict of a typed config."""
+    return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)  # type: ignore[return-value]
