@@ -167,6 +167,7 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     autocast_bf16: bool = False  # bf16 autocast with fp32 master weights (GPU)
     compile: bool = False  # torch.compile the training step
+    fast_path: bool = True  # fused sparse step (sae/fast.py); false = the plain reference step
     progress: bool = True  # progress bar (plain lines when stderr is not a terminal)
 
     def __post_init__(self) -> None:
