@@ -92,6 +92,8 @@ class DatasetConfig:
     on_unreadable: str = "fail"  # an undecodable image: fail (naming its path) | skip (and count it)
 
     def __post_init__(self) -> None:
+        if MISSING in (self.name, self.kind):  # the bare schema, before a group fills it
+            return
         _require(self.kind in DATASET_KINDS, "dataset.kind", f"unknown kind {self.kind!r}",
                  f"use one of {DATASET_KINDS}")
         _require(0.0 < self.eval_fraction < 1.0, "dataset.eval_fraction",
@@ -254,6 +256,8 @@ class RootConfig:
         _require(self.k <= self.sae.n_latents, "k",
                  f"{self.k} exceeds sae.n_latents={self.sae.n_latents}",
                  "lower k or raise sae.n_latents")
+        if self.dataset.kind == MISSING:
+            return
         if self.dataset.kind == "images":
             _require(self.backbone.library != "none", "backbone",
                      f"dataset {self.dataset.name!r} holds images and needs a backbone",

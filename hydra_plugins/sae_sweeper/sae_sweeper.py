@@ -1,0 +1,120 @@
+"""The project's Hydra sweeper: Hydra's basic grid expansion, plus what a grid of SAEs needs.
+
+Before the launcher sees any job, every cell is composed and validated (one bad cell stops the
+launch, naming the cell and the field), cells with the same run id are collapsed, cells already
+``done`` are skipped, and the plan is written to ``<sweep dir>/cells.json``. With
+``dry_run=true`` it prints the plan and launches nothing. A lock in the sweep directory keeps
+two launches of the same sweep from interleaving. Selected in conf/train.yaml with
+``override hydra/sweeper: sae``; the planning logic itself lives in ``sae.sweep``.
+"""
+
+# No `from __future__ import annotations`: Hydra's plugin scan executes this module outside
+# sys.modules, where dataclasses cannot resolve string annotations.
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+from filelock import FileLock, Timeout
+from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+from hydra.core.config_store import ConfigStore
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.utils import JobStatus
+from omegaconf import OmegaConf
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SaeSweeperConf:
+    _target_: str = "hydra_plugins.sae_sweeper.sae_sweeper.SaeSweeper"
+    max_batch_size: Optional[int] = None  # cells per launcher call; null = the whole grid at once
+    params: Optional[dict[str, str]] = None  # the grid: {key: "v1,v2,..."} (set by sweeps/*.yaml)
+
+
+ConfigStore.instance().store(group="hydra/sweeper", name="sae", node=SaeSweeperConf,
+                             provider="sae-grid")
+
+
+class SaeSweeper(BasicSweeper):
+    def __init__(self, max_batch_size: int | None = None,
+                 params: dict[str, str] | None = None) -> None:
+        super().__init__(max_batch_size=max_batch_size, params=params or {})
+
+    def _expand(self, arguments: list[str]) -> list[list[str]]:
+        parser = OverridesParser.create(config_loader=self.hydra_context.config_loader)
+        overrides = parser.parse_overrides([*self._parse_config(), *arguments])
+        return self.split_arguments(overrides, None)[0]
+
+    def _compose(self, overrides: list[str]):
+        return self.hydra_context.config_loader.load_sweep_config(
+            master_config=self.config, sweep_overrides=overrides)
+
+    def sweep(self, arguments: list[str]) -> Any:
+        from sae import sweep as planning
+        from sae.runs import atomic_write_json
+
+        name = self.config.sweep_name
+        sweep_dir = Path(self.config.hydra.sweep.dir)
+        cells = planning.plan_cells(self._expand(arguments), self._compose,
+                                    force=bool(self.config.force))
+        print(planning.summary_line(name, cells), flush=True)
+        if self.config.dry_run:
+            print(planning.table(cells), flush=True)
+            return []
+        self._check_launcher()
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            with FileLock(str(sweep_dir / ".launch.lock"), timeout=0):
+                return self._launch(name, sweep_dir, cells, planning, atomic_write_json)
+        except Timeout:
+            raise planning.SweepError(
+                f"sweep {name!r} is being launched by another process (lock {sweep_dir}/"
+                ".launch.lock). Fix: wait for it, or give this launch another sweep_name=...") \
+                from None
+
+    def _check_launcher(self) -> None:
+        """Fail before submission when the SLURM launcher cannot reach a cluster."""
+        target = str(OmegaConf.select(self.config, "hydra.launcher._target_", default=""))
+        if "SlurmLauncher" in target:
+            from sae.slurm_checks import check_slurm_ready
+
+            check_slurm_ready(OmegaConf.select(self.config, "hydra.launcher.partition",
+                                               default=None))
+
+    def _launch(self, name, sweep_dir, cells, planning, atomic_write_json) -> Any:
+        OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
+        atomic_write_json(sweep_dir / "cells.json", planning.cells_record(name, cells))
+        todo = [c for c in cells if c.to_launch]
+        # Each job's Hydra directory is named after its run id, not its position in the grid.
+        batch = [[*c.overrides, f"hydra.sweep.subdir={c.run_id}"] for c in todo]
+        results = self.launcher.launch(batch, initial_job_idx=0) if batch else []
+        failures = []
+        for cell, result in zip(todo, results, strict=True):
+            cell.result, reason = _outcome(result)
+            if cell.result == "failed":
+                failures.append(f"cell {cell.index} ({cell.describe()}): {reason}")
+        for cell in cells:
+            if cell.result is None:
+                cell.result = "skipped"
+        atomic_write_json(sweep_dir / "cells.json", planning.cells_record(name, cells))
+        done = sum(c.result == "done" for c in todo)
+        print(f"sweep {name}: {done} ran to done, {len(failures)} failed, "
+              f"{len(cells) - len(todo)} skipped; plan and results in {sweep_dir}/cells.json",
+              flush=True)
+        if failures:
+            raise planning.SweepError(f"{len(failures)} of {len(todo)} launched cells failed "
+                                      "(their run directories hold the reason):\n  "
+                                      + "\n  ".join(failures))
+        return [results]
+
+
+def _outcome(result) -> tuple[str, str | None]:
+    """A job's end state: what run_cell returned, or the exception the job raised."""
+    if result.status != JobStatus.COMPLETED:
+        return "failed", f"{type(result._return_value).__name__}: {result._return_value}"
+    value = result.return_value
+    if isinstance(value, dict):
+        return ("done" if value.get("state") in ("done", "skipped") else "failed",
+                value.get("reason"))
+    return "done", None

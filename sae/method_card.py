@@ -1,0 +1,100 @@
+"""The method card of METHOD.md s7: what an auditor needs to read a run's numbers.
+
+One card per run (``method_card.md`` + ``method_card.json`` in the run directory); the report
+assembles the sweep's card from them. Claims are worded in proportion: a card states what was
+measured under which conditions, nothing more.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sae.config import RootConfig
+from sae.losses import NMSE_CONVENTION
+
+CARD_FIELDS = (
+    "source_model", "dataset", "embedding_preprocessing", "dictionary_size", "topk_budget",
+    "regularizer", "active_unit_mask_rule", "reconstruction", "monosemanticity",
+    "class_purity", "dead_latents", "qualitative_inspection", "inference_k_sensitivity",
+    "seed_stability", "code_version", "reproduce",
+)
+
+
+def _source_model(cfg: RootConfig) -> str:
+    b = cfg.backbone
+    if b.library == "none":
+        return f"none: the dataset {cfg.dataset.name!r} is already an embedding set"
+    weights = b.pretrained or "random initialisation (no pretrained weights)"
+    return (f"{b.library} {b.model} (weights: {weights}); layer: {b.embedding} "
+            f"(one embedding per image, no patch tokens)")
+
+
+def _mask_rule(cfg: RootConfig) -> str:
+    if cfg.regularizer.name == "none":
+        return "not applicable (no regularizer)"
+    if cfg.mask:
+        return ("on: the penalty covers only batch-active units (selected by Top-k for at least "
+                "one sample of the batch), recomputed every step, no gradient through the mask")
+    return "off: the penalty covers all n units (ablation)"
+
+
+def _get(metrics: dict[str, Any], key: str) -> Any:
+    value = metrics.get(key)
+    return round(value, 4) if isinstance(value, float) else value
+
+
+def run_card(cfg: RootConfig, metrics: dict[str, Any], split_sizes: dict[str, int],
+             code_version: str, command: str) -> dict[str, Any]:
+    protocols = metrics.get("protocols", {})
+    reg = cfg.regularizer
+    return {
+        "source_model": _source_model(cfg),
+        "dataset": {"name": cfg.dataset.name, **split_sizes},
+        "embedding_preprocessing": (
+            ("L2-normalised to unit norm" if cfg.dataset.normalize else "raw")
+            + ("; per-sample LayerNorm inside the SAE, undone on the output"
+               if cfg.sae.layernorm else "")),
+        "dictionary_size": cfg.sae.n_latents,
+        "topk_budget": cfg.k,
+        "regularizer": ("none (hard Top-k budget only)" if reg.name == "none"
+                        else f"{reg.name}, lambda = {reg.strength}"),
+        "active_unit_mask_rule": _mask_rule(cfg),
+        "reconstruction": {"metric": "R^2 (per-dimension, uniform average, float64) on the "
+                                     "evaluation split", "value": _get(metrics, "r2"),
+                           "nmse": _get(metrics, "nmse"), "training_nmse": NMSE_CONVENTION},
+        "monosemanticity": {"metric": "MonoSemanticity score (Pach et al. 2025), mean over all "
+                                      "latents with dead = 0",
+                            "similarity_embeddings": protocols.get("similarity",
+                                                                   cfg.eval.similarity),
+                            "value": _get(metrics, "mono_mean_dead0"),
+                            "mean_live": _get(metrics, "mono_mean_live")},
+        "class_purity": {"method": protocols.get("purity", "max-class share over firing images"),
+                         "binary": _get(metrics, "purity_binary"),
+                         "weighted": _get(metrics, "purity_weighted")},
+        "dead_latents": {"evaluation_count": _get(metrics, "dead_count"),
+                         "evaluation_fraction": _get(metrics, "dead_fraction"),
+                         "training_count_by_window": metrics.get("train", {}).get("dead_end")},
+        "qualitative_inspection": protocols.get("inspection", "not run"),
+        "inference_k_sensitivity": metrics.get("curves", {}).get("k_robustness"),
+        "seed_stability": "per sweep: see the sweep's method card (mean max cosine of atoms "
+                          "between seeds)",
+        "code_version": code_version,
+        "reproduce": command,
+    }
+
+
+def render_markdown(card: dict[str, Any], title: str) -> str:
+    lines = [f"# Method card: {title}", ""]
+    for key in CARD_FIELDS:
+        value = card.get(key)
+        label = key.replace("_", " ").capitalize()
+        if isinstance(value, dict):
+            lines.append(f"- **{label}**:")
+            lines.extend(f"  - {k}: {v}" for k, v in value.items())
+        else:
+            lines.append(f"- **{label}**: {value}")
+    lines += ["", "Read these numbers as: under these conditions (backbone, data, budget, "
+              "regularizer, mask, seeds), this configuration produced the values above. They "
+              "are proxies for feature coherence, not proof that a latent captures a human "
+              "concept.", ""]
+    return "\n".join(lines)

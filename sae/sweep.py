@@ -1,0 +1,113 @@
+"""Sweep planning: from a grid of override lists to the runs to launch.
+
+Pure functions (the composition of a cell is passed in), used by the Hydra sweeper in
+``hydra_plugins/sae_sweeper`` before any job is submitted:
+
+1. every cell is composed and validated; the first bad cell stops the launch with an error
+   naming the cell and the field (:class:`SweepError`);
+2. cells with the same run id (settings with no effect, e.g. ``mask`` without a regularizer)
+   collapse to one run;
+3. runs already ``done`` are skipped, ``failed`` and interrupted ones are re-run.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+from sae.config import ConfigError, RootConfig, validate
+from sae.runs import run_dir, run_id, run_state
+
+
+class SweepError(ValueError):
+    """The grid cannot be launched; the message names the cell, the field and the fix."""
+
+
+@dataclass
+class Cell:
+    index: int  # position in the expanded grid
+    overrides: list[str]  # the cell's command-line overrides
+    run_id: str
+    run_dir: str
+    state: str  # new | running | done | failed, before this launch
+    duplicate_of: int | None = None  # index of the cell with the same run id
+    result: str | None = None  # done | failed | skipped, after this launch
+
+    @property
+    def to_launch(self) -> bool:
+        return self.duplicate_of is None and self.state != "done"
+
+    def describe(self) -> str:
+        return " ".join(self.overrides) or "(defaults)"
+
+
+def preflight(cfg: RootConfig) -> None:
+    """Checks that need the file system, done before submission rather than on a node."""
+    data = cfg.dataset
+    if data.kind == "images" and not Path(data.root).is_dir():
+        raise ConfigError(f"dataset.root: {data.root} is not a directory. Fix: point "
+                          f"dataset.root (or its environment variable) at the {data.name} root")
+    if data.kind == "files":
+        for name in ("train_path", "eval_path", "train_labels", "eval_labels"):
+            path = getattr(data, name)
+            if path and not Path(path).is_file():
+                raise ConfigError(f"dataset.{name}: {path} does not exist. Fix: check the path")
+
+
+def plan_cells(cells: Sequence[Sequence[str]], compose: Callable[[list[str]], DictConfig],
+               force: bool = False) -> list[Cell]:
+    """Compose, validate, identify and classify every cell of the grid."""
+    planned: list[Cell] = []
+    first_of: dict[str, int] = {}
+    for index, overrides in enumerate(cells):
+        cfg = _validated_cell(index, list(overrides), compose)
+        rid = run_id(cfg)
+        directory = run_dir(cfg)
+        state = "new" if force else run_state(directory)
+        planned.append(Cell(index, list(overrides), rid, str(directory), state,
+                            duplicate_of=first_of.get(rid)))
+        first_of.setdefault(rid, index)
+    return planned
+
+
+def _validated_cell(index: int, overrides: list[str],
+                    compose: Callable[[list[str]], DictConfig]) -> RootConfig:
+    where = f"cell {index} ({' '.join(overrides) or 'defaults'})"
+    try:
+        cfg = validate(compose(overrides))
+        preflight(cfg)
+        return cfg
+    except ConfigError as exc:
+        raise SweepError(f"{where}: {exc}") from None
+    except Exception as exc:  # composition errors: unknown group option, bad override syntax
+        raise SweepError(f"{where}: {type(exc).__name__}: {exc}") from None
+
+
+def summary_line(name: str, cells: Sequence[Cell]) -> str:
+    unique = [c for c in cells if c.duplicate_of is None]
+    states = Counter(c.state for c in unique)
+    duplicates = len(cells) - len(unique)
+    return (f"sweep {name}: {len(cells)} cells -> {len(unique)} unique runs "
+            f"({duplicates} duplicates of settings with no effect); "
+            f"{states['done']} done (skipped), {states['failed']} failed (re-run), "
+            f"{states['running']} interrupted or running (resumed), {states['new']} new")
+
+
+def table(cells: Sequence[Cell]) -> str:
+    """The dry-run listing: one line per cell with its run id and what will happen to it."""
+    lines = []
+    for c in cells:
+        action = (f"same run as cell {c.duplicate_of}" if c.duplicate_of is not None
+                  else {"done": "skip (done)", "failed": "re-run (failed)",
+                        "running": "resume"}.get(c.state, "run"))
+        lines.append(f"{c.index:4d}  {c.run_id:<64s}  {action:<22s}  {c.describe()}")
+    return "\n".join(lines)
+
+
+def cells_record(name: str, cells: Sequence[Cell]) -> dict:
+    """What ``cells.json`` in the sweep directory holds; the report reads it."""
+    return {"sweep": name, "cells": [asdict(c) for c in cells]}

@@ -1,0 +1,173 @@
+"""Entry point of one grid cell: extract-if-missing + train + evaluate.
+
+    python -m sae.train dataset=synthetic regularizer=l1l2 k=32 mask=true
+    python -m sae.train -m +sweep=demo              # a grid (see sweeps/ and README)
+
+A cell runs at most once at a time (a lock in its run directory), is skipped when its status
+is ``done`` (unless ``force=true``), resumes from its last checkpoint when restarted (SLURM
+requeue), and ends ``done`` or ``failed`` with the reason. In a sweep, a failing cell returns
+its failure to the sweeper instead of raising, so the other cells complete.
+"""
+
+from __future__ import annotations
+
+import logging
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import hydra
+import torch
+from filelock import FileLock
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf
+
+from sae.config import RootConfig, register_configs, to_dict, validate
+from sae.data import EmbeddingSet, load_splits
+from sae.method_card import render_markdown, run_card
+from sae.model import TopKSAE
+from sae.runs import (
+    atomic_write_json,
+    atomic_write_text,
+    code_version,
+    run_dir,
+    run_id,
+    run_state,
+    save_model,
+    semantic_config,
+    write_status,
+)
+from sae.tracking import start_tracking
+from sae.trainer import Trainer
+
+log = logging.getLogger(__name__)
+register_configs()
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"train.device={name} but no CUDA device is visible. Fix: use "
+                           "train.device=auto or cpu, or request a GPU from the launcher")
+    return device
+
+
+def reproduce_command() -> str:
+    """The exact command that re-runs this cell (its overrides, sweep axes included)."""
+    try:
+        overrides = list(HydraConfig.get().overrides.task)
+    except ValueError:  # called outside a Hydra app (tests, notebooks)
+        overrides = sys.argv[1:]
+    return "python -m sae.train " + " ".join(shlex.quote(o) for o in overrides)
+
+
+def is_multirun() -> bool:
+    try:
+        return HydraConfig.get().mode == RunMode.MULTIRUN
+    except ValueError:
+        return False
+
+
+def run_cell(cfg_node: DictConfig | RootConfig, command: str | None = None) -> dict[str, Any]:
+    """Run one cell unless it is done. Returns ``{"run_id", "state", "reason", "run_dir"}``."""
+    cfg = validate(cfg_node)
+    rid, directory = run_id(cfg), run_dir(cfg)
+    directory.mkdir(parents=True, exist_ok=True)
+    # One process per cell at a time: a second launch of the same cell waits here, then skips.
+    with FileLock(str(directory / ".lock")):
+        if run_state(directory) == "done" and not cfg.force:
+            log.info("run %s is already done (%s); skipping", rid, directory)
+            return {"run_id": rid, "state": "skipped", "reason": "already done",
+                    "run_dir": str(directory)}
+        return _execute(cfg, rid, directory, command or reproduce_command())
+
+
+def _execute(cfg: RootConfig, rid: str, directory: Path, command: str) -> dict[str, Any]:
+    atomic_write_text(directory / "config.yaml", OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+    atomic_write_json(directory / "identity.json", semantic_config(cfg))
+    write_status(directory, "running", command=command)
+    tracker = start_tracking(cfg, rid, directory)
+    try:
+        metrics = train_and_evaluate(cfg, directory, tracker, command)
+    except Exception as exc:
+        reason = f"{type(exc).__name__}: {exc}"
+        write_status(directory, "failed", reason, command=command)
+        tracker.finish(failed=True)
+        log.error("run %s failed: %s", rid, reason)
+        if is_multirun():  # let the sweep go on; the sweeper reports the failure
+            return {"run_id": rid, "state": "failed", "reason": reason, "run_dir": str(directory)}
+        raise
+    tracker.summary(metrics)
+    tracker.finish()
+    write_status(directory, "done", command=command)
+    log.info("run %s done: %s", rid, directory)
+    return {"run_id": rid, "state": "done", "reason": None, "run_dir": str(directory)}
+
+
+def build_model(cfg: RootConfig, dim: int, device: torch.device) -> TopKSAE:
+    torch.manual_seed(cfg.seed)  # the initial dictionary is a function of the seed
+    return TopKSAE(dim, cfg.sae.n_latents, cfg.k, tied=cfg.sae.tied,
+                   layernorm=cfg.sae.layernorm).to(device)
+
+
+def train_and_evaluate(cfg: RootConfig, directory: Path, tracker, command: str) -> dict:
+    from sae.evaluate import evaluate
+
+    device = pick_device(cfg.train.device)
+    started = time.perf_counter()
+    train_set, eval_set = load_splits(cfg)
+    check_dims(train_set, eval_set)
+    model = build_model(cfg, train_set.dim, device)
+    config = to_dict(cfg)
+    trainer = Trainer(cfg, model, train_set.x.to(device),
+                      directory / "checkpoints" / "last.safetensors", tracker, config)
+    state = trainer.run()
+    train_seconds = time.perf_counter() - started
+    save_model(model, directory / "model.safetensors", config, step=state.step)
+    metrics = evaluate(model, train_set, eval_set, cfg.eval, cfg.k, directory, device,
+                       seed=cfg.seed)
+    metrics["train"] = {
+        "steps": state.step, "resumed_from_step": trainer.resumed_from,
+        "seconds": round(train_seconds, 3), "batch_size": trainer.schedule.batch_size,
+        "dead_window_samples": trainer.schedule.dead_window,
+        "dead_end": state.history[-1]["dead"] if state.history else None,
+        "final_loss": state.history[-1]["loss"] if state.history else None,
+        "curve": state.history,
+    }
+    metrics["run_id"] = directory.name
+    atomic_write_json(directory / "metrics.json", metrics)
+    write_card(cfg, metrics, train_set, eval_set, directory, command)
+    return metrics
+
+
+def check_dims(train_set: EmbeddingSet, eval_set: EmbeddingSet) -> None:
+    if train_set.dim != eval_set.dim:
+        raise ValueError(f"train split has dim {train_set.dim}, evaluation split {eval_set.dim}."
+                         " Fix: embed both splits with the same backbone")
+
+
+def write_card(cfg: RootConfig, metrics: dict, train_set: EmbeddingSet, eval_set: EmbeddingSet,
+               directory: Path, command: str) -> None:
+    sizes = {"train_samples": train_set.n, "eval_samples": eval_set.n, "dim": train_set.dim}
+    card = run_card(cfg, metrics, sizes, code_version(), command)
+    atomic_write_json(directory / "method_card.json", card)
+    atomic_write_text(directory / "method_card.md", render_markdown(card, directory.name))
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="train")
+def main(cfg: DictConfig) -> dict[str, Any]:
+    return run_cell(cfg)
+
+
+def cli() -> None:
+    """Console script ``sae-train`` (same arguments as ``python -m sae.train``)."""
+    main()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,252 @@
+"""Stage 2: train a Top-k SAE on embeddings that live on the device.
+
+The loop is kept apart in small pieces: the batch order (:func:`batch_indices`), one optimizer
+step (:func:`train_step`), the periodic host read-out (:meth:`Trainer._log`), and checkpointing
+(:func:`save_checkpoint` / :func:`load_checkpoint`).
+
+Two properties matter for a grid on preemptible nodes:
+
+* **No per-step host synchronisation.** Losses stay on the device; the host reads them every
+  ``train.log_every`` steps (which is also where divergence is detected). Dead-latent
+  bookkeeping is a device tensor.
+* **Exact resume.** The batch order is a pure function of (seed, epoch), so a checkpoint needs
+  only weights, Adam state, the dead-latent counters and the step; training 2N steps equals
+  N steps, stop, resume, N steps.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+from sae.config import RootConfig
+from sae.losses import training_loss
+from sae.model import TopKSAE
+from sae.regularizers import batch_active
+from sae.runs import load_tensors, save_tensors
+
+log = logging.getLogger(__name__)
+
+
+class DivergedError(RuntimeError):
+    """The loss stopped being finite: the run fails with this reason, never a garbage model."""
+
+
+class StepLogger(Protocol):
+    def log(self, metrics: dict[str, float], step: int) -> None: ...
+
+
+@dataclass
+class Schedule:
+    n_samples: int
+    batch_size: int  # clamped to the dataset size
+    steps_per_epoch: int
+    total_steps: int
+    dead_window: int  # samples without firing after which a latent counts as dead
+
+    @classmethod
+    def from_config(cls, cfg: RootConfig, n_samples: int) -> Schedule:
+        batch = min(cfg.train.batch_size, n_samples)
+        per_epoch = math.ceil(n_samples / batch)
+        total = max(1, math.ceil(cfg.train.epochs * per_epoch))
+        if cfg.train.max_steps is not None:
+            total = min(total, cfg.train.max_steps)
+        window = min(cfg.sae.dead_window_samples,
+                     max(batch, int(cfg.sae.dead_window_max_epochs * n_samples)))
+        return cls(n_samples, batch, per_epoch, total, window)
+
+
+@dataclass
+class TrainState:
+    step: int
+    samples_since_fired: torch.Tensor  # (n,) int64 on the device
+    history: list[dict[str, float]] = field(default_factory=list)  # logged points
+
+
+def batch_indices(step: int, schedule: Schedule, seed: int, device: torch.device,
+                  cache: dict[int, torch.Tensor]) -> torch.Tensor:
+    """Indices of the batch at ``step``: epoch e uses a permutation seeded by (seed, e)."""
+    epoch, position = divmod(step, schedule.steps_per_epoch)
+    if epoch not in cache:
+        cache.clear()
+        generator = torch.Generator(device=device).manual_seed(seed * 1_000_003 + epoch)
+        cache[epoch] = torch.randperm(schedule.n_samples, generator=generator, device=device)
+    start = position * schedule.batch_size
+    return cache[epoch][start:start + schedule.batch_size]
+
+
+def make_optimizer(model: TopKSAE, cfg: RootConfig) -> torch.optim.Adam:
+    t = cfg.train
+    return torch.optim.Adam(model.parameters(), lr=t.lr, eps=t.adam_eps,
+                            betas=(t.adam_beta1, t.adam_beta2))
+
+
+def loss_function(cfg: RootConfig):
+    """The reference objective, or the fused sparse one (same values and gradients)."""
+    if cfg.train.fast_path:
+        try:
+            from sae.fast import fast_training_loss
+        except ImportError:  # the fast path is optional; the reference is always there
+            return training_loss
+        return fast_training_loss
+    return training_loss
+
+
+def train_step(model: TopKSAE, optimizer: torch.optim.Optimizer, x: torch.Tensor,
+               state: TrainState, loss_fn, loss_kwargs: dict[str, Any], dead_window: int
+               ) -> torch.Tensor:
+    """One optimizer step. Returns the detached (total, nmse, auxk, penalty) as one device
+    tensor; nothing here waits for the device."""
+    optimizer.zero_grad(set_to_none=True)
+    dead = state.samples_since_fired >= dead_window
+    parts, out = loss_fn(model, x, dead=dead, **loss_kwargs)
+    parts.total.backward()
+    model.project_decoder_grad_()
+    optimizer.step()
+    model.normalize_decoder_()
+    fired = batch_active(out.code.indices, model.n_latents)
+    state.samples_since_fired.add_(x.shape[0]).masked_fill_(fired, 0)
+    state.step += 1
+    return torch.stack([parts.total, parts.nmse, parts.auxk, parts.penalty]).detach()
+
+
+# -- checkpoints ------------------------------------------------------------------------------
+def save_checkpoint(path: Path, model: TopKSAE, optimizer: torch.optim.Optimizer,
+                    state: TrainState, config: dict[str, Any]) -> None:
+    tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
+    opt_state = optimizer.state_dict()
+    for index, slots in opt_state["state"].items():
+        for slot, value in slots.items():
+            tensors[f"optim.{index}.{slot}"] = torch.as_tensor(value)
+    tensors["samples_since_fired"] = state.samples_since_fired
+    tensors["torch_rng"] = torch.get_rng_state()
+    meta = {"kind": "training_checkpoint", "step": state.step, "spec": model.spec(),
+            "param_groups": opt_state["param_groups"], "history": state.history,
+            "config": config}
+    save_tensors(path, tensors, meta)
+
+
+def load_checkpoint(path: Path, model: TopKSAE, optimizer: torch.optim.Optimizer,
+                    device: torch.device) -> TrainState:
+    tensors, meta = load_tensors(path, device)
+    model.load_state_dict({k[len("model."):]: v for k, v in tensors.items()
+                           if k.startswith("model.")})
+    slots: dict[int, dict[str, torch.Tensor]] = {}
+    for name, value in tensors.items():
+        if name.startswith("optim."):
+            _, index, slot = name.split(".", 2)
+            # Adam keeps its step counter on the CPU unless capturable; restore it there.
+            slots.setdefault(int(index), {})[slot] = value.cpu() if slot == "step" else value
+    optimizer.load_state_dict({"state": slots, "param_groups": meta["param_groups"]})
+    torch.set_rng_state(tensors["torch_rng"].cpu())
+    return TrainState(meta["step"], tensors["samples_since_fired"], list(meta["history"]))
+
+
+# -- progress ---------------------------------------------------------------------------------
+class Progress:
+    """A tqdm bar on a terminal; in a log file, one plain line per logged point."""
+
+    def __init__(self, total: int, initial: int, enabled: bool) -> None:
+        self.total, self.enabled = total, enabled
+        self.tty = enabled and sys.stderr.isatty()
+        self.started, self.start_step = time.perf_counter(), initial
+        self.bar = None
+        if self.tty:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True)
+
+    def update(self, step: int, metrics: dict[str, float] | None = None) -> None:
+        if self.bar is not None:
+            self.bar.n = step
+            if metrics:
+                self.bar.set_postfix(loss=f"{metrics['loss']:.4f}", dead=metrics["dead"])
+            self.bar.refresh()
+        elif self.enabled and metrics is not None:
+            rate = (step - self.start_step) / max(time.perf_counter() - self.started, 1e-9)
+            print(f"step {step}/{self.total} ({100 * step / self.total:.0f}%) "
+                  f"loss {metrics['loss']:.4f} nmse {metrics['nmse']:.4f} "
+                  f"dead {metrics['dead']:.0f} | {rate:.1f} steps/s", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+# -- the loop -----------------------------------------------------------------------------------
+class Trainer:
+    def __init__(self, cfg: RootConfig, model: TopKSAE, x_train: torch.Tensor,
+                 checkpoint_path: Path, logger: StepLogger, config_for_checkpoint: dict) -> None:
+        self.cfg, self.model, self.x = cfg, model, x_train
+        self.device = x_train.device
+        self.schedule = Schedule.from_config(cfg, x_train.shape[0])
+        self.optimizer = make_optimizer(model, cfg)
+        self.checkpoint_path, self.logger = checkpoint_path, logger
+        self.config_for_checkpoint = config_for_checkpoint
+        self.loss_fn = loss_function(cfg)
+        aux_k = cfg.sae.aux_k or min(model.d // 2, model.n_latents)
+        self.loss_kwargs = dict(regularizer=cfg.regularizer.name, strength=cfg.regularizer.strength,
+                                mask=cfg.mask, eps=cfg.regularizer.eps, aux_alpha=cfg.sae.aux_alpha,
+                                aux_k=max(aux_k, 1))
+        self.resumed_from: int | None = None
+
+    def initial_state(self) -> TrainState:
+        if self.checkpoint_path.exists():
+            state = load_checkpoint(self.checkpoint_path, self.model, self.optimizer, self.device)
+            self.resumed_from = state.step
+            log.info("resumed from checkpoint %s at step %d", self.checkpoint_path, state.step)
+            return state
+        sample = self.x[: min(self.x.shape[0], 65536)]
+        self.model.init_b_pre_(sample)
+        counters = torch.zeros(self.model.n_latents, dtype=torch.int64, device=self.device)
+        return TrainState(0, counters)
+
+    def run(self) -> TrainState:
+        state = self.initial_state()
+        total = self.schedule.total_steps
+        progress = Progress(total, state.step, self.cfg.train.progress)
+        perm_cache: dict[int, torch.Tensor] = {}
+        window = self.schedule.dead_window
+        accumulated: list[torch.Tensor] = []
+        try:
+            while state.step < total:
+                idx = batch_indices(state.step, self.schedule, self.cfg.seed, self.device,
+                                    perm_cache)
+                accumulated.append(train_step(self.model, self.optimizer, self.x[idx], state,
+                                              self.loss_fn, self.loss_kwargs, window))
+                at_end = state.step == total
+                if state.step % self.cfg.train.log_every == 0 or at_end:
+                    progress.update(state.step, self._log(state, accumulated, window))
+                    accumulated = []
+                elif progress.tty:
+                    progress.update(state.step)
+                every = self.cfg.train.checkpoint_every
+                if at_end or (every and state.step % every == 0):
+                    save_checkpoint(self.checkpoint_path, self.model, self.optimizer, state,
+                                    self.config_for_checkpoint)
+        finally:
+            progress.close()
+        return state
+
+    def _log(self, state: TrainState, losses: list[torch.Tensor], window: int
+             ) -> dict[str, float]:
+        """The host read-out: mean losses since the last point; raises on divergence."""
+        means = torch.stack(losses).float().mean(0).tolist()
+        if not all(math.isfinite(v) for v in means):
+            raise DivergedError(
+                f"loss became {means[0]} by step {state.step} (nmse {means[1]}, auxk {means[2]}, "
+                f"penalty {means[3]}). Fix: lower train.lr (now {self.cfg.train.lr}) or "
+                f"regularizer.strength (now {self.cfg.regularizer.strength})")
+        dead = int((state.samples_since_fired >= window).sum())
+        metrics = {"loss": means[0], "nmse": means[1], "auxk": means[2], "penalty": means[3],
+                   "dead": float(dead), "dead_fraction": dead / self.model.n_latents}
+        state.history.append({"step": state.step, **metrics})
+        self.logger.log({f"train/{k}": v for k, v in metrics.items()}, step=state.step)
+        return metrics
