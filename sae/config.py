@@ -90,6 +90,7 @@ class DatasetConfig:
     eval_split: str = "val"  # split name that evaluates it
     max_per_split: int | None = None  # keep at most this many images per split (smoke tests)
     on_unreadable: str = "fail"  # an undecodable image: fail (naming its path) | skip (and count it)
+    layout: str = "imagenet"  # images on disk: imagenet (<split>/<class>/*) | openimages | digits_images (written once under root)
 
     def __post_init__(self) -> None:
         if MISSING in (self.name, self.kind):  # the bare schema, before a group fills it
