@@ -111,10 +111,6 @@ class DatasetConfig:
         if self.kind == "files":
             _require(bool(self.train_path), "dataset.train_path", "is not set",
                      "point it to a .npy or .safetensors file of shape (N, d)")
-        if self.kind == "images":
-            _require(bool(self.root), "dataset.root", "is not set",
-                     f"set dataset.root=/path/to/{self.name} or the environment variable named "
-                     f"in conf/dataset/{self.name}.yaml")
 
 
 @dataclass
@@ -310,3 +306,27 @@ def validate(cfg: DictConfig | RootConfig) -> RootConfig:
 def to_dict(cfg: RootConfig) -> dict[str, Any]:
     """A plain, JSON-serialisable dict of a typed config."""
     return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)  # type: ignore[return-value]
+
+
+@dataclass
+class ExtractConfig:
+    """Root of ``python -m sae.extract`` (conf/extract.yaml): embed image splits into the cache."""
+
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    split: str = "both"  # train | eval | both: the split(s) of the dataset to embed
+    device: str = "auto"  # auto (cuda when visible) | cpu | cuda | cuda:N
+    progress: bool = True  # progress bar (plain lines when stderr is not a terminal)
+
+    def __post_init__(self) -> None:
+        _require(self.split in ("train", "eval", "both"), "split", f"unknown split {self.split!r}",
+                 "use split=train, split=eval or split=both")
+        if self.dataset.kind == MISSING:  # the bare schema, before a group fills it
+            return
+        _require(self.dataset.kind == "images", "dataset",
+                 f"dataset {self.dataset.name!r} already holds embeddings (kind "
+                 f"{self.dataset.kind!r}); there is nothing to extract",
+                 "use an image dataset: imagenet, openimages or digits_images")
+        _require(self.backbone.library != "none", "backbone", "is none",
+                 "add backbone=clip_vitl14 (or another conf/backbone option)")
