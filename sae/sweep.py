@@ -36,6 +36,7 @@ class Cell:
     state: str  # new | running | done | failed, before this launch
     duplicate_of: int | None = None  # index of the cell with the same run id
     result: str | None = None  # done | failed | skipped, after this launch
+    problem: str | None = None  # dry run only: why this cell could not launch from here
 
     @property
     def to_launch(self) -> bool:
@@ -48,6 +49,9 @@ class Cell:
 def preflight(cfg: RootConfig) -> None:
     """Checks that need the file system, done before submission rather than on a node."""
     data = cfg.dataset
+    if data.kind == "images" and not data.root:
+        raise ConfigError(f"dataset.root: is not set. Fix: set dataset.root=/path/to/{data.name} "
+                          f"or the environment variable named in conf/dataset/{data.name}.yaml")
     if data.kind == "images" and not Path(data.root).is_dir():
         raise ConfigError(f"dataset.root: {data.root} is not a directory. Fix: point "
                           f"dataset.root (or its environment variable) at the {data.name} root")
@@ -59,32 +63,45 @@ def preflight(cfg: RootConfig) -> None:
 
 
 def plan_cells(cells: Sequence[Sequence[str]], compose: Callable[[list[str]], DictConfig],
-               force: bool = False) -> list[Cell]:
-    """Compose, validate, identify and classify every cell of the grid."""
+               force: bool = False, dry_run: bool = False) -> list[Cell]:
+    """Compose, validate, identify and classify every cell of the grid.
+
+    A dry run lists cells whose data is not reachable from here (a dataset root that exists
+    only on the cluster) with the problem instead of stopping; a real launch stops.
+    """
     planned: list[Cell] = []
     first_of: dict[str, int] = {}
     for index, overrides in enumerate(cells):
-        cfg = _validated_cell(index, list(overrides), compose)
+        where = f"cell {index} ({' '.join(overrides) or 'defaults'})"
+        cfg = _validated_cell(where, list(overrides), compose)
+        problem = _preflight_problem(where, cfg, raise_it=not dry_run)
         rid = run_id(cfg)
         directory = run_dir(cfg)
         state = "new" if force else run_state(directory)
         planned.append(Cell(index, list(overrides), rid, str(directory), state,
-                            duplicate_of=first_of.get(rid)))
+                            duplicate_of=first_of.get(rid), problem=problem))
         first_of.setdefault(rid, index)
     return planned
 
 
-def _validated_cell(index: int, overrides: list[str],
+def _validated_cell(where: str, overrides: list[str],
                     compose: Callable[[list[str]], DictConfig]) -> RootConfig:
-    where = f"cell {index} ({' '.join(overrides) or 'defaults'})"
     try:
-        cfg = validate(compose(overrides))
-        preflight(cfg)
-        return cfg
+        return validate(compose(overrides))
     except ConfigError as exc:
         raise SweepError(f"{where}: {exc}") from None
     except Exception as exc:  # composition errors: unknown group option, bad override syntax
         raise SweepError(f"{where}: {type(exc).__name__}: {exc}") from None
+
+
+def _preflight_problem(where: str, cfg: RootConfig, raise_it: bool) -> str | None:
+    try:
+        preflight(cfg)
+    except ConfigError as exc:
+        if raise_it:
+            raise SweepError(f"{where}: {exc}") from None
+        return str(exc)
+    return None
 
 
 def summary_line(name: str, cells: Sequence[Cell]) -> str:
@@ -105,6 +122,8 @@ def table(cells: Sequence[Cell]) -> str:
                   else {"done": "skip (done)", "failed": "re-run (failed)",
                         "running": "resume"}.get(c.state, "run"))
         lines.append(f"{c.index:4d}  {c.run_id:<64s}  {action:<22s}  {c.describe()}")
+        if c.problem:
+            lines.append(f"      ! {c.problem}")
     return "\n".join(lines)
 
 

@@ -57,7 +57,8 @@ class SaeSweeper(BasicSweeper):
         name = self.config.sweep_name
         sweep_dir = Path(self.config.hydra.sweep.dir)
         cells = planning.plan_cells(self._expand(arguments), self._compose,
-                                    force=bool(self.config.force))
+                                    force=bool(self.config.force),
+                                    dry_run=bool(self.config.dry_run))
         print(planning.summary_line(name, cells), flush=True)
         if self.config.dry_run:
             print(planning.table(cells), flush=True)

@@ -19,7 +19,7 @@ class DataError(ValueError):
 
 def _finish(x: np.ndarray | torch.Tensor, cfg: DatasetConfig, source: str) -> torch.Tensor:
     """float32 tensor, checked finite, unit-normalised when the config says so."""
-    x = torch.as_tensor(np.asarray(x), dtype=torch.float32)
+    x = torch.from_numpy(np.array(x, dtype=np.float32))  # a copy: the source may be a read-only memmap
     if x.ndim != 2 or x.shape[0] == 0 or x.shape[1] == 0:
         raise DataError(f"{source}: expected a non-empty (N, d) array, got shape "
                         f"{tuple(x.shape)}. Fix: save one embedding per row")
