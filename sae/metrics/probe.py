@@ -1,0 +1,223 @@
+"""Linear probing under activation truncation (METHOD.md s4), and the raw-embedding ceiling.
+
+For each budget m, every code keeps only its m largest activations; a linear classifier is fit
+on a probe-train split and scored on the evaluation split:
+
+    single-label: multinomial logistic regression, score = accuracy
+        loss = (1/N) sum_i CE(W^T f_i + b, y_i) + (weight_decay / 2) ||W||_F^2
+    multi-label:  one-vs-rest logistic regressions (one sigmoid per class), score = mAP
+        loss = (1/N) sum_i sum_c BCE(W_c^T f_i + b_c, y_ic) + (weight_decay / 2) ||W||_F^2
+        mAP  = mean over classes with >= 1 positive in the evaluation split of the average
+               precision (scikit-learn ``average_precision_score``)
+
+Features f_i: a sparse code is read as an embedding bag (logits = sum over its kept entries of
+a_ij W_j), so no dense (N, n) matrix exists; each latent is divided by the root mean square of
+its nonzero train activations (scaling keeps zeros zero, so sparsity survives), and raw
+embeddings are standardised per dimension with train statistics. Scaling conditions the
+problem; the L2 penalty is on the scaled weights, as with scikit-learn's usual pipeline.
+
+Optimiser: full-batch L-BFGS with a strong-Wolfe line search from W = 0, b = 0. The objective
+is convex, so the result is the same for any seed; gradients are accumulated over row chunks,
+so memory is one chunk of logits (this scales to ImageNet: 100k x 1000 classes per pass).
+Samples without a label (id < 0 or an all-false multi-hot row) are left out of a
+single-label probe; a multi-label probe keeps them as negatives for every class.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from sae.metrics._sparse import CodesLike, as_sparse, firing_entries, truncate_top_m
+from sae.metrics.purity import n_classes_of
+from sae.model import SparseCode
+
+DEFAULT_M_VALUES = (1, 2, 4, 8, 16, 32)
+
+
+@dataclass
+class _Features:
+    """Probe inputs: a dense (N, d) matrix or a sparse code over n features."""
+
+    dense: torch.Tensor | None
+    code: SparseCode | None
+    n_features: int
+
+    @property
+    def n_rows(self) -> int:
+        return (self.dense if self.dense is not None else self.code.values).shape[0]
+
+    def logits(self, start: int, stop: int, weight_fc: torch.Tensor, bias_c: torch.Tensor
+               ) -> torch.Tensor:
+        if self.dense is not None:
+            return self.dense[start:stop] @ weight_fc + bias_c
+        return F.embedding_bag(self.code.indices[start:stop], weight_fc,
+                               per_sample_weights=self.code.values[start:stop],
+                               mode="sum") + bias_c
+
+    def rows(self, keep: torch.Tensor) -> _Features:
+        if self.dense is not None:
+            return _Features(self.dense[keep], None, self.n_features)
+        return _Features(None, SparseCode(self.code.values[keep], self.code.indices[keep]),
+                         self.n_features)
+
+
+def _sparse_scale(code: SparseCode, n_latents: int) -> torch.Tensor:
+    """(n,) 1 / RMS of each latent's nonzero activations (1 for latents that never fire)."""
+    entries = firing_entries(code)
+    sum_sq = torch.zeros(n_latents, dtype=torch.float64, device=code.values.device)
+    sum_sq.index_add_(0, entries.latents, entries.values.double().square())
+    count = torch.bincount(entries.latents, minlength=n_latents).double()
+    rms = (sum_sq / count.clamp_min(1)).sqrt()
+    return torch.where(rms > 0, 1.0 / rms, torch.ones_like(rms)).float()
+
+
+def _scaled_sparse(code: SparseCode, scale_n: torch.Tensor) -> SparseCode:
+    return SparseCode(code.values.float() * scale_n[code.indices], code.indices)
+
+
+def _labelled_rows(y: torch.Tensor) -> torch.Tensor:
+    return y >= 0 if y.ndim == 1 else torch.ones(y.shape[0], dtype=torch.bool, device=y.device)
+
+
+def _fit(features: _Features, y: torch.Tensor, n_classes: int, weight_decay: float,
+         max_iter: int, chunk_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Full-batch L-BFGS on the regularised loss of the module docstring; returns (W, b)."""
+    device = y.device
+    weight_fc = torch.zeros(features.n_features, n_classes, device=device, requires_grad=True)
+    bias_c = torch.zeros(n_classes, device=device, requires_grad=True)
+    n_rows = features.n_rows
+    multi_label = y.ndim == 2
+    targets = y.float() if multi_label else y
+    optimizer = torch.optim.LBFGS([weight_fc, bias_c], lr=1.0, max_iter=max_iter,
+                                  history_size=20, line_search_fn="strong_wolfe",
+                                  tolerance_grad=1e-7, tolerance_change=1e-10)
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad()
+        total = 0.0
+        for start in range(0, n_rows, chunk_size):
+            stop = min(start + chunk_size, n_rows)
+            logits = features.logits(start, stop, weight_fc, bias_c)
+            if multi_label:
+                loss = F.binary_cross_entropy_with_logits(logits, targets[start:stop],
+                                                          reduction="sum")
+            else:
+                loss = F.cross_entropy(logits, targets[start:stop], reduction="sum")
+            (loss / n_rows).backward()  # the gradient of the full-batch mean, one chunk at a time
+            total += float(loss.detach()) / n_rows
+        penalty = 0.5 * weight_decay * weight_fc.square().sum()
+        penalty.backward()
+        return torch.tensor(total + float(penalty.detach()))
+
+    with torch.enable_grad():
+        optimizer.step(closure)
+    return weight_fc.detach(), bias_c.detach()
+
+
+@torch.no_grad()
+def _score(features: _Features, y: torch.Tensor, weight_fc: torch.Tensor, bias_c: torch.Tensor,
+           chunk_size: int) -> float:
+    logits = torch.cat([features.logits(s, min(s + chunk_size, features.n_rows), weight_fc, bias_c)
+                        for s in range(0, features.n_rows, chunk_size)])
+    if y.ndim == 1:
+        return float((logits.argmax(dim=1) == y).double().mean()) if y.numel() else float("nan")
+    return mean_average_precision(y, logits)
+
+
+def mean_average_precision(y_nc: torch.Tensor, scores_nc: torch.Tensor) -> float:
+    """Mean over classes with at least one positive of scikit-learn's average precision."""
+    from sklearn.metrics import average_precision_score
+
+    y = y_nc.bool().cpu().numpy()
+    scores = scores_nc.float().cpu().numpy()
+    has_positive = y.any(axis=0)
+    if not has_positive.any():
+        return float("nan")
+    per_class = [average_precision_score(y[:, c], scores[:, c]) for c in np.flatnonzero(has_positive)]
+    return float(np.mean(per_class))
+
+
+def probe_metric(y: torch.Tensor) -> str:
+    return "mAP" if y.ndim == 2 else "accuracy"
+
+
+def _fit_and_score(train: _Features, y_train: torch.Tensor, evaluation: _Features,
+                   y_eval: torch.Tensor, n_classes: int, weight_decay: float, max_iter: int,
+                   chunk_size: int) -> float:
+    keep_train, keep_eval = _labelled_rows(y_train), _labelled_rows(y_eval)
+    train, y_train = train.rows(keep_train), y_train[keep_train]
+    evaluation, y_eval = evaluation.rows(keep_eval), y_eval[keep_eval]
+    weight_fc, bias_c = _fit(train, y_train, n_classes, weight_decay, max_iter, chunk_size)
+    return _score(evaluation, y_eval, weight_fc, bias_c, chunk_size)
+
+
+def _resolve(y_train: torch.Tensor, y_eval: torch.Tensor, n_classes: int | None,
+             device: torch.device | str | None, reference: torch.Tensor
+             ) -> tuple[torch.Tensor, torch.Tensor, int, torch.device]:
+    device = torch.device(device) if device is not None else reference.device
+    if n_classes is None:
+        n_classes = max(n_classes_of(y_train), n_classes_of(y_eval))
+    return y_train.to(device), y_eval.to(device), n_classes, device
+
+
+def truncated_probe(
+    codes_train: CodesLike,
+    y_train: torch.Tensor,
+    codes_eval: CodesLike,
+    y_eval: torch.Tensor,
+    m_values: Sequence[int] = DEFAULT_M_VALUES,
+    n_latents: int | None = None,
+    n_classes: int | None = None,
+    weight_decay: float = 1e-4,
+    max_iter: int = 100,
+    chunk_size: int = 8192,
+    device: torch.device | str | None = None,
+) -> dict[int, float]:
+    """{m: accuracy (or mAP)} of a linear probe on codes truncated to their top-m activations.
+
+    Codes: dense (N, n) or sparse (values, indices) with ``n_latents``. Labels: (N,) ids or
+    (N, C) multi-hot. An m at or above the code width keeps the whole code.
+    """
+    code_train, n = as_sparse(codes_train, n_latents)
+    code_eval, _ = as_sparse(codes_eval, n)
+    y_train, y_eval, n_classes, device = _resolve(y_train, y_eval, n_classes, device,
+                                                  code_train.values)
+    code_train = SparseCode(*(t.to(device) for t in code_train))
+    code_eval = SparseCode(*(t.to(device) for t in code_eval))
+    results: dict[int, float] = {}
+    for m in sorted(set(m_values)):
+        train_m, eval_m = truncate_top_m(code_train, m), truncate_top_m(code_eval, m)
+        scale_n = _sparse_scale(train_m, n)
+        results[m] = _fit_and_score(
+            _Features(None, _scaled_sparse(train_m, scale_n), n), y_train,
+            _Features(None, _scaled_sparse(eval_m, scale_n), n), y_eval,
+            n_classes, weight_decay, max_iter, chunk_size)
+    return results
+
+
+def linear_probe(
+    x_train: torch.Tensor,
+    y_train: torch.Tensor,
+    x_eval: torch.Tensor,
+    y_eval: torch.Tensor,
+    n_classes: int | None = None,
+    weight_decay: float = 1e-4,
+    max_iter: int = 100,
+    chunk_size: int = 8192,
+    device: torch.device | str | None = None,
+) -> float:
+    """Accuracy (or mAP) of the same probe on raw embeddings: the ceiling of the code probes."""
+    y_train, y_eval, n_classes, device = _resolve(y_train, y_eval, n_classes, device, x_train)
+    x_train, x_eval = x_train.to(device, torch.float32), x_eval.to(device, torch.float32)
+    mean_d = x_train.mean(dim=0)
+    std_d = x_train.std(dim=0, unbiased=False)
+    std_d = torch.where(std_d > 0, std_d, torch.ones_like(std_d))
+    return _fit_and_score(
+        _Features((x_train - mean_d) / std_d, None, x_train.shape[1]), y_train,
+        _Features((x_eval - mean_d) / std_d, None, x_train.shape[1]), y_eval,
+        n_classes, weight_decay, max_iter, chunk_size)
