@@ -1,0 +1,48 @@
+# Everything a user or CI needs, from a fresh clone: `make help`.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+DEMO_ROOT ?= outputs
+
+.PHONY: help install test test-fast demo lint bench slurm-up slurm-down clean
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+
+install: $(STAMP)  ## create .venv and install the project with its dev tools
+
+# Re-install when the dependency list changes. torch/torchvision come from the machine's local
+# wheel mirror (pip's config); editable_mode=compat puts the repo on sys.path through a .pth,
+# which Hydra needs to discover hydra_plugins/ (the project's sweeper).
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]' --config-settings editable_mode=compat
+	touch $(STAMP)
+
+test: install  ## the whole suite, SLURM tests included (starts and stops a local cluster)
+	$(PY) -m pytest -q
+
+test-fast: install  ## the suite without slow and SLURM tests
+	$(PY) -m pytest -q -m "not slow and not slurm"
+
+demo: install  ## the demo grid on embedded data (CPU, W&B offline), then the report
+	WANDB_MODE=$${WANDB_MODE:-offline} SAE_OUTPUT_ROOT=$(DEMO_ROOT) $(PY) -m sae.train -m +sweep=demo
+	$(PY) -m sae.report $(DEMO_ROOT)/sweeps/demo
+
+lint: install  ## ruff
+	$(VENV)/bin/ruff check .
+
+bench: install  ## the training-step benchmark (quick size)
+	$(PY) -m sae.bench step --quick
+
+slurm-up:  ## start a local single-node SLURM cluster (prints the SLURM_CONF to export)
+	bash scripts/slurm_local.sh start
+
+slurm-down:  ## stop it
+	bash scripts/slurm_local.sh stop
+
+clean:  ## remove outputs (runs, sweeps, caches) -- not the venv
+	rm -rf outputs multirun
