@@ -235,17 +235,14 @@ def _describe(transform: Any) -> str:
 
 
 def library_versions() -> dict[str, str]:
-    """Versions of the libraries that decide the embeddings, for the cache manifest."""
-    import numpy
-    import PIL
-    import torchvision
+    """Versions of the packages that decide the embeddings, for the cache manifest (read from
+    the installed metadata: importing open_clip only for its version costs seconds)."""
+    from importlib import metadata
 
-    versions = {"torch": torch.__version__, "torchvision": torchvision.__version__,
-                "numpy": numpy.__version__, "pillow": PIL.__version__}
-    for name, module in (("open_clip", "open_clip"), ("timm", "timm")):
+    versions = {"python": ".".join(map(str, sys.version_info[:3]))}
+    for package in ("torch", "torchvision", "open_clip_torch", "timm", "numpy", "pillow"):
         try:
-            versions[name] = __import__(module).__version__
-        except ImportError:  # a library that is not installed did not take part
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:  # not installed: it took no part
             continue
-    versions["python"] = ".".join(map(str, sys.version_info[:3]))
     return versions

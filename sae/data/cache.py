@@ -307,7 +307,7 @@ def load_image_split(cfg: RootConfig, split: str) -> EmbeddingSet:
     path = ensure_cache(cfg.backbone, cfg.dataset, split, cfg.paths.cache, device=device,
                         progress=cfg.train.progress)
     cached = open_cache(path, verify_checksums=False)  # ensure_cache verified it just now
-    x = torch.from_numpy(np.asarray(cached.embeddings, dtype=np.float32))
+    x = torch.from_numpy(np.array(cached.embeddings, dtype=np.float32))  # a copy in memory
     if not torch.isfinite(x).all():
         raise CacheError(f"{path}: embeddings hold NaN or inf. Fix: delete the directory and "
                          "re-extract with backbone.storage_dtype=float32")

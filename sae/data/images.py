@@ -88,8 +88,8 @@ def image_dir(cfg: DatasetConfig, split: str) -> Path:
 def open_split(cfg: DatasetConfig, split: str) -> ImageSplit:
     """List the images and read the labels of one split (``split`` = the directory name)."""
     layout = check_layout(cfg)
-    if layout == "digits_images":
-        materialize_digits_images(Path(str(cfg.root)), cfg.eval_fraction, cfg.split_seed)
+    if layout == "digits_images" and cfg.root:
+        materialize_digits_images(Path(cfg.root), cfg.eval_fraction, cfg.split_seed)
     _check_root(cfg)
     if layout == "openimages":
         full = _open_openimages(cfg, split)
@@ -99,12 +99,21 @@ def open_split(cfg: DatasetConfig, split: str) -> ImageSplit:
 
 
 def _check_root(cfg: DatasetConfig) -> None:
-    root = Path(str(cfg.root))
-    if not root.is_dir():
-        env = {"imagenet": "IMAGENET_ROOT", "openimages": "OPENIMAGES_ROOT"}.get(cfg.layout)
-        hint = f" or the environment variable {env}" if env else ""
-        raise DataError(f"dataset.root: {root} is not a directory. Fix: set dataset.root=/path/to/"
-                        f"{cfg.name}{hint} (layout: scripts/prepare_{cfg.layout}.md)")
+    env = {"imagenet": "IMAGENET_ROOT", "openimages": "OPENIMAGES_ROOT"}.get(cfg.layout)
+    fix = (f"Fix: set dataset.root=/path/to/{cfg.name}"
+           + (f" or export {env}" if env else "")
+           + f" (expected layout: {_layout_doc(cfg.layout)})")
+    if not cfg.root:
+        raise DataError(f"dataset.root: not set for the image dataset {cfg.name!r}. {fix}")
+    if not Path(cfg.root).is_dir():
+        raise DataError(f"dataset.root: {cfg.root} is not a directory. {fix}")
+
+
+def _layout_doc(layout: str) -> str:
+    """Where a layout is documented, for error messages."""
+    if layout in ("imagenet", "openimages"):
+        return f"scripts/prepare_{layout}.md"
+    return "sae/data/images.py"
 
 
 def _split_dir(path: Path, split: str, root: Path) -> Path:
@@ -145,7 +154,7 @@ def _open_imagefolder(cfg: DatasetConfig, split: str) -> ImageSplit:
         labels.extend([index[wnid]] * len(files))
     if not ids:
         raise DataError(f"{folder}: no class folders with images. Fix: expect "
-                        f"{folder}/<class>/<image> (scripts/prepare_{cfg.layout}.md)")
+                        f"{folder}/<class>/<image> ({_layout_doc(cfg.layout)})")
     return ImageSplit(cfg.name, split, folder, ids, np.asarray(labels, dtype=np.int64),
                       _class_names(root, classes), {"n_listed": len(ids)})
 
