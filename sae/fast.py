@@ -1,0 +1,498 @@
+"""The training objective of ``sae.losses.training_loss`` at close to the cost of one matrix product.
+
+Same values and gradients (float tolerance; tests/test_fast.py), same signature, same return
+contract. The cost floor of a step is the encoder product ``pre = (x - b_pre) W_enc^T + b_enc``:
+B x d x n multiply-adds (B = 1024, d = 768, n = 12288: 9.7 G). Autograd through the reference
+spends about three such products (the forward, grad W_enc = G^T X and grad X = G W_enc) plus
+dense (B, n) temporaries for Top-k, ReLU, masks and the dead-latent AuxK. Here:
+
+* Top-k by chunk maxima: exact, and it reads the (B, n) matrix once (one max over column
+  groups) instead of running a selection over all n entries of every row (``topk_by_chunks``).
+* Decoder, forward and backward, over the k selected atoms only: x_hat is an embedding-bag of
+  k rows (B k d = 25 M multiply-adds, 0.3 % of the product); grad W_dec is the same
+  embedding-bag run "transposed", over bags of samples grouped by latent (``_LatentBags``);
+  grad of the k values is a sampled product, only at the (i, j) of the support.
+* Encoder backward: grad X is never needed (x carries no gradient; b_pre's share is the
+  n-vector grad_b_enc times W_enc, n x d). Without a regularizer the gradient of ``pre`` has
+  k (+ AuxK) entries per row, so grad W_enc is the same transposed embedding-bag: B k d, not
+  B n d. With a regularizer it is dense on the penalised columns: one product G^T X.
+* Regularizers: one (B, n) buffer that is both the forward temporary and the backward G
+  (no ReLU copy, no mask copy, no separate support scatter); on the batch-active columns only
+  when their count can be bounded below n without asking the device (B k < n).
+* AuxK on the dead columns only: they are gathered first (at most C columns, C an upper bound
+  on the dead count known on the host), so the AuxK decode and its gradients are dense
+  products of size B x C x d instead of B x aux_k embedding-bag rows; no dead latent = no work.
+* No host-device synchronisation: every decision is taken from shapes, the config, and host
+  integers. On CUDA the dead-count bound is the caller's (``dead_bound``, see
+  ``dead_count_bound``); without it the AuxK path looks at all n columns (exact, slower).
+
+Fallbacks (to the reference ``training_loss``): an input that itself requires a gradient.
+Tied weights, LayerNorm, autocast (the two dense products in the autocast dtype, the rest in
+float32) and ``k = n`` run on the fast path.
+
+The returned ``ForwardOutput`` holds detached tensors (x_hat, pre, code): the graph lives in
+the returned ``LossParts`` only.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import warnings
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+from sae.losses import LossParts, training_loss
+from sae.model import ForwardOutput, InputStats, SparseCode, TopKSAE
+
+# The floors of the reference (sae.losses.nmse, sae.regularizers.l1_l2_ratio).
+VARIANCE_FLOOR = 1e-12
+L2_FLOOR = 1e-15  # sqrt of the reference's floor 1e-30 on the squared norm
+REGULARIZERS = ("none", "offsupport_l1", "l1l2")
+
+
+# -- host-side plan ---------------------------------------------------------------------------
+@dataclass(frozen=True)
+class StepPlan:
+    """Every decision of one step, taken on the host from shapes, config and host integers."""
+
+    k: int
+    regularizer: str
+    mask: bool
+    strength: float
+    eps: float
+    aux_alpha: float
+    aux_k: int
+    aux_cols: int  # C: dead-first columns AuxK looks at (an upper bound on the dead count); 0 = none
+    active_cols: int  # regularizer columns: n (all) or a capacity >= |batch-active set|
+    compute_dtype: torch.dtype | None  # dtype of the two dense products; None = float32
+
+
+def make_plan(
+    model: TopKSAE, x: torch.Tensor, *, regularizer: str, strength: float, mask: bool,
+    eps: float, dead: torch.Tensor, aux_alpha: float, aux_k: int, dead_bound: int | None,
+) -> StepPlan:
+    if regularizer not in REGULARIZERS:
+        raise ValueError(f"unknown regularizer {regularizer!r}; use none, offsupport_l1 or l1l2")
+    batch, n = x.shape[0], model.n_latents
+    aux_cols = _aux_columns(dead, dead_bound, n) if aux_alpha > 0 else 0
+    # A holds at most B k distinct units: a bound known without looking at the data. Gathering
+    # the columns pays off when it halves the work (B k <= n / 2); typical sizes are dense.
+    gather = mask and regularizer != "none" and batch * model.k <= n // 2
+    device = x.device.type
+    autocast = torch.is_autocast_enabled(device)
+    return StepPlan(
+        k=model.k, regularizer=regularizer, mask=mask, strength=float(strength), eps=float(eps),
+        aux_alpha=float(aux_alpha), aux_k=min(aux_k, n), aux_cols=aux_cols,
+        active_cols=batch * model.k if gather else n,
+        compute_dtype=torch.get_autocast_dtype(device) if autocast else None,
+    )
+
+
+def _aux_columns(dead: torch.Tensor, dead_bound: int | None, n: int) -> int:
+    """C >= the dead count, from host knowledge only (0: AuxK is an exact zero, skip it)."""
+    if dead_bound is not None:
+        return max(0, min(int(dead_bound), n))
+    if dead.device.type == "cpu":  # the mask lives in host memory: counting waits for nothing
+        return int(dead.sum())
+    return n
+
+
+def dead_count_bound(samples_since_fired: torch.Tensor, window: int, horizon_samples: int) -> int:
+    """Upper bound on the dead count (``samples_since_fired >= window``) for the next
+    ``horizon_samples`` training samples: counters grow by at most that much and only ever
+    reset. One host read-out, to be taken where the trainer synchronises anyway (its log step),
+    then passed as ``dead_bound`` to every step until the next one."""
+    return int((samples_since_fired + horizon_samples >= window).sum())
+
+
+# -- exact Top-k by chunk maxima --------------------------------------------------------------
+def topk_by_chunks(pre: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k of each row (values, indices), exact, via maxima of column groups.
+
+    Split the n columns into g groups of c (group r = columns r, r + g, r + 2g, ...). Each of
+    the row's top k values lies in one of the k groups with the largest maxima (a group outside
+    them has k groups above it, each holding a larger value). So: one max over the c strided
+    slices (a vectorised elementwise max, one read of the matrix), Top-k over g group maxima,
+    Top-k over the k c candidates. With n = 12288, k = 32, c = 16: selections over 768 + 512
+    entries per row instead of 12288. Ties may pick other indices with the same values.
+    """
+    batch, n = pre.shape
+    c = _group_size(n, k)
+    if c == 1:
+        return pre.topk(k, dim=1, sorted=False)
+    groups = n // c
+    group_max_bg = pre.view(batch, c, groups).amax(dim=1)  # (B, g)
+    top_groups_bk = group_max_bg.topk(k, dim=1, sorted=False).indices  # (B, k)
+    offsets_c = torch.arange(c, device=pre.device) * groups  # (c,)
+    candidates = (top_groups_bk.unsqueeze(2) + offsets_c).view(batch, k * c)  # (B, k c)
+    values, where = pre.gather(1, candidates).topk(k, dim=1, sorted=False)
+    return values, candidates.gather(1, where)
+
+
+def _group_size(n: int, k: int) -> int:
+    """Group size c minimising g + k c (the two selection widths); 1 = plain Top-k is better."""
+    best, best_cost = 1, n
+    for c in (4, 8, 16, 32, 64):
+        if n % c == 0 and n // c >= 2 * k:
+            cost = n // c + k * c
+            if cost * 2 <= best_cost:
+                best, best_cost = c, cost
+    return best
+
+
+# -- sparse products ---------------------------------------------------------------------------
+class _LatentBags(NamedTuple):
+    """The B k support entries grouped by latent: latent j's entries are order[offsets[j]:
+    offsets[j+1]], their samples rows[...]. With it, sum_{(i,j) in S} w_ij T_i -> row j (a
+    transposed sparse product) is one embedding-bag over the sample table T."""
+
+    order: torch.Tensor  # (B k,) permutation of the flattened support, sorted by latent
+    rows: torch.Tensor  # (B k,) sample of each sorted entry
+    offsets: torch.Tensor  # (n + 1,)
+
+    @staticmethod
+    def build(indices_bk: torch.Tensor, n: int) -> _LatentBags:
+        k = indices_bk.shape[1]
+        latents_sorted, order = indices_bk.reshape(-1).sort()
+        boundaries = torch.arange(n + 1, device=indices_bk.device)
+        offsets = torch.searchsorted(latents_sorted, boundaries)
+        return _LatentBags(order, order // k, offsets)
+
+    def scatter_rows(self, weights_bk: torch.Tensor, table_bd: torch.Tensor) -> torch.Tensor:
+        """(n, d): row j = sum over the entries (i, j) of weights[i, .] * table[i]."""
+        return F.embedding_bag(self.rows, table_bd, self.offsets, mode="sum",
+                               per_sample_weights=weights_bk.reshape(-1)[self.order],
+                               include_last_offset=True)
+
+
+def _support_pattern(indices_bk: torch.Tensor, n: int) -> torch.Tensor:
+    """The support as a (B, n) CSR pattern (k sorted entries per row)."""
+    batch, k = indices_bk.shape
+    crow = torch.arange(0, batch * k + 1, k, device=indices_bk.device)
+    values = torch.zeros(batch * k, device=indices_bk.device)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+        return torch.sparse_csr_tensor(crow, indices_bk.reshape(-1), values, (batch, n),
+                                       check_invariants=False)
+
+
+def _support_dots(grad_bd: torch.Tensor, weight_nd: torch.Tensor, indices_bk: torch.Tensor
+                  ) -> torch.Tensor:
+    """(B, k): <grad_i, weight[indices_ik]>, a product sampled at the support only (B k d)."""
+    pattern = _support_pattern(indices_bk, weight_nd.shape[0])
+    dots = torch.sparse.sampled_addmm(pattern, grad_bd, weight_nd.t(), beta=0.0)
+    return dots.values().view_as(indices_bk)
+
+
+def _dense_product(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    """a @ b in ``dtype`` (autocast's), returned in float32."""
+    if dtype is None:
+        return a @ b
+    return (a.to(dtype) @ b.to(dtype)).float()
+
+
+# -- forward pieces ----------------------------------------------------------------------------
+class _AuxState(NamedTuple):
+    cols: torch.Tensor  # (C,) dead-first latent ids
+    weight_cd: torch.Tensor  # (C, d) their decoder atoms
+    code_bc: torch.Tensor  # (B, C) AuxK code on those columns (0 off its top aux_k)
+    error_bd: torch.Tensor  # (B, d) residual_hat - residual
+    scale: torch.Tensor  # () 2 * any_dead / variance(residual)
+
+
+def _auxk_forward(plan: StepPlan, pre_bn: torch.Tensor, dead: torch.Tensor, W_dec: torch.Tensor,
+                  residual_bd: torch.Tensor) -> tuple[torch.Tensor, _AuxState]:
+    """Gao et al. AuxK restricted to C dead-first columns: equal to the reference's top-aux_k
+    over all columns (live ones at -inf) whenever C >= the dead count."""
+    C = plan.aux_cols
+    cols = dead.to(pre_bn.dtype).topk(C, sorted=False).indices  # dead ones first
+    pre_bc = pre_bn.index_select(1, cols).masked_fill_(~dead[cols], float("-inf"))
+    if C > plan.aux_k:
+        top = pre_bc.topk(plan.aux_k, dim=1, sorted=False)
+        code_bc = torch.zeros_like(pre_bc).scatter_(1, top.indices, F.relu(top.values))
+    else:  # every dead column is in every row's top aux_k
+        code_bc = pre_bc.relu_()
+    weight_cd = W_dec.index_select(0, cols)
+    error_bd = code_bc @ weight_cd - residual_bd
+    variance = _variance(residual_bd)
+    any_dead = dead.any().to(pre_bn.dtype)
+    loss = error_bd.square().sum() / variance * any_dead
+    return loss, _AuxState(cols, weight_cd, code_bc, error_bd, 2 * any_dead / variance)
+
+
+def _variance(x_bd: torch.Tensor) -> torch.Tensor:
+    return (x_bd - x_bd.mean(dim=0, keepdim=True)).square().sum().clamp_min(VARIANCE_FLOOR)
+
+
+class _PenaltyState(NamedTuple):
+    buffer_bm: torch.Tensor  # (B, m): [z > 0] (off-support) or z (l1l2) on the penalised columns
+    support_bk: torch.Tensor  # (B, k) support positions among those columns
+    cols: torch.Tensor | None  # (m,) latent ids of the columns; None = all n
+    l1: torch.Tensor | None  # (B,) l1l2 only
+    l2: torch.Tensor | None  # (B,) l1l2 only, floored
+
+
+def _penalty_columns(plan: StepPlan, pre_bn: torch.Tensor, support_bk: torch.Tensor
+                     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None,
+                                torch.Tensor]:
+    """(pre on the penalised columns, their latent ids or None, their 0/1 mask or None,
+    the support's positions among them)."""
+    n = pre_bn.shape[1]
+    if not plan.mask:
+        return pre_bn, None, None, support_bk
+    active_n = torch.zeros(n, dtype=pre_bn.dtype, device=pre_bn.device)
+    active_n.index_fill_(0, support_bk.reshape(-1), 1.0)
+    if plan.active_cols >= n:
+        return pre_bn, None, active_n, support_bk
+    cols = active_n.topk(plan.active_cols, sorted=False).indices  # every active column, padded
+    position_n = torch.zeros(n, dtype=torch.int64, device=pre_bn.device)
+    position_n[cols] = torch.arange(cols.shape[0], device=pre_bn.device)
+    return pre_bn.index_select(1, cols), cols, active_n[cols], position_n[support_bk]
+
+
+def _penalty_forward(plan: StepPlan, pre_bn: torch.Tensor, code: SparseCode
+                     ) -> tuple[torch.Tensor, _PenaltyState]:
+    pre_bm, cols, mask_m, support_bk = _penalty_columns(plan, pre_bn, code.indices)
+    batch = pre_bn.shape[0]
+    if plan.regularizer == "offsupport_l1":
+        # R = (sum_{i, j in M} [z_ij > 0] pre_ij - sum of the Top-k values) / B; the indicator
+        # is also the backward's G, so the forward keeps only it: one (B, m) buffer.
+        indicator_bm = pre_bm.gt(0).to(pre_bm.dtype)
+        if mask_m is not None:
+            indicator_bm.mul_(mask_m)
+        value = (torch.dot(indicator_bm.view(-1), pre_bm.reshape(-1)) - code.values.sum()) / batch
+        return value, _PenaltyState(indicator_bm, support_bk, cols, None, None)
+    z_bm = F.relu(pre_bm)
+    if mask_m is not None:
+        z_bm.mul_(mask_m)
+    l1 = z_bm.sum(dim=1)
+    l2 = torch.linalg.vector_norm(z_bm, dim=1).clamp_min(L2_FLOOR)
+    value = (l1 / (l2 + plan.eps)).mean()
+    return value, _PenaltyState(z_bm, support_bk, cols, l1, l2)
+
+
+class _Saved(NamedTuple):
+    x_centered_bd: torch.Tensor  # (B, d) x_in - b_pre: the encoder's input
+    code: SparseCode
+    error_bd: torch.Tensor  # (B, d) x_hat - x
+    variance: torch.Tensor  # () batch variance of x
+    std_b1: torch.Tensor | None  # LayerNorm scale, None without LayerNorm
+    aux: _AuxState | None
+    penalty: _PenaltyState | None
+
+
+def _forward(plan: StepPlan, x: torch.Tensor, x_in: torch.Tensor, stats: InputStats | None,
+             dead: torch.Tensor, W_enc: torch.Tensor, W_dec: torch.Tensor, b_enc: torch.Tensor,
+             b_pre: torch.Tensor) -> tuple[tuple[torch.Tensor, ...], _Saved]:
+    x_centered = x_in - b_pre
+    pre = _dense_product(x_centered, W_enc.t(), plan.compute_dtype).add_(b_enc)  # the floor
+    values, indices = topk_by_chunks(pre, plan.k)
+    indices, order = indices.sort(dim=1)  # sorted rows: a valid CSR pattern for the backward
+    code = SparseCode(F.relu(values.gather(1, order)), indices)
+    x_hat = F.embedding_bag(indices, W_dec, per_sample_weights=code.values, mode="sum") + b_pre
+    if stats is not None:
+        x_hat = x_hat * stats.std + stats.mean
+    error = x_hat - x
+    variance = _variance(x)
+    nmse = error.square().sum() / variance
+    auxk, aux = x.new_zeros(()), None
+    if plan.aux_cols > 0:
+        auxk, aux = _auxk_forward(plan, pre, dead, W_dec, -error)
+    penalty, pen = x.new_zeros(()), None
+    if plan.regularizer != "none":
+        penalty, pen = _penalty_forward(plan, pre, code)
+    total = nmse + plan.aux_alpha * auxk + plan.strength * penalty
+    saved = _Saved(x_centered, code, error, variance, None if stats is None else stats.std,
+                   aux, pen)
+    return (total, nmse, auxk, penalty, x_hat, pre, code.values, indices), saved
+
+
+# -- backward pieces ---------------------------------------------------------------------------
+def _weight(g_total: torch.Tensor | None, coefficient: float, g_part: torch.Tensor | None
+            ) -> torch.Tensor | None:
+    """d(loss)/d(part) as a device scalar; None when it is zero for a host-known reason."""
+    terms = []
+    if g_total is not None and coefficient != 0:
+        terms.append(g_total * coefficient)
+    if g_part is not None:
+        terms.append(g_part)
+    return sum(terms[1:], terms[0]) if terms else None
+
+
+def _penalty_grad(plan: StepPlan, pen: _PenaltyState, w_pen: torch.Tensor, batch: int
+                  ) -> torch.Tensor:
+    """G = dR/dpre on the penalised columns, built in place in the forward's buffer."""
+    if plan.regularizer == "offsupport_l1":
+        # [z > 0] / B off the support; the support's share is 0 (the Top-k values are
+        # subtracted), left for the caller to overwrite with the reconstruction gradient.
+        return pen.buffer_bm.mul_(w_pen / batch)
+    # R_i = l1/(l2 + eps): dR_i/dz_ij = 1/(l2 + eps) - l1 z_ij / ((l2 + eps)^2 l2) where z > 0;
+    # as G = c1 [z > 0] - c2 z, and z [z > 0] = z, two passes over the buffer.
+    z_bm = pen.buffer_bm
+    denominator = pen.l2 + plan.eps
+    c1 = (w_pen / batch) / denominator
+    unclamped = pen.l2 > L2_FLOOR
+    c2 = (w_pen / batch) * pen.l1 / (denominator.square() * pen.l2) * unclamped
+    g_bm = torch.sign(z_bm).mul_(c1.unsqueeze(1))
+    return g_bm.addcmul_(z_bm, c2.unsqueeze(1), value=-1.0)
+
+
+class _FusedLoss(torch.autograd.Function):
+    """(total, nmse, auxk, penalty, x_hat, pre, values, indices) with a hand-written backward
+    over the parameters (W_dec, b_enc, b_pre, W_enc if untied)."""
+
+    @staticmethod
+    def forward(ctx: Any, plan: StepPlan, x: torch.Tensor, x_in: torch.Tensor,
+                stats: InputStats | None, dead: torch.Tensor, W_dec: torch.Tensor,
+                b_enc: torch.Tensor, b_pre: torch.Tensor, W_enc_untied: torch.Tensor | None
+                ) -> tuple[torch.Tensor, ...]:
+        W_enc = W_dec if W_enc_untied is None else W_enc_untied
+        with torch.autocast(x.device.type, enabled=False):
+            outputs, saved = _forward(plan, x, x_in, stats, dead, W_enc, W_dec, b_enc, b_pre)
+        ctx.set_materialize_grads(False)
+        ctx.mark_non_differentiable(*outputs[4:])
+        ctx.plan, ctx.saved, ctx.tied = plan, saved, W_enc_untied is None
+        ctx.save_for_backward(W_enc, W_dec)
+        return outputs
+
+    @staticmethod
+    def backward(ctx: Any, g_total, g_nmse, g_auxk, g_penalty, *_unused):
+        with torch.autocast(ctx.saved.error_bd.device.type, enabled=False):
+            grads = _backward(ctx.plan, ctx.saved, *ctx.saved_tensors, g_total, g_nmse, g_auxk,
+                              g_penalty)
+        g_W_enc, g_W_dec, g_b_enc, g_b_pre = grads
+        inputs = (None,) * 5  # plan, x, x_in, stats, dead
+        if ctx.tied:
+            return *inputs, g_W_dec.add_(g_W_enc), g_b_enc, g_b_pre, None
+        return *inputs, g_W_dec, g_b_enc, g_b_pre, g_W_enc
+
+
+def _backward(plan: StepPlan, s: _Saved, W_enc: torch.Tensor, W_dec: torch.Tensor,
+              g_total, g_nmse, g_auxk, g_penalty) -> tuple[torch.Tensor, ...]:
+    w_nmse = _weight(g_total, 1.0, g_nmse)
+    w_aux = _weight(g_total, plan.aux_alpha, g_auxk) if s.aux is not None else None
+    w_pen = _weight(g_total, plan.strength, g_penalty) if s.penalty is not None else None
+    x_c, (values, indices) = s.x_centered_bd, s.code
+    n = W_dec.shape[0]
+    if w_nmse is None:
+        w_nmse = x_c.new_zeros(())
+
+    # Reconstruction: x_hat = y * std + mean, y = sum_k a_k W_dec[j_k] + b_pre.
+    g_y = s.error_bd * (2 * w_nmse / s.variance)  # (B, d)
+    if s.std_b1 is not None:
+        g_y = g_y * s.std_b1
+    g_b_pre = g_y.sum(dim=0)
+    g_values = _support_dots(g_y, W_dec, indices) * (values > 0)  # (B, k), ReLU'
+    bags = _LatentBags.build(indices, n)
+    g_W_dec = bags.scatter_rows(values, g_y)  # (n, d), B k d multiply-adds
+
+    g_aux_bc = None
+    if w_aux is not None:  # AuxK: dense products over its C columns
+        a = s.aux
+        g_residual_bd = a.error_bd * (a.scale * w_aux)
+        g_W_dec.index_add_(0, a.cols, a.code_bc.t() @ g_residual_bd)
+        g_aux_bc = (g_residual_bd @ a.weight_cd.t()) * (a.code_bc > 0)
+
+    if w_pen is not None:
+        g_W_enc, g_b_enc = _encoder_grad_dense(plan, s, w_pen, g_values, g_aux_bc, n)
+    else:
+        g_W_enc, g_b_enc = _encoder_grad_sparse(s, bags, g_values, g_aux_bc, n)
+    g_b_pre -= g_b_enc @ W_enc  # pre depends on b_pre through -W_enc b_pre
+    return g_W_enc, g_W_dec, g_b_enc, g_b_pre
+
+
+def _encoder_grad_sparse(s: _Saved, bags: _LatentBags, g_values: torch.Tensor,
+                         g_aux_bc: torch.Tensor | None, n: int
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """grad of pre has k (+ C) entries per row: grad W_enc = sum over them g_ij x_i -> row j."""
+    x_c = s.x_centered_bd
+    g_W_enc = bags.scatter_rows(g_values, x_c)
+    g_b_enc = x_c.new_zeros(n).index_add_(0, s.code.indices.reshape(-1), g_values.reshape(-1))
+    if g_aux_bc is not None:
+        _add_aux_rows(g_W_enc, g_b_enc, s.aux.cols, g_aux_bc, x_c)
+    return g_W_enc, g_b_enc
+
+
+def _add_aux_rows(g_W_enc: torch.Tensor, g_b_enc: torch.Tensor, cols: torch.Tensor,
+                  g_aux_bc: torch.Tensor, x_c: torch.Tensor) -> None:
+    g_W_enc.index_add_(0, cols, g_aux_bc.t() @ x_c)  # C x B x d
+    g_b_enc.index_add_(0, cols, g_aux_bc.sum(dim=0))
+
+
+def _encoder_grad_dense(plan: StepPlan, s: _Saved, w_pen: torch.Tensor, g_values: torch.Tensor,
+                        g_aux_bc: torch.Tensor | None, n: int
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """grad of pre = the penalty's G (dense on its columns) + the support's and AuxK's
+    entries; grad W_enc = G^T X: one product over the penalised columns."""
+    pen, x_c = s.penalty, s.x_centered_bd
+    g_bm = _penalty_grad(plan, pen, w_pen, x_c.shape[0])
+    if plan.regularizer == "offsupport_l1":
+        g_bm.scatter_(1, pen.support_bk, g_values)  # the penalty's support share is 0
+    else:
+        g_bm.scatter_add_(1, pen.support_bk, g_values)
+    fold_aux = g_aux_bc is not None and pen.cols is None
+    if fold_aux:
+        g_bm.index_add_(1, s.aux.cols, g_aux_bc)
+    g_W_m = _dense_product(g_bm.t(), x_c, plan.compute_dtype)  # (m, d): m x B x d
+    g_b_m = g_bm.sum(dim=0)
+    if pen.cols is None:
+        g_W_enc, g_b_enc = g_W_m, g_b_m
+    else:
+        g_W_enc = g_W_m.new_zeros(n, g_W_m.shape[1]).index_copy_(0, pen.cols, g_W_m)
+        g_b_enc = g_b_m.new_zeros(n).index_copy_(0, pen.cols, g_b_m)
+    if g_aux_bc is not None and not fold_aux:
+        _add_aux_rows(g_W_enc, g_b_enc, s.aux.cols, g_aux_bc, x_c)
+    return g_W_enc, g_b_enc
+
+
+# -- entry point -------------------------------------------------------------------------------
+def fast_training_loss(
+    model: TopKSAE,
+    x: torch.Tensor,
+    *,
+    regularizer: str,
+    strength: float,
+    mask: bool,
+    eps: float,
+    dead: torch.Tensor,
+    aux_alpha: float,
+    aux_k: int,
+    dead_bound: int | None = None,
+) -> tuple[LossParts, ForwardOutput]:
+    """``sae.losses.training_loss``, fast. ``dead_bound``: optional host upper bound on
+    ``dead.sum()`` (see ``dead_count_bound``); it lets AuxK look at that many columns instead
+    of all n on CUDA (on the CPU the count is read directly)."""
+    kwargs = dict(regularizer=regularizer, strength=strength, mask=mask, eps=eps, dead=dead,
+                  aux_alpha=aux_alpha, aux_k=aux_k)
+    if x.requires_grad:  # the hand-written backward gives no gradient to x
+        return training_loss(model, x, **kwargs)
+    plan = make_plan(model, x, dead_bound=dead_bound, **kwargs)
+    x_in, stats = model.standardize(x)
+    total, nmse, auxk, penalty, x_hat, pre, values, indices = _FusedLoss.apply(
+        plan, x, x_in, stats, dead, model.W_dec, model.b_enc, model.b_pre, model.W_enc_untied)
+    return LossParts(total, nmse, auxk, penalty), ForwardOutput(
+        x_hat, pre, SparseCode(values, indices), stats)
+
+
+# -- CPU runtime ---------------------------------------------------------------------------------
+def tune_cpu_allocator() -> bool:
+    """Keep freed large blocks in the process (glibc: no mmap for big allocations, no trim).
+
+    A (B, n) float32 temporary is 50 MB; by default glibc maps and unmaps it on every
+    allocation, and the kernel zero-fills it page by page: measured 3-5x the cost of the
+    arithmetic of a ReLU pass on this machine. Affects every CPU tensor of the process; call
+    once at start-up. Returns False where glibc's mallopt is not available.
+    """
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return False
+    try:
+        libc = ctypes.CDLL(name)
+        m_trim_threshold, m_mmap_max = -1, -4
+        return bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold, 2**30))
+    except (OSError, AttributeError):
+        return False
