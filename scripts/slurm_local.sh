@@ -202,7 +202,8 @@ SlurmdUser=root
 AuthType=auth/munge
 CredType=cred/munge
 # Slurm holds a requeued job back until the job credentials of its last run expire
-# (cred_expire, default 120 s); 10 s keeps the requeue tests short.
+# (cred_expire + 1 s; default 120 s). 10 s keeps the requeue tests short and still gives a job
+# step ample time to use its credential on a loaded machine (5 s would save 4 s per requeue).
 AuthInfo=cred_expire=10
 StateSaveLocation=$STATE_DIR/ctld
 SlurmdSpoolDir=$STATE_DIR/spool
@@ -234,7 +235,8 @@ SlurmdParameters=config_overrides
 # Batch jobs may be requeued (scontrol requeue, preemption): the requeue tests rely on it.
 JobRequeue=1
 # submitit ignores SIGTERM (it waits for its own USR2 signal), so a cancelled or requeued job
-# dies only at the SIGKILL that follows KillWait seconds later; keep that short for tests.
+# dies only at the SIGKILL that follows KillWait seconds later (measured: ~KillWait + 1.5 s);
+# keep that short for tests.
 KillWait=2
 InactiveLimit=0
 # Look at pending jobs every second (defaults: main scheduler 60 s, backfill 30 s), so a
@@ -254,7 +256,8 @@ EOF
 # (scancel, a crashed node) then leaves submitit waiting forever. This stand-in answers the
 # same query from slurmctld's own job table (squeue --states=all keeps finished jobs for
 # MinJobAge seconds), so submitit sees CANCELLED / FAILED / TIMEOUT as on a real cluster.
-# `start` puts it first on PATH through the exports it prints.
+# `start` puts it first on PATH through the exports it prints. One gap: slurmctld forgets an
+# array task cancelled while still pending, so its state stays unknown (cancel running tasks).
 write_sacct() {
     mkdir -p "$STATE_DIR/bin"
     cat >"$STATE_DIR/bin/sacct" <<'EOF'
