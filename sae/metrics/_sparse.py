@@ -57,24 +57,25 @@ def firing_entries(code: SparseCode) -> FiringEntries:
     return FiringEntries(rows_bk[keep_bk], code.indices[keep_bk], code.values[keep_bk])
 
 
-def scatter_matmul(latents: torch.Tensor, rows: torch.Tensor, weights: torch.Tensor,
-                   dense_bd: torch.Tensor, n_latents: int) -> torch.Tensor:
-    """``S @ dense`` for the sparse (n, B) matrix ``S[latent, row] = weight``: (n, D).
+def scatter_matmul_add_(out_nd: torch.Tensor, latents: torch.Tensor, rows: torch.Tensor,
+                        weights: torch.Tensor, dense_bd: torch.Tensor) -> torch.Tensor:
+    """``out += S @ dense`` in place, for the sparse (n, B) matrix ``S[latent, row] = weight``.
 
-    Cost O(E * D) for E entries, never O(n * B * D). Built as CSR (entries sorted by latent),
-    which was 2-4x faster than a loop of ``index_add_`` or a COO product on 2 CPU cores.
+    Cost O(E * D) for E entries, never O(n * B * D). S is built as CSR (entries sorted by
+    latent) and added with ``addmm_``: on 2 CPU cores this was 2-4x faster than a loop of
+    ``index_add_`` or a COO product, and 2x faster than allocating S @ dense and adding it.
     """
-    out_nd = dense_bd.new_zeros(n_latents, dense_bd.shape[1])
     if latents.numel() == 0:
         return out_nd
+    n_latents = out_nd.shape[0]
     order = torch.argsort(latents, stable=True)
     crow = torch.zeros(n_latents + 1, dtype=torch.int64, device=latents.device)
     crow[1:] = torch.bincount(latents, minlength=n_latents).cumsum(0)
     with warnings.catch_warnings():  # "sparse CSR support is in beta": it is exact here
         warnings.simplefilter("ignore", UserWarning)
-        matrix = torch.sparse_csr_tensor(crow, rows[order], weights[order].to(dense_bd.dtype),
+        matrix = torch.sparse_csr_tensor(crow, rows[order], weights[order].to(out_nd.dtype),
                                          size=(n_latents, dense_bd.shape[0]))
-        return matrix @ dense_bd
+        return out_nd.addmm_(matrix, dense_bd.to(out_nd.dtype))
 
 
 def truncate_top_m(code: SparseCode, m: int) -> SparseCode:

@@ -36,7 +36,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from sae.metrics._sparse import CodesLike, as_sparse, firing_entries, row_slice, scatter_matmul
+from sae.metrics._sparse import (
+    CodesLike,
+    as_sparse,
+    firing_entries,
+    row_slice,
+    scatter_matmul_add_,
+)
 from sae.model import SparseCode
 
 # A pair-weight total below this fraction of u^2 is rounding of an exact zero (one sample with
@@ -72,7 +78,7 @@ class MonoAccumulator:
         self.sum_a2_n.index_add_(0, lat, a.square())
         self.min_n.scatter_reduce_(0, lat, a, reduce="amin")
         self.max_n.scatter_reduce_(0, lat, a, reduce="amax")
-        self.w_nd += scatter_matmul(lat, entries.rows, a, e_bd, self.n_latents)
+        scatter_matmul_add_(self.w_nd, lat, entries.rows, a, e_bd)
         self.e_sum_d += e_bd.sum(dim=0)
         self.n_samples += code.values.shape[0]
 

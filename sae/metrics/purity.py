@@ -18,7 +18,13 @@ from typing import NamedTuple
 
 import torch
 
-from sae.metrics._sparse import CodesLike, as_sparse, firing_entries, row_slice, scatter_matmul
+from sae.metrics._sparse import (
+    CodesLike,
+    as_sparse,
+    firing_entries,
+    row_slice,
+    scatter_matmul_add_,
+)
 from sae.model import SparseCode
 
 
@@ -60,9 +66,8 @@ class PurityAccumulator:
         self.mass_n.index_add_(0, latents_e, a)
         if labels_b.ndim == 2:
             y_bc = labels_b.to(torch.float64)
-            self.count_nc += scatter_matmul(latents_e, rows_e, torch.ones_like(a), y_bc,
-                                            self.n_latents)
-            self.mass_nc += scatter_matmul(latents_e, rows_e, a, y_bc, self.n_latents)
+            scatter_matmul_add_(self.count_nc, latents_e, rows_e, torch.ones_like(a), y_bc)
+            scatter_matmul_add_(self.mass_nc, latents_e, rows_e, a, y_bc)
             return
         y_e = labels_b[rows_e]
         labelled = y_e >= 0  # an unlabelled sample is in the denominator only

@@ -1,0 +1,324 @@
+"""Training-step benchmark: the fast step against one dense encoder product and the reference.
+
+    python -m sae.bench step [--quick] [--device cuda] [--batch B --dim D --latents N --k K]
+    python -m sae.bench step --train [--bf16] [--epochs 50] [--max-seconds 120]
+
+One JSON line per case. A step is what the trainer does: zero_grad, loss, backward, decoder
+gradient projection, Adam, decoder normalisation, dead-latent counters; the fast step uses
+``sae.fast.fast_training_loss``, the reference step ``sae.losses.training_loss``. The encoder
+product ``F.linear(x, W_enc, b_enc)`` (B x d x n, the cost floor of any step) is timed in the
+same process, interleaved with the steps, so load from other processes hits all three alike:
+each ratio is the median over repeats of (step time / product time) measured side by side.
+
+``--train``: an ImageNet-sized run (1.28 M x 1024 random unit embeddings held on the device,
+n = 8192, k = 64, batch 4096, L1/L2 with mask) with on-device shuffling and on-device
+dead-latent bookkeeping; it prints epochs/s and the total time (actual, or extrapolated when
+``--max-seconds`` stops it first).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from sae.fast import dead_count_bound, fast_training_loss, tune_cpu_allocator
+from sae.losses import training_loss
+from sae.model import TopKSAE
+from sae.regularizers import batch_active
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    regularizer: str
+    mask: bool
+    dead_fraction: float = 0.0  # latents marked dead (AuxK does work when > 0)
+
+
+CASES = (
+    Case("none", "none", False),
+    Case("offsupport_l1+mask", "offsupport_l1", True),
+    Case("l1l2+mask", "l1l2", True),
+    Case("l1l2-nomask", "l1l2", False),
+    Case("none+dead2%", "none", False, 0.02),
+    Case("l1l2+mask+dead2%", "l1l2", True, 0.02),
+)
+DEFAULT = {"batch": 1024, "dim": 768, "latents": 12288, "k": 32}
+QUICK = {"batch": 512, "dim": 384, "latents": 6144, "k": 32}
+STRENGTH = 1e-2  # any positive lambda costs the same
+WINDOW = 10_000_000  # dead window of the config (samples)
+
+
+def parse(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m sae.bench step", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--batch", type=int)
+    p.add_argument("--dim", type=int)
+    p.add_argument("--latents", type=int)
+    p.add_argument("--k", type=int)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--repeats", type=int, help="timed steps per case (default 5, quick 3)")
+    p.add_argument("--quick", action="store_true", help=f"small size {QUICK}, < 1 min on 2 cores")
+    p.add_argument("--cases", help="comma-separated case names (default: all)")
+    p.add_argument("--no-reference", action="store_true", help="skip the reference step")
+    p.add_argument("--bf16", action="store_true", help="autocast bf16 around the steps")
+    p.add_argument("--no-tune-allocator", action="store_true",
+                   help="leave glibc's allocator as it is (see sae.fast.tune_cpu_allocator)")
+    p.add_argument("--out", type=Path, help="also append the JSON lines to this file")
+    p.add_argument("--seed", type=int, default=0)
+    t = p.add_argument_group("--train: a timed ImageNet-sized run")
+    t.add_argument("--train", action="store_true")
+    t.add_argument("--samples", type=int, default=1_281_167)
+    t.add_argument("--epochs", type=float, default=50)
+    t.add_argument("--max-seconds", type=float, default=math.inf,
+                   help="stop after this long and extrapolate to --epochs")
+    t.add_argument("--log-every", type=int, default=50, help="steps between host read-outs")
+    args = p.parse_args(argv)
+    size = QUICK if args.quick else DEFAULT
+    if args.train:
+        size = {"batch": 4096, "dim": 1024, "latents": 8192, "k": 64}
+    for key, value in size.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.repeats is None:
+        args.repeats = 3 if args.quick else 5
+    return args
+
+
+# -- one step ---------------------------------------------------------------------------------
+@dataclass
+class Trainee:
+    """A model, its optimizer and its dead-latent counters, as the trainer holds them."""
+
+    model: TopKSAE
+    optimizer: torch.optim.Optimizer
+    samples_since_fired: torch.Tensor  # (n,) int64
+
+
+def make_trainee(args: argparse.Namespace, seed: int) -> Trainee:
+    torch.manual_seed(seed)
+    model = TopKSAE(args.dim, args.latents, args.k).to(args.device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4, eps=6.25e-10, fused=True)
+    counters = torch.zeros(args.latents, dtype=torch.int64, device=args.device)
+    return Trainee(model, optimizer, counters)
+
+
+def train_step(t: Trainee, x: torch.Tensor, loss_fn: Callable, loss_kwargs: dict,
+               dead: torch.Tensor, autocast: bool) -> torch.Tensor:
+    """The trainer's step (sae.trainer.train_step) with a given dead mask; no host sync."""
+    t.optimizer.zero_grad(set_to_none=True)
+    with _autocast(x.device.type, autocast):
+        parts, out = loss_fn(t.model, x, dead=dead, **loss_kwargs)
+    parts.total.backward()
+    t.model.project_decoder_grad_()
+    t.optimizer.step()
+    t.model.normalize_decoder_()
+    fired = batch_active(out.code.indices, t.model.n_latents)
+    t.samples_since_fired.add_(x.shape[0]).masked_fill_(fired, 0)
+    return parts.total.detach()
+
+
+def _autocast(device: str, enabled: bool):
+    if not enabled:
+        return contextlib.nullcontext()
+    return torch.autocast(device, dtype=torch.bfloat16)
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def _timed(fn: Callable[[], object], device: str) -> float:
+    _sync(device)
+    start = time.perf_counter()
+    fn()
+    _sync(device)
+    return time.perf_counter() - start
+
+
+# -- the step benchmark ---------------------------------------------------------------------------
+def loss_kwargs(args: argparse.Namespace, case: Case) -> dict:
+    return {"regularizer": case.regularizer, "strength": STRENGTH, "mask": case.mask,
+            "eps": 1e-8, "aux_alpha": 1 / 32, "aux_k": min(args.dim // 2, args.latents)}
+
+
+def unit_batches(args: argparse.Namespace, count: int) -> list[torch.Tensor]:
+    g = torch.Generator(device="cpu").manual_seed(args.seed)
+    return [F.normalize(torch.randn(args.batch, args.dim, generator=g), dim=1).to(args.device)
+            for _ in range(count)]
+
+
+def dead_mask(args: argparse.Namespace, fraction: float) -> torch.Tensor:
+    """A fixed set of dead latents (a random fraction), as the trainer's window would mark."""
+    g = torch.Generator(device="cpu").manual_seed(args.seed + 1)
+    dead = torch.zeros(args.latents, dtype=torch.bool)
+    dead[torch.randperm(args.latents, generator=g)[: round(fraction * args.latents)]] = True
+    return dead.to(args.device)
+
+
+def bench_case(args: argparse.Namespace, case: Case) -> dict:
+    batches = unit_batches(args, 4)
+    dead = dead_mask(args, case.dead_fraction)
+    kwargs = loss_kwargs(args, case)
+    n_dead = round(case.dead_fraction * args.latents)  # host-known, as at a trainer's log step
+    fast = make_trainee(args, args.seed)
+    ref = None if args.no_reference else make_trainee(args, args.seed)
+    W_enc, b_enc = fast.model.W_enc.detach(), fast.model.b_enc.detach()
+
+    def product(x: torch.Tensor):
+        with _autocast(args.device, args.bf16):
+            return F.linear(x, W_enc, b_enc)
+
+    def fast_step(x: torch.Tensor):
+        return train_step(fast, x, lambda *a, **kw: fast_training_loss(*a, **kw,
+                          dead_bound=n_dead), kwargs, dead, args.bf16)
+
+    def ref_step(x: torch.Tensor):
+        return train_step(ref, x, training_loss, kwargs, dead, args.bf16)
+
+    for i in range(3):  # warm-up: allocator, kernels, the batch-active set of a trained model
+        x = batches[i % len(batches)]
+        product(x)
+        fast_step(x)
+        if ref is not None:
+            ref_step(x)
+    times: dict[str, list[float]] = {"product": [], "fast": [], "ref": []}
+    for r in range(args.repeats):
+        x = batches[r % len(batches)]
+        times["product"].append(_timed(lambda: product(x), args.device))  # noqa: B023
+        times["fast"].append(_timed(lambda: fast_step(x), args.device))  # noqa: B023
+        if ref is not None:
+            times["ref"].append(_timed(lambda: ref_step(x), args.device))  # noqa: B023
+    return _case_record(args, case, kwargs, times)
+
+
+def _case_record(args: argparse.Namespace, case: Case, kwargs: dict,
+                 times: dict[str, list[float]]) -> dict:
+    def median_ms(key: str) -> float | None:
+        return round(1e3 * statistics.median(times[key]), 2) if times[key] else None
+
+    def median_ratio(key: str) -> float | None:
+        if not times[key]:
+            return None
+        return round(statistics.median(s / p for s, p in zip(times[key], times["product"])), 3)
+
+    record = {
+        "bench": "step", "case": case.name, "device": args.device,
+        "batch": args.batch, "dim": args.dim, "latents": args.latents, "k": args.k,
+        "aux_k": kwargs["aux_k"], "dead": round(case.dead_fraction * args.latents),
+        "bf16": args.bf16, "threads": torch.get_num_threads(), "repeats": args.repeats,
+        "step_ms": median_ms("fast"), "encoder_product_ms": median_ms("product"),
+        "ratio": median_ratio("fast"),
+        "reference_step_ms": median_ms("ref"), "reference_ratio": median_ratio("ref"),
+    }
+    if times["ref"]:
+        speedups = [r / f for r, f in zip(times["ref"], times["fast"])]
+        record["speedup_vs_reference"] = round(statistics.median(speedups), 2)
+    return record
+
+
+# -- the timed training run ------------------------------------------------------------------------
+def unit_embeddings(n: int, d: int, device: str, seed: int) -> torch.Tensor:
+    """(n, d) random unit vectors made on the device in chunks (no host copy of 5 GB)."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    data = torch.empty(n, d, device=device)
+    for start in range(0, n, 65536):
+        chunk = data[start:start + 65536]
+        chunk.normal_(generator=g)
+        chunk.div_(chunk.norm(dim=1, keepdim=True))
+    return data
+
+
+def bench_train(args: argparse.Namespace) -> dict:
+    data = unit_embeddings(args.samples, args.dim, args.device, args.seed)
+    trainee = make_trainee(args, args.seed)
+    trainee.model.init_b_pre_(data[:65536])
+    kwargs = loss_kwargs(args, Case("l1l2+mask", "l1l2", True))
+    steps_per_epoch = args.samples // args.batch  # the last partial batch is dropped
+    total_steps = math.ceil(args.epochs * steps_per_epoch)
+    window = min(WINDOW, max(args.batch, 2 * args.samples))  # the trainer's dead window
+    horizon = args.log_every * args.batch
+    bound = 0
+
+    def step(x: torch.Tensor) -> torch.Tensor:
+        dead = trainee.samples_since_fired >= window
+        return train_step(trainee, x, lambda *a, **kw: fast_training_loss(
+            *a, **kw, dead_bound=bound), kwargs, dead, args.bf16)
+
+    perm = torch.randperm(args.samples, device=args.device)
+    for i in range(5):  # warm-up (kernels, allocator); not timed, not counted
+        step(data[perm[i * args.batch:(i + 1) * args.batch]])
+    trainee.samples_since_fired.zero_()
+    _sync(args.device)
+    start, done, losses = time.perf_counter(), 0, []
+    while done < total_steps:
+        position = done % steps_per_epoch
+        if position == 0:
+            perm = torch.randperm(args.samples, device=args.device)  # on-device shuffle
+        losses.append(step(data[perm[position * args.batch:(position + 1) * args.batch]]))
+        done += 1
+        if done % args.log_every == 0:  # the only host read-out, as in the trainer
+            bound = dead_count_bound(trainee.samples_since_fired, window, horizon)
+            losses = [torch.stack(losses).mean()]
+            if time.perf_counter() - start > args.max_seconds:
+                break
+    _sync(args.device)
+    seconds = time.perf_counter() - start
+    epochs_done = done / steps_per_epoch
+    finished = done >= total_steps
+    return {
+        "bench": "train", "device": args.device, "samples": args.samples, "dim": args.dim,
+        "latents": args.latents, "k": args.k, "batch": args.batch, "regularizer": "l1l2+mask",
+        "bf16": args.bf16, "steps": done, "epochs_done": round(epochs_done, 3),
+        "epochs_target": args.epochs, "seconds": round(seconds, 2),
+        "epochs_per_s": round(epochs_done / seconds, 4),
+        "step_ms": round(1e3 * seconds / done, 3),
+        "total_s_actual": round(seconds, 2) if finished else None,
+        "total_s_extrapolated": round(seconds * args.epochs / epochs_done, 1),
+        "dead_at_end": int((trainee.samples_since_fired >= window).sum()),
+        "last_loss": round(float(torch.stack(losses).mean()), 5),
+    }
+
+
+def emit(record: dict, out: Path | None) -> None:
+    line = json.dumps(record)
+    print(line, flush=True)
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with out.open("a") as f:
+            f.write(line + "\n")
+
+
+def main(argv: Sequence[str] | None = None) -> list[dict]:
+    args = parse(argv)
+    if args.device == "cpu" and not args.no_tune_allocator:
+        tune_cpu_allocator()
+    if args.device.startswith("cuda"):
+        torch.backends.cuda.matmul.allow_tf32 = False  # float32 means float32 here
+    if args.train:
+        records = [bench_train(args)]
+        emit(records[0], args.out)
+        return records
+    chosen = CASES if args.cases is None else [c for c in CASES if c.name in
+                                               args.cases.split(",")]
+    records = []
+    for case in chosen:
+        records.append(bench_case(args, case))
+        emit(records[-1], args.out)
+    return records
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
