@@ -1,0 +1,208 @@
+"""``index.html``: one page over the whole report, working when opened from disk.
+
+Every link and image is relative (to files in ``report/`` or to the run directories), and the
+page loads nothing from the network, so it can be copied with the sweep and its runs, or opened
+on a laptop with ``file://``.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import html
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+
+from sae.reporting.aggregate import label_flags
+from sae.reporting.claims import Claim
+from sae.reporting.plots import Figure
+from sae.reporting.tables import HEADER, NOTE, block_cells, table_blocks, title
+
+STYLE = """
+body { font-family: sans-serif; margin: 2em; max-width: 1400px; color: #222; }
+table { border-collapse: collapse; margin: 0.5em 0 1.5em; font-size: 0.9em; }
+th, td { border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: left; }
+th { background: #f3f3f3; } td.best { font-weight: bold; background: #eef7ee; }
+.held { color: #1a7f37; font-weight: bold; } .not-held { color: #b42318; font-weight: bold; }
+.not-testable { color: #777; font-weight: bold; }
+.failed, .missing, .running { background: #fff1f0; }
+figure { display: inline-block; margin: 0.5em; vertical-align: top; }
+figure img { max-width: 100%; border: 1px solid #ddd; }
+figcaption { font-size: 0.85em; max-width: 60em; }
+pre { background: #f7f7f7; padding: 1em; overflow-x: auto; font-size: 0.85em; }
+nav a { margin-right: 1em; }
+"""
+
+REPORT_FILES = (
+    ("runs.csv", "one row per cell: axes, status, every metric, config"), ("runs.parquet", ""),
+    ("tables.md", "the paper's tables"), ("tables.tex", "LaTeX (booktabs)"),
+    ("tables.csv", "mean and std over seeds of every metric, per setting"),
+    ("claims.md", "the five claims"), ("method_card.md", "the sweep's method card"),
+    ("method_card.json", ""), ("seed_stability.csv", "atom stability and metric spread"),
+    ("notes.md", "missing pieces"),
+)
+
+
+@dataclass
+class PageInputs:
+    sweep_name: str
+    report_dir: Path
+    runs: pd.DataFrame
+    summary: pd.DataFrame
+    claims: list[Claim]
+    figures: list[Figure]
+    card_markdown: str
+    claims_markdown: str
+    notes: list[str] = field(default_factory=list)
+
+
+def esc(value: object) -> str:
+    return html.escape("" if value is None or (isinstance(value, float) and pd.isna(value))
+                       else str(value))
+
+
+def rel(target: Path, report_dir: Path) -> str:
+    """A relative URL from the report page to ``target`` (a file in or outside the report)."""
+    return Path(os.path.relpath(target, report_dir)).as_posix()
+
+
+def link(href: str, text: str) -> str:
+    return f'<a href="{esc(href)}">{esc(text)}</a>'
+
+
+# -- sections -----------------------------------------------------------------------------------
+def files_section(report_dir: Path) -> str:
+    items = [f"<li>{link(name, name)} {esc(what)}</li>" for name, what in REPORT_FILES
+             if (report_dir / name).exists()]
+    return "<h2 id='files'>Files</h2><ul>" + "".join(items) + "</ul>"
+
+
+def claims_section(claims: list[Claim], claims_markdown: str) -> str:
+    rows = "".join(
+        f"<tr><td>{c.number}</td><td>{esc(c.statement)}</td>"
+        f"<td class='{c.verdict.replace(' ', '-')}'>{esc(c.verdict)}</td>"
+        f"<td>{esc(c.summary)}</td></tr>" for c in claims)
+    return ("<h2 id='claims'>Claims (METHOD.md s5)</h2>"
+            "<table><tr><th>#</th><th>claim</th><th>verdict</th><th>numbers</th></tr>"
+            f"{rows}</table><details><summary>Numbers behind each verdict, tolerances, reference "
+            f"(claims.md)</summary><pre>{esc(claims_markdown)}</pre></details>")
+
+
+def html_table(header: list[str], body: list[list[tuple[str, bool]]]) -> str:
+    head = "".join(f"<th>{esc(h)}</th>" for h in header)
+    rows = "".join(
+        "<tr>" + "".join(f"<td class='best'>{esc(t)}</td>" if b else f"<td>{esc(t)}</td>"
+                         for t, b in cells) + "</tr>" for cells in body)
+    return f"<table><tr>{head}</tr>{rows}</table>"
+
+
+def tables_section(summary: pd.DataFrame) -> str:
+    parts = [f"<h2 id='tables'>Tables</h2><p>{esc(NOTE)}</p>"]
+    if summary.empty:
+        return parts[0] + "<p>No finished run: nothing to tabulate.</p>"
+    flags = label_flags(summary)
+    for key, block in table_blocks(summary):
+        parts.append(f"<h3>{esc(title(key))}</h3>" + html_table(HEADER, block_cells(block, flags)))
+    return "".join(parts)
+
+
+def figures_section(figures: list[Figure], report_dir: Path) -> str:
+    items = "".join(
+        f"<figure><img src='{esc(rel(f.path, report_dir))}' alt='{esc(f.title)}'>"
+        f"<figcaption><b>{esc(f.title)}</b>. {esc(f.caption)}</figcaption></figure>"
+        for f in figures)
+    return f"<h2 id='plots'>Plots</h2>{items or '<p>No plot: no finished run.</p>'}"
+
+
+def inspect_page(run_dir: Path) -> Path | None:
+    page = run_dir / "inspect" / "index.html"
+    return page if page.exists() else None
+
+
+def browser_section(runs: pd.DataFrame, report_dir: Path) -> str:
+    """Links to every run's feature browser, and one contact sheet per backbone x dataset."""
+    done = runs[runs["status"] == "done"].drop_duplicates("run_id")
+    links, previews, shown = [], [], set()
+    for row in done.itertuples(index=False):
+        page = inspect_page(Path(row.run_dir))
+        if page is None:
+            continue
+        links.append(f"<li>{link(rel(page, report_dir), row.run_id)}</li>")
+        sheets = sorted(page.parent.rglob("*.png"))
+        if sheets and (row.backbone, row.dataset) not in shown:
+            shown.add((row.backbone, row.dataset))
+            previews.append(f"<figure><a href='{esc(rel(page, report_dir))}'><img src='"
+                            f"{esc(rel(sheets[0], report_dir))}' alt='contact sheet' "
+                            f"style='max-width:480px'></a><figcaption>{esc(row.run_id)}: "
+                            f"{esc(sheets[0].name)}</figcaption></figure>")
+    if not links:
+        return ("<h2 id='browser'>Feature browser</h2><p>No run has a feature browser (its "
+                "dataset has no images).</p>")
+    return ("<h2 id='browser'>Feature browser</h2>" + "".join(previews)
+            + f"<details><summary>All {len(links)} runs' pages</summary><ul>{''.join(links)}"
+            "</ul></details>")
+
+
+RUN_COLUMNS = ("cell", "backbone", "dataset", "k", "regularizer", "strength", "mask", "seed",
+               "status", "reason")
+
+
+def run_links(row: pd.Series, report_dir: Path) -> str:
+    run_dir = Path(row["run_dir"])
+    found = [(name, run_dir / name) for name in ("method_card.md", "metrics.json",
+                                                 "status.json", "config.yaml")]
+    parts = [link(rel(path, report_dir), name.split(".")[0]) for name, path in found
+             if path.exists()]
+    page = inspect_page(run_dir)
+    if page is not None:
+        parts.append(link(rel(page, report_dir), "features"))
+    return " ".join(parts)
+
+
+def runs_section(runs: pd.DataFrame, report_dir: Path) -> str:
+    head = "".join(f"<th>{c}</th>" for c in (*RUN_COLUMNS, "run id", "R^2", "files"))
+    rows = []
+    for _, row in runs.iterrows():
+        cells = "".join(f"<td>{esc(row.get(c))}</td>" for c in RUN_COLUMNS)
+        dup = f" (same run as cell {int(row['duplicate_of'])})" \
+            if pd.notna(row.get("duplicate_of")) else ""
+        r2 = row.get("r2")
+        rows.append(f"<tr class='{esc(row['status'])}'>{cells}<td>{esc(row['run_id'])}{dup}</td>"
+                    f"<td>{'' if r2 is None or pd.isna(r2) else f'{r2:.4f}'}</td>"
+                    f"<td>{run_links(row, report_dir)}</td></tr>")
+    return (f"<h2 id='runs'>Runs ({len(runs)} cells)</h2>"
+            f"<table><tr>{head}</tr>{''.join(rows)}</table>")
+
+
+def notes_section(notes: list[str]) -> str:
+    if not notes:
+        return "<h2 id='notes'>Missing pieces</h2><p>None.</p>"
+    return ("<h2 id='notes'>Missing pieces</h2><ul>"
+            + "".join(f"<li>{esc(n)}</li>" for n in notes) + "</ul>")
+
+
+def card_section(card_markdown: str) -> str:
+    return (f"<h2 id='card'>Method card</h2>{link('method_card.json', 'JSON')} · "
+            f"{link('method_card.md', 'Markdown')}<pre>{esc(card_markdown)}</pre>")
+
+
+def render_page(p: PageInputs) -> str:
+    states = p.runs.drop_duplicates("run_id")["status"].value_counts().to_dict()
+    stamp = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
+    nav = "".join(f"<a href='#{a}'>{t}</a>" for a, t in (
+        ("claims", "Claims"), ("tables", "Tables"), ("plots", "Plots"), ("browser", "Features"),
+        ("card", "Method card"), ("runs", "Runs"), ("notes", "Missing pieces"),
+        ("files", "Files")))
+    body = [f"<h1>Sweep {esc(p.sweep_name)}</h1>",
+            f"<p>{len(p.runs)} cells, {p.runs['run_id'].nunique()} runs: "
+            f"{esc(', '.join(f'{v} {k}' for k, v in states.items()))}. Generated {stamp} by "
+            "<code>python -m sae.report</code>.</p>", f"<nav>{nav}</nav>",
+            claims_section(p.claims, p.claims_markdown), tables_section(p.summary),
+            figures_section(p.figures, p.report_dir), browser_section(p.runs, p.report_dir),
+            card_section(p.card_markdown), runs_section(p.runs, p.report_dir),
+            notes_section(p.notes), files_section(p.report_dir)]
+    return ("<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>"
+            f"<title>Sweep {esc(p.sweep_name)}: report</title><style>{STYLE}</style></head>"
+            f"<body>{''.join(body)}</body></html>\n")

@@ -1,0 +1,186 @@
+"""The report's figures (matplotlib, Agg backend, PNG), one set per backbone x dataset:
+
+* each table metric against the training k, one line per regularizer x mask (error bars: std
+  over seeds);
+* R^2 against the inference-time k', one panel per training k (the robustness curves);
+* probe accuracy (mAP if multi-label) against the kept budget m, one panel per training k;
+* dead latents with and without the mask, per regularizer and k (symmetric log scale, so that a
+  count of 0 still shows: linear below 1, logarithmic above).
+
+A figure whose data the sweep does not have is skipped and named in the returned notes.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; never a display (compute nodes have none)
+import matplotlib.pyplot as plt  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from sae.reporting.aggregate import (  # noqa: E402
+    MASK_ORDER,
+    REGULARIZER_ORDER,
+    SETTING_KEYS,
+    TABLE_METRICS,
+    finished_runs,
+    place,
+)
+
+DPI = 110
+
+
+@dataclass
+class Figure:
+    path: Path
+    title: str
+    caption: str
+
+
+def slug(*parts: object) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", "_".join(str(p) for p in parts)).strip("-")
+
+
+def line_label(regularizer: str, mask: str) -> str:
+    return regularizer if regularizer == "none" else f"{regularizer}, mask {mask}"
+
+
+def line_order(frame: pd.DataFrame) -> list[tuple[str, str]]:
+    pairs = frame[["regularizer", "mask_label"]].drop_duplicates().itertuples(index=False)
+
+    def rank(pair: tuple[str, str]) -> tuple[int, int, str]:
+        reg, mask = pair
+        return (REGULARIZER_ORDER.index(reg) if reg in REGULARIZER_ORDER else 9,
+                MASK_ORDER.index(mask) if mask in MASK_ORDER else 9, reg)
+
+    return sorted((tuple(p) for p in pairs), key=rank)
+
+
+def save(fig: plt.Figure, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=DPI)
+    plt.close(fig)
+    return path
+
+
+def _panels(n: int, width: float = 3.6, height: float = 3.0):
+    fig, axes = plt.subplots(1, n, figsize=(width * n, height), squeeze=False)
+    return fig, list(axes[0])
+
+
+# -- metric against k ---------------------------------------------------------------------------
+def metrics_vs_k(summary: pd.DataFrame, out: Path, backbone: str, dataset: str) -> Figure | None:
+    frame = summary[(summary["backbone"] == backbone) & (summary["dataset"] == dataset)]
+    specs = [s for s in TABLE_METRICS if frame[f"{s.key}_mean"].notna().any()]
+    if frame.empty or not specs:
+        return None
+    fig, axes = _panels(len(specs))
+    for ax, spec in zip(axes, specs):
+        for reg, mask in line_order(frame):
+            line = frame[(frame["regularizer"] == reg) & (frame["mask_label"] == mask)]
+            line = line.groupby("k")[[f"{spec.key}_mean", f"{spec.key}_std"]].mean()
+            ax.errorbar(line.index, line[f"{spec.key}_mean"], yerr=line[f"{spec.key}_std"],
+                        marker="o", capsize=3, label=line_label(reg, mask))
+        ax.set(xlabel="training k", ylabel=spec.label, title=spec.label)
+        ax.set_xscale("log", base=2)
+    axes[0].legend(fontsize=7)
+    fig.suptitle(f"{place(backbone, dataset)}: metrics against k (mean ± std over seeds)")
+    path = save(fig, out / f"metrics_vs_k_{slug(backbone, dataset)}.png")
+    return Figure(path, f"Metrics against k — {place(backbone, dataset)}",
+                  "Each table metric against the training budget k, per regularizer and mask.")
+
+
+# -- curves (robustness, probe) -----------------------------------------------------------------
+def curve_means(runs: pd.DataFrame, curves: pd.DataFrame, curve: str) -> pd.DataFrame:
+    """Mean and std over seeds of one curve, per setting and x."""
+    done = finished_runs(runs)[["run_id", *SETTING_KEYS]]
+    points = curves[curves["curve"] == curve].merge(done, on="run_id")
+    if points.empty:
+        return points
+    grouped = points.groupby([*SETTING_KEYS, "x"], dropna=False)["y"]
+    return grouped.agg(["mean", "std"]).reset_index()
+
+
+def curve_figure(means: pd.DataFrame, out: Path, backbone: str, dataset: str, name: str,
+                 xlabel: str, ylabel: str, title: str, caption: str) -> Figure | None:
+    frame = means[(means["backbone"] == backbone) & (means["dataset"] == dataset)] \
+        if not means.empty else means
+    if frame.empty:
+        return None
+    ks = sorted(frame["k"].unique())
+    fig, axes = _panels(len(ks))
+    for ax, k in zip(axes, ks):
+        at_k = frame[frame["k"] == k]
+        for reg, mask in line_order(at_k):
+            line = at_k[(at_k["regularizer"] == reg) & (at_k["mask_label"] == mask)]
+            line = line.groupby("x")[["mean", "std"]].mean()
+            ax.errorbar(line.index, line["mean"], yerr=line["std"], marker="o", capsize=3,
+                        label=line_label(reg, mask))
+        if name == "robustness":
+            ax.axvline(k, color="grey", linestyle=":", linewidth=1)  # the training budget
+        ax.set(xlabel=xlabel, ylabel=ylabel, title=f"training k = {k}")
+        ax.set_xscale("log", base=2)
+    axes[0].legend(fontsize=7)
+    fig.suptitle(f"{place(backbone, dataset)}: {title}")
+    path = save(fig, out / f"{name}_{slug(backbone, dataset)}.png")
+    return Figure(path, f"{title} — {place(backbone, dataset)}", caption)
+
+
+# -- dead latents, mask on and off --------------------------------------------------------------
+def dead_by_mask(summary: pd.DataFrame, out: Path, backbone: str, dataset: str) -> Figure | None:
+    frame = summary[(summary["backbone"] == backbone) & (summary["dataset"] == dataset)
+                    & summary["dead_count_mean"].notna()]
+    if frame.empty:
+        return None
+    bars = frame.sort_values(["k"], kind="stable")
+    labels = [f"k={r.k}\n{line_label(r.regularizer, r.mask_label)}"
+              for r in bars.itertuples(index=False)]
+    colors = [{"on": "tab:blue", "off": "tab:red"}.get(m, "tab:grey") for m in bars["mask_label"]]
+    fig, ax = plt.subplots(figsize=(max(5.0, 0.55 * len(bars) + 1.5), 3.8))
+    ax.bar(range(len(bars)), bars["dead_count_mean"], yerr=bars["dead_count_std"].fillna(0),
+           color=colors, capsize=3)
+    ax.set_xticks(range(len(bars)), labels, rotation=60, ha="right", fontsize=7)
+    ax.set_yscale("symlog", linthresh=1)  # 0 dead latents stays visible; log above 1
+    ax.set_ylabel("dead latents (evaluation)")
+    ax.set_title(f"{place(backbone, dataset)}: dead latents, mask on (blue) / off (red)")
+    path = save(fig, out / f"dead_mask_{slug(backbone, dataset)}.png")
+    return Figure(path, f"Dead latents with and without the mask — {place(backbone, dataset)}",
+                  "Evaluation-split dead latents; blue = mask on, red = mask off, grey = no "
+                  "regularizer. Symmetric log scale (linear below 1).")
+
+
+# -- all of them ----------------------------------------------------------------------------------
+def make_plots(runs: pd.DataFrame, curves: pd.DataFrame, summary: pd.DataFrame, out: Path
+               ) -> tuple[list[Figure], list[str]]:
+    """Every figure of every backbone x dataset; the notes name the ones that had no data."""
+    out.mkdir(parents=True, exist_ok=True)
+    robustness = curve_means(runs, curves, "k_robustness")
+    probe = curve_means(runs, curves, "probe")
+    figures, notes = [], []
+    pairs = summary[["backbone", "dataset"]].drop_duplicates().itertuples(index=False)
+    for backbone, dataset in pairs:
+        makers = {
+            "metrics against k": lambda b=backbone, d=dataset: metrics_vs_k(summary, out, b, d),
+            "robustness curves": lambda b=backbone, d=dataset: curve_figure(
+                robustness, out, b, d, "robustness", "inference k'", "R^2",
+                "R^2 against inference-time k'",
+                "R^2 when the SAE runs with Top-k' at inference; the dotted line marks the "
+                "training k."),
+            "probe curves": lambda b=backbone, d=dataset: curve_figure(
+                probe, out, b, d, "probe", "kept activations m", "probe accuracy (mAP)",
+                "linear-probe accuracy against m",
+                "Linear probe on codes truncated to their top-m activations (mAP when the "
+                "dataset is multi-label)."),
+            "dead latents by mask": lambda b=backbone, d=dataset: dead_by_mask(summary, out, b, d),
+        }
+        for what, make in makers.items():
+            figure = make()
+            if figure is None:
+                notes.append(f"{place(backbone, dataset)}: no data for the {what} plot")
+            else:
+                figures.append(figure)
+    return figures, notes
