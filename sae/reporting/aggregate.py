@@ -3,8 +3,9 @@
 A *setting* is a cell without its seed: backbone x dataset x k x regularizer (x strength) x
 mask (x dictionary size). Only finished runs count, each once: a baseline's two mask cells
 share one run (the mask has no effect without a regularizer), so runs are de-duplicated by run
-id and the baseline's mask reads ``n/a``. The std is the sample std (ddof = 1), undefined (NaN)
-with a single seed -- a sweep with one seed reports no spread rather than a spread of zero.
+id and the baseline's mask reads ``unused`` (not "n/a", which CSV readers take for a missing
+value). The std is the sample std (ddof = 1), undefined (NaN) with a single seed -- a sweep
+with one seed reports no spread rather than a spread of zero.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from dataclasses import dataclass
 import pandas as pd
 
 REGULARIZER_ORDER = ("none", "offsupport_l1", "l1l2")
-MASK_ORDER = ("n/a", "on", "off")
+MASK_ORDER = ("unused", "on", "off")
 TABLE_KEYS = ("backbone", "dataset", "k")  # one table per combination
 ROW_KEYS = ("regularizer", "strength", "mask_label", "n_latents")  # rows within a table
 SETTING_KEYS = (*TABLE_KEYS, *ROW_KEYS)
@@ -40,7 +41,7 @@ TABLE_METRICS = (
 
 def mask_label(regularizer: str, mask: object) -> str:
     if regularizer == "none":
-        return "n/a"
+        return "unused"
     if mask is None or pd.isna(mask):
         return "?"
     return "on" if bool(mask) else "off"

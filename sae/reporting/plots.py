@@ -145,6 +145,8 @@ def dead_by_mask(summary: pd.DataFrame, out: Path, backbone: str, dataset: str) 
            color=colors, capsize=3)
     ax.set_xticks(range(len(bars)), labels, rotation=60, ha="right", fontsize=7)
     ax.set_yscale("symlog", linthresh=1)  # 0 dead latents stays visible; log above 1
+    top = float((bars["dead_count_mean"] + bars["dead_count_std"].fillna(0)).max())
+    ax.set_ylim(0, max(2.0, 3 * top))  # headroom of half a decade above the tallest bar
     ax.set_ylabel("dead latents (evaluation)")
     ax.set_title(f"{place(backbone, dataset)}: dead latents, mask on (blue) / off (red)")
     path = save(fig, out / f"dead_mask_{slug(backbone, dataset)}.png")

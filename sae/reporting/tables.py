@@ -24,8 +24,8 @@ from sae.reporting.aggregate import (
 
 MISSING = "—"  # a metric that was not measured (or a setting with no finished run)
 NOTE = ("mean ± std over seeds (sample std; one seed: no std); best per column in bold "
-        "(lowest for dead latents); — = not measured. Mask n/a: no regularizer, the mask has "
-        "no effect.")
+        "(lowest for dead latents; none marked when all tie); — = not measured. Mask unused: "
+        "no regularizer, so the mask has no effect.")
 
 
 def format_value(mean: float, std: float, decimals: int) -> str:
@@ -38,9 +38,9 @@ def format_value(mean: float, std: float, decimals: int) -> str:
 
 def best_rows(block: pd.DataFrame, spec: MetricSpec) -> set[int]:
     """Positions (in ``block``) of the best displayed mean of one metric; empty when fewer than
-    two settings have a value (a lone number is not "best" of anything)."""
+    two settings have a value or all show the same one (nothing stands out)."""
     means = block[f"{spec.key}_mean"].astype(float).round(spec.decimals).reset_index(drop=True)
-    if means.count() < 2:
+    if means.count() < 2 or means.nunique() < 2:
         return set()
     best = means.max() if spec.higher_is_better else means.min()
     return {i for i, v in enumerate(means) if v == best}
