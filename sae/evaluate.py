@@ -56,7 +56,8 @@ PROTOCOLS = {
           "as the SAE sees them",
     "nmse": "sum_i ||x_hat_i - x_i||^2 / sum_i ||x_i - mean(x)||^2 over the evaluation split "
             "(total-variance normalisation, the training loss's with the split for the batch); "
-            "fvu is the same number",
+            "fvu is the same number; r2_variance_weighted is scikit-learn's variance-weighted "
+            "R^2 (= 1 - nmse without constant dimensions), robust to near-constant dimensions",
     "l0": "mean number of latents with a > 0 per sample, at the training k",
     "dead": "latents that never fire (a > 0) on the evaluation split at the training k",
     "monosemanticity": "MonoSemanticity score (Pach et al. 2025): per latent, min-max scaled "
@@ -65,7 +66,8 @@ PROTOCOLS = {
                        "or fewer than two weighted samples) counts as 0 in mono_mean_dead0 and "
                        "is left out of mono_mean_live / median / p90",
     "k_robustness": "R^2 with Top-k' at inference, k' = round(multiple * k) clamped to "
-                    "[1, n], one encoder pass per chunk; ratio = R^2(k') / R^2(k)",
+                    "[1, n], one encoder pass per chunk; ratio = R^2(k') / R^2(k) (null when "
+                    "R^2(k) <= 0)",
     "seed_stability": "not per run: mean max cosine between decoder atoms of two seeds, both "
                       "directions averaged (sae.metrics.seed_stability), computed by the report",
 }
@@ -217,7 +219,8 @@ def _reconstruction_metrics(stream: _Stream, train_k: int, n_latents: int) -> tu
     base = stream.r2_by_k[train_k].result()
     robust = k_robustness_from(train_k, stream.r2_by_k)
     dead = stream.firing.dead()
-    flat = {"r2": base.r2, "nmse": base.nmse, "fvu": base.fvu,
+    flat = {"r2": base.r2, "r2_variance_weighted": base.r2_variance_weighted,
+            "nmse": base.nmse, "fvu": base.fvu,
             "r2_constant_dims": base.n_constant_dims, "l0": stream.firing.l0(),
             "dead_count": int(dead.sum()), "dead_fraction": float(dead.double().mean()),
             "k_robust_r2_ratio_min": robust.min_ratio()}

@@ -29,6 +29,7 @@ from sae.metrics import TopActivations
 INSPECT_DIR = "inspect"
 THUMB_PX = 96
 CAPTION_PX = 14
+GAP_PX = 4
 HEADER_PX = 22
 MAX_COLUMNS = 8
 RULES = ("most_frequent", "highest_mono", "random")
@@ -81,12 +82,12 @@ def contact_sheet(title: str, images: list[Image.Image | None], captions: list[s
     """A grid of thumbnails with a caption under each and a title on top."""
     columns = max(1, min(MAX_COLUMNS, len(images)))
     rows = max(1, math.ceil(len(images) / columns))
-    cell_h = THUMB_PX + CAPTION_PX
-    sheet = Image.new("RGB", (columns * THUMB_PX, HEADER_PX + rows * cell_h), (255, 255, 255))
+    cell_w, cell_h = THUMB_PX + GAP_PX, THUMB_PX + CAPTION_PX
+    sheet = Image.new("RGB", (columns * cell_w, HEADER_PX + rows * cell_h), (255, 255, 255))
     draw = ImageDraw.Draw(sheet)
     draw.text((4, 4), title, fill=(0, 0, 0))
     for slot, (image, caption) in enumerate(zip(images, captions)):
-        x, y = (slot % columns) * THUMB_PX, HEADER_PX + (slot // columns) * cell_h
+        x, y = (slot % columns) * cell_w, HEADER_PX + (slot // columns) * cell_h
         sheet.paste(_thumbnail(image), (x, y))
         draw.text((x + 2, y + THUMB_PX + 1), caption[:16], fill=(0, 0, 0))
     return sheet
@@ -148,7 +149,8 @@ def inspect_latents(
         for latent in selection[rule]:
             samples = [s for s in top.samples_nt[latent].tolist() if s >= 0]
             values = top.values_nt[latent, :len(samples)].tolist()
-            captions = [f"{v:.3g} {_class_of(s, labels, class_names)}"
+            captions = [f"{v:.3g} [{_class_of(s, labels, class_names)}]" if labels is not None
+                        else f"{v:.3g}"
                         for s, v in zip(samples, values)]
             frequency = float(counts_n[latent]) / max(n_samples, 1)
             mono = float(mono_n[latent])

@@ -125,6 +125,9 @@ def test_r2_leaves_out_constant_dimensions_nmse_uses_total_variance():
     nmse_ref = float((xhd - xd).square().sum() / (xd - xd.mean(0)).square().sum())
     assert scores.nmse == pytest.approx(nmse_ref, rel=1e-12)
     assert M.nmse(x, x_hat) == M.fvu(x, x_hat) == scores.nmse
+    weighted = sk_r2_score(x.double().numpy(), x_hat.double().numpy(),
+                           multioutput="variance_weighted")
+    assert scores.r2_variance_weighted == pytest.approx(weighted, abs=1e-12)
 
 
 def test_r2_accumulator_streaming_equals_one_shot():
@@ -337,14 +340,28 @@ def test_k_robustness_matches_per_k_reference_with_one_encoder_pass(layernorm, m
         for k in result.r2:
             expected = sk_r2_score(x.double().numpy(), original.__self__(x, k).x_hat.double().numpy())
             assert result.r2[k] == pytest.approx(expected, abs=1e-6)
-    assert result.ratio[4] == pytest.approx(1.0)
-    assert result.ratio[16] == pytest.approx(result.r2[16] / result.r2[4])
-    assert result.min_ratio() == min(v for k, v in result.ratio.items() if k != 4)
+    for k, ratio in result.ratio.items():  # an untrained SAE may have R^2(4) <= 0: no ratio
+        expected = result.r2[k] / result.r2[4] if result.r2[4] > 0 else float("nan")
+        assert ratio == pytest.approx(expected, nan_ok=True)
 
 
 def test_inference_ks_are_clamped_and_include_train_k():
     assert M.inference_ks(64, [0.25, 0.5, 1, 2, 4], 8192) == [16, 32, 64, 128, 256]
     assert M.inference_ks(3, [0.1, 100], 10) == [1, 3, 10]
+
+
+def test_k_robustness_ratio_is_undefined_for_a_non_positive_base():
+    accumulators = {k: M.R2Accumulator() for k in (2, 4)}
+    x = torch.randn(20, 3, generator=torch.Generator().manual_seed(0))
+    x = x - x.mean(dim=0)  # then x_hat = x / 2 has R^2 = 1 - 1/4 exactly
+    accumulators[2].update(x, x * 0.5)  # R^2 = 0.75
+    accumulators[4].update(x, -x)  # R^2 = -3
+    result = M.k_robustness_from(4, accumulators)
+    assert math.isnan(result.ratio[2]) and math.isnan(result.min_ratio())
+    assert result.r2[2] == pytest.approx(0.75, abs=1e-9)
+    flipped = M.k_robustness_from(2, accumulators)
+    assert flipped.ratio == pytest.approx({2: 1.0, 4: -3 / 0.75})
+    assert flipped.min_ratio() == pytest.approx(-4.0)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -7,6 +7,10 @@ Definitions, over a split of N samples x_i in R^d with reconstructions x_hat_i:
     NMSE     = sum_d SS_res,d / sum_d SS_tot,d
              = sum_i ||x_hat_i - x_i||^2 / sum_i ||x_i - mean(x)||^2
     FVU      = NMSE (fraction of variance unexplained, Gao et al. 2024; the same number)
+    R^2_vw   = 1 - sum_{d: SS_tot,d > 0} SS_res,d / sum_d SS_tot,d
+             (scikit-learn's "variance_weighted" R^2; = 1 - NMSE when no dimension is constant;
+               robust to near-constant dimensions, which can drive the uniform average far
+               below 0 -- e.g. the border pixels of the 8x8 digits)
     L0       = (1/N) sum_i #{j : a_ij > 0}
     dead_j   = [a_ij = 0 for every i]
 
@@ -36,6 +40,7 @@ class ReconstructionScores(NamedTuple):
     nmse: float
     fvu: float
     n_constant_dims: int  # dimensions left out of R^2 (SS_tot = 0)
+    r2_variance_weighted: float  # scikit-learn's variance-weighted R^2
 
 
 class R2Accumulator:
@@ -87,7 +92,9 @@ class R2Accumulator:
             r2 = float("nan")
         ss_tot = float(self.m2_d.sum())
         nmse_value = float(self.ss_res_d.sum()) / ss_tot if ss_tot > 0 else float("nan")
-        return ReconstructionScores(r2, nmse_value, nmse_value, n_constant)
+        weighted = (1.0 - float(self.ss_res_d[varying_d].sum()) / ss_tot if ss_tot > 0
+                    else float("nan"))
+        return ReconstructionScores(r2, nmse_value, nmse_value, n_constant, weighted)
 
 
 def reconstruction_scores(x_nd: torch.Tensor, x_hat_nd: torch.Tensor) -> ReconstructionScores:

@@ -3,12 +3,15 @@
     k'        = clamp(round(multiple * k_train), 1, n)      for each multiple (deduplicated)
     curve     = {k' : R^2(k')}        ratio = {k' : R^2(k') / R^2(k_train)}
 
+The ratio is NaN when R^2(k_train) <= 0: a ratio of two negative R^2 reads backwards.
+
 The encoder runs once per chunk: the pre-activations are computed once and each k' only
 re-selects (Top-k') and decodes, so the cost is one encoder pass plus |k'| cheap decodes.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Sequence
 from typing import NamedTuple
 
@@ -34,14 +37,14 @@ class KRobustness(NamedTuple):
 
     def min_ratio(self) -> float:
         """Worst ratio over k' != train_k (NaN if there is none)."""
-        others = [v for k, v in self.ratio.items() if k != self.train_k]
+        others = [v for k, v in self.ratio.items() if k != self.train_k and not math.isnan(v)]
         return min(others) if others else float("nan")
 
 
 def k_robustness_from(train_k: int, accumulators: dict[int, R2Accumulator]) -> KRobustness:
     r2 = {k: accumulators[k].result().r2 for k in sorted(accumulators)}
     base = r2[train_k]
-    ratio = {k: (v / base if base != 0 else float("nan")) for k, v in r2.items()}
+    ratio = {k: (v / base if base > 0 else float("nan")) for k, v in r2.items()}
     return KRobustness(train_k, r2, ratio)
 
 
