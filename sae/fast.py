@@ -109,37 +109,40 @@ def dead_count_bound(samples_since_fired: torch.Tensor, window: int, horizon_sam
     return int((samples_since_fired + horizon_samples >= window).sum())
 
 
-# -- exact Top-k by chunk maxima --------------------------------------------------------------
+# -- exact Top-k by group maxima --------------------------------------------------------------
 def topk_by_chunks(pre: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k of each row (values, indices), exact, via maxima of column groups.
 
-    Split the n columns into g groups of c (group r = columns r, r + g, r + 2g, ...). Each of
+    Split the w columns into g groups of c (group r = columns r, r + g, r + 2g, ...). Each of
     the row's top k values lies in one of the k groups with the largest maxima (a group outside
     them has k groups above it, each holding a larger value). So: one max over the c strided
-    slices (a vectorised elementwise max, one read of the matrix), Top-k over g group maxima,
-    Top-k over the k c candidates. With n = 12288, k = 32, c = 16: selections over 768 + 512
-    entries per row instead of 12288. Ties may pick other indices with the same values.
+    slices (a vectorised elementwise max, one read of the matrix), then Top-k of the g group
+    maxima and Top-k of the k c candidates, each again by groups while that halves the work.
+    A CPU selection costs ~6 ns per entry, the max ~0.2 ns: for n = 12288, k = 32 the
+    selections see 192 + 128 + 128 + 128 entries per row instead of 12288.
+    Ties may pick other indices with the same values.
     """
-    batch, n = pre.shape
-    c = _group_size(n, k)
+    batch, width = pre.shape
+    c = _group_size(width, k)
     if c == 1:
         return pre.topk(k, dim=1, sorted=False)
-    groups = n // c
+    groups = width // c
     group_max_bg = pre.view(batch, c, groups).amax(dim=1)  # (B, g)
-    top_groups_bk = group_max_bg.topk(k, dim=1, sorted=False).indices  # (B, k)
+    top_groups_bk = topk_by_chunks(group_max_bg, k)[1]  # (B, k)
     offsets_c = torch.arange(c, device=pre.device) * groups  # (c,)
     candidates = (top_groups_bk.unsqueeze(2) + offsets_c).view(batch, k * c)  # (B, k c)
-    values, where = pre.gather(1, candidates).topk(k, dim=1, sorted=False)
+    values, where = topk_by_chunks(pre.gather(1, candidates), k)
     return values, candidates.gather(1, where)
 
 
-def _group_size(n: int, k: int) -> int:
-    """Group size c minimising g + k c (the two selection widths); 1 = plain Top-k is better."""
-    best, best_cost = 1, n
+def _group_size(width: int, k: int) -> int:
+    """Group size c minimising g + k c (the two selection widths) among those that at least
+    halve w; 1 = a plain Top-k is as cheap."""
+    best, best_cost = 1, width
     for c in (4, 8, 16, 32, 64):
-        if n % c == 0 and n // c >= 2 * k:
-            cost = n // c + k * c
-            if cost * 2 <= best_cost:
+        if width % c == 0 and width // c >= 2 * k:
+            cost = width // c + k * c
+            if cost * 2 <= width and cost < best_cost:
                 best, best_cost = c, cost
     return best
 
@@ -228,8 +231,79 @@ def _variance(x_bd: torch.Tensor) -> torch.Tensor:
     return (x_bd - x_bd.mean(dim=0, keepdim=True)).square().sum().clamp_min(VARIANCE_FLOOR)
 
 
+# -- the regularizers' elementwise passes (eager; ``use_compiled_kernels`` fuses them) ---------
+# z = ReLU(pre) on the penalised columns is one clamp: lower 0, upper +inf on M and 0 off it,
+# so the mask costs no (B, n) pass of its own. Each kernel is one or two passes over (B, m).
+def _masked_relu(pre_bm: torch.Tensor, upper_m: torch.Tensor | None) -> torch.Tensor:
+    if upper_m is None:
+        return F.relu(pre_bm)
+    return torch.clamp(pre_bm, min=torch.zeros_like(upper_m), max=upper_m)
+
+
+def _l1l2_forward(pre_bm: torch.Tensor, upper_m: torch.Tensor | None
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(z, ||z_i||_1, ||z_i||_2 floored as the reference: sqrt(max(sum z^2, 1e-30)))."""
+    z_bm = _masked_relu(pre_bm, upper_m)
+    return z_bm, z_bm.sum(dim=1), torch.linalg.vector_norm(z_bm, dim=1).clamp_min(L2_FLOOR)
+
+
+def _l1l2_grad(z_bm: torch.Tensor, c1_b1: torch.Tensor, c2_b1: torch.Tensor) -> torch.Tensor:
+    """G = c1 [z > 0] - c2 z (z [z > 0] = z), overwriting nothing the caller still needs."""
+    return torch.sign(z_bm).mul_(c1_b1).addcmul_(z_bm, c2_b1, value=-1.0)
+
+
+def _offsupport_forward(pre_bm: torch.Tensor, upper_m: torch.Tensor | None
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    z_bm = _masked_relu(pre_bm, upper_m)
+    return z_bm, z_bm.sum()
+
+
+def _offsupport_grad(z_bm: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """G = scale [z > 0], in place in the forward's buffer (z is not needed afterwards)."""
+    return z_bm.sign_().mul_(scale)
+
+
+class _Kernels:
+    """The four kernels above, swapped for ``torch.compile``d versions on request."""
+
+    l1l2_forward = staticmethod(_l1l2_forward)
+    l1l2_grad = staticmethod(_l1l2_grad)
+    offsupport_forward = staticmethod(_offsupport_forward)
+    offsupport_grad = staticmethod(_offsupport_grad)
+
+
+def _l1l2_forward_fusable(pre_bm, upper_m):
+    z_bm = F.relu(pre_bm) if upper_m is None else torch.clamp(
+        pre_bm, min=torch.zeros_like(upper_m), max=upper_m)
+    return z_bm, z_bm.sum(dim=1), z_bm.square().sum(dim=1).clamp_min(L2_FLOOR**2).sqrt()
+
+
+def _l1l2_grad_fusable(z_bm, c1_b1, c2_b1):
+    return torch.where(z_bm > 0, c1_b1 - c2_b1 * z_bm, 0.0)
+
+
+def _offsupport_grad_fusable(z_bm, scale):
+    return torch.where(z_bm > 0, scale, 0.0)
+
+
+def use_compiled_kernels(enabled: bool = True) -> None:
+    """Fuse the regularizers' elementwise passes with ``torch.compile`` (one pass each instead
+    of two or three; measured ~0.15 x the encoder product saved per step on 2 CPU cores at the
+    default size). The first step of each shape pays the compilation (tens of seconds)."""
+    if not enabled:
+        _Kernels.l1l2_forward = staticmethod(_l1l2_forward)
+        _Kernels.l1l2_grad = staticmethod(_l1l2_grad)
+        _Kernels.offsupport_forward = staticmethod(_offsupport_forward)
+        _Kernels.offsupport_grad = staticmethod(_offsupport_grad)
+        return
+    _Kernels.l1l2_forward = staticmethod(torch.compile(_l1l2_forward_fusable))
+    _Kernels.l1l2_grad = staticmethod(torch.compile(_l1l2_grad_fusable))
+    _Kernels.offsupport_forward = staticmethod(torch.compile(_offsupport_forward))
+    _Kernels.offsupport_grad = staticmethod(torch.compile(_offsupport_grad_fusable))
+
+
 class _PenaltyState(NamedTuple):
-    buffer_bm: torch.Tensor  # (B, m): [z > 0] (off-support) or z (l1l2) on the penalised columns
+    z_bm: torch.Tensor  # (B, m) ReLU(pre) on the penalised columns (0 off the mask)
     support_bk: torch.Tensor  # (B, k) support positions among those columns
     cols: torch.Tensor | None  # (m,) latent ids of the columns; None = all n
     l1: torch.Tensor | None  # (B,) l1l2 only
@@ -239,38 +313,34 @@ class _PenaltyState(NamedTuple):
 def _penalty_columns(plan: StepPlan, pre_bn: torch.Tensor, support_bk: torch.Tensor
                      ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None,
                                 torch.Tensor]:
-    """(pre on the penalised columns, their latent ids or None, their 0/1 mask or None,
-    the support's positions among them)."""
+    """(pre on the penalised columns, their latent ids or None for all, the clamp's upper bound
+    there (+inf on the mask, 0 off it; None without mask), the support's positions)."""
     n = pre_bn.shape[1]
     if not plan.mask:
         return pre_bn, None, None, support_bk
-    active_n = torch.zeros(n, dtype=pre_bn.dtype, device=pre_bn.device)
-    active_n.index_fill_(0, support_bk.reshape(-1), 1.0)
+    active_n = torch.zeros(n, dtype=torch.bool, device=pre_bn.device)
+    active_n.index_fill_(0, support_bk.reshape(-1), True)
+    upper_n = torch.zeros(n, dtype=pre_bn.dtype, device=pre_bn.device)
+    upper_n.masked_fill_(active_n, float("inf"))
     if plan.active_cols >= n:
-        return pre_bn, None, active_n, support_bk
-    cols = active_n.topk(plan.active_cols, sorted=False).indices  # every active column, padded
+        return pre_bn, None, upper_n, support_bk
+    # Fixed capacity B k >= |A|: every active column, padded with inactive ones (upper 0).
+    cols = active_n.to(pre_bn.dtype).topk(plan.active_cols, sorted=False).indices
     position_n = torch.zeros(n, dtype=torch.int64, device=pre_bn.device)
     position_n[cols] = torch.arange(cols.shape[0], device=pre_bn.device)
-    return pre_bn.index_select(1, cols), cols, active_n[cols], position_n[support_bk]
+    return pre_bn.index_select(1, cols), cols, upper_n[cols], position_n[support_bk]
 
 
 def _penalty_forward(plan: StepPlan, pre_bn: torch.Tensor, code: SparseCode
                      ) -> tuple[torch.Tensor, _PenaltyState]:
-    pre_bm, cols, mask_m, support_bk = _penalty_columns(plan, pre_bn, code.indices)
+    pre_bm, cols, upper_m, support_bk = _penalty_columns(plan, pre_bn, code.indices)
     batch = pre_bn.shape[0]
     if plan.regularizer == "offsupport_l1":
-        # R = (sum_{i, j in M} [z_ij > 0] pre_ij - sum of the Top-k values) / B; the indicator
-        # is also the backward's G, so the forward keeps only it: one (B, m) buffer.
-        indicator_bm = pre_bm.gt(0).to(pre_bm.dtype)
-        if mask_m is not None:
-            indicator_bm.mul_(mask_m)
-        value = (torch.dot(indicator_bm.view(-1), pre_bm.reshape(-1)) - code.values.sum()) / batch
-        return value, _PenaltyState(indicator_bm, support_bk, cols, None, None)
-    z_bm = F.relu(pre_bm)
-    if mask_m is not None:
-        z_bm.mul_(mask_m)
-    l1 = z_bm.sum(dim=1)
-    l2 = torch.linalg.vector_norm(z_bm, dim=1).clamp_min(L2_FLOOR)
+        # R = (sum of z over M - sum of the Top-k values) / B: S_i lies inside M.
+        z_bm, z_sum = _Kernels.offsupport_forward(pre_bm, upper_m)
+        value = (z_sum - code.values.sum()) / batch
+        return value, _PenaltyState(z_bm, support_bk, cols, None, None)
+    z_bm, l1, l2 = _Kernels.l1l2_forward(pre_bm, upper_m)
     value = (l1 / (l2 + plan.eps)).mean()
     return value, _PenaltyState(z_bm, support_bk, cols, l1, l2)
 
@@ -289,7 +359,10 @@ def _forward(plan: StepPlan, x: torch.Tensor, x_in: torch.Tensor, stats: InputSt
              dead: torch.Tensor, W_enc: torch.Tensor, W_dec: torch.Tensor, b_enc: torch.Tensor,
              b_pre: torch.Tensor) -> tuple[tuple[torch.Tensor, ...], _Saved]:
     x_centered = x_in - b_pre
-    pre = _dense_product(x_centered, W_enc.t(), plan.compute_dtype).add_(b_enc)  # the floor
+    if plan.compute_dtype is None:  # the floor: B x d x n
+        pre = torch.addmm(b_enc, x_centered, W_enc.t())
+    else:
+        pre = _dense_product(x_centered, W_enc.t(), plan.compute_dtype).add_(b_enc)
     values, indices = topk_by_chunks(pre, plan.k)
     indices, order = indices.sort(dim=1)  # sorted rows: a valid CSR pattern for the backward
     code = SparseCode(F.relu(values.gather(1, order)), indices)
@@ -325,20 +398,17 @@ def _weight(g_total: torch.Tensor | None, coefficient: float, g_part: torch.Tens
 
 def _penalty_grad(plan: StepPlan, pen: _PenaltyState, w_pen: torch.Tensor, batch: int
                   ) -> torch.Tensor:
-    """G = dR/dpre on the penalised columns, built in place in the forward's buffer."""
+    """G = w dR/dpre on the penalised columns."""
     if plan.regularizer == "offsupport_l1":
         # [z > 0] / B off the support; the support's share is 0 (the Top-k values are
         # subtracted), left for the caller to overwrite with the reconstruction gradient.
-        return pen.buffer_bm.mul_(w_pen / batch)
-    # R_i = l1/(l2 + eps): dR_i/dz_ij = 1/(l2 + eps) - l1 z_ij / ((l2 + eps)^2 l2) where z > 0;
-    # as G = c1 [z > 0] - c2 z, and z [z > 0] = z, two passes over the buffer.
-    z_bm = pen.buffer_bm
+        return _Kernels.offsupport_grad(pen.z_bm, w_pen / batch)
+    # R_i = l1/(l2 + eps): dR_i/dz_ij = 1/(l2 + eps) - l1 z_ij / ((l2 + eps)^2 l2) where z > 0
+    # (the floor on l2 passes no gradient, as the reference's clamp).
     denominator = pen.l2 + plan.eps
     c1 = (w_pen / batch) / denominator
-    unclamped = pen.l2 > L2_FLOOR
-    c2 = (w_pen / batch) * pen.l1 / (denominator.square() * pen.l2) * unclamped
-    g_bm = torch.sign(z_bm).mul_(c1.unsqueeze(1))
-    return g_bm.addcmul_(z_bm, c2.unsqueeze(1), value=-1.0)
+    c2 = (w_pen / batch) * pen.l1 / (denominator.square() * pen.l2) * (pen.l2 > L2_FLOOR)
+    return _Kernels.l1l2_grad(pen.z_bm, c1.unsqueeze(1), c2.unsqueeze(1))
 
 
 class _FusedLoss(torch.autograd.Function):

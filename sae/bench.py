@@ -1,0 +1,27 @@
+"""Benchmarks, one JSON line per case: ``python -m sae.bench [step|monoscore] [options]``.
+
+``step`` (the default): the training step against one dense encoder product and the reference
+step (``sae.benchmarks.step``). ``monoscore``: the MonoSemanticity score
+(``sae.benchmarks.monoscore``). ``python -m sae.bench <name> --help`` lists the options.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+
+BENCHMARKS = ("step", "monoscore")
+
+
+def cli(argv: Sequence[str] | None = None) -> None:
+    args = list(sys.argv[1:] if argv is None else argv)
+    name = args.pop(0) if args and args[0] in BENCHMARKS else "step"
+    if name == "monoscore":  # imported lazily: each benchmark pulls in only what it needs
+        from sae.benchmarks.monoscore import main
+    else:
+        from sae.benchmarks.step import main
+    main(args)
+
+
+if __name__ == "__main__":
+    cli()
