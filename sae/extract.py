@@ -234,7 +234,7 @@ def validate_extract(node: DictConfig) -> ExtractConfig:
     return obj
 
 
-@hydra.main(version_base=None, config_path="../conf", config_name="extract")
+@hydra.main(version_base="1.3", config_path="../conf", config_name="extract")
 def main(node: DictConfig) -> None:
     run_extract(validate_extract(node))
 

@@ -78,6 +78,15 @@ def root_cfg(tmp: Path, backbone: BackboneConfig, dataset: DatasetConfig) -> Roo
     return cfg
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """Tiny models on 2 shared cores run 3-5x faster on one thread than on two contended ones."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def imagenet_root(tmp_path_factory) -> Path:
     return make_imagenet(tmp_path_factory.mktemp("imagenet"))
@@ -224,6 +233,18 @@ def test_local_checkpoint_file_is_loaded(tmp_path):
         load_backbone(backbone_cfg("vit_tiny", embedding="image_projected"))
 
 
+def test_checkpoint_file_with_a_tag_keeps_the_tag_preprocessing():
+    """open_clip applies a tag's mean/std/resize only when loading by tag; a local file of
+    that tag must get them explicitly (SigLIP2: mean 0.5, squash; OpenAI: QuickGELU)."""
+    from sae.backbones import _open_clip_tag_preprocess
+
+    siglip = _open_clip_tag_preprocess("ViT-SO400M-14-SigLIP2-378", "webli")
+    assert siglip["image_mean"] == (0.5, 0.5, 0.5) and siglip["image_resize_mode"] == "squash"
+    assert _open_clip_tag_preprocess("ViT-B-32", "openai")["force_quick_gelu"] is True
+    with pytest.raises(ConfigError, match="not an open_clip tag"):
+        _open_clip_tag_preprocess("ViT-L-14", "no_such_tag")
+
+
 def test_cache_key_ignores_paths_and_speed_settings(tmp_path):
     base = backbone_cfg("clip_tiny")
     data = imagenet_cfg(tmp_path / "a")
@@ -274,6 +295,11 @@ def test_second_run_reuses_the_cache(clip_cache, monkeypatch):
     monkeypatch.setattr("sae.extract.embed_split", no_extraction)
     again = load_image_split(cfg, "train")
     torch.testing.assert_close(again.x, first.x)
+    # a cache used where the images are not (another cluster): embeddings, but no images
+    moved = root_cfg(Path(cfg.paths.cache).parent, cfg.backbone,
+                     imagenet_cfg(Path("/nonexistent/imagenet")))
+    elsewhere = load_image_split(moved, "train")
+    assert elsewhere.image_getter is None and torch.equal(elsewhere.x, first.x)
 
 
 def test_timm_openimages_float16_skips_and_counts_unreadable(tmp_path):
@@ -361,7 +387,8 @@ def test_two_processes_extract_once(tmp_path, imagenet_root):
     final = cache_path(tmp_path / "cache", backbone_cfg("vit_tiny"), imagenet_cfg(imagenet_root),
                        "train")
     final.parent.mkdir(parents=True)
-    env = {**os.environ, "SAE_OUTPUT_ROOT": str(tmp_path), "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "SAE_OUTPUT_ROOT": str(tmp_path), "PYTHONUNBUFFERED": "1",
+           "OMP_NUM_THREADS": "1"}
     args = [sys.executable, "-m", "sae.extract", "backbone=vit_tiny", "dataset=imagenet",
             f"dataset.root={imagenet_root}", "split=train", "device=cpu"]
     logs = [tmp_path / f"proc{i}.log" for i in range(2)]

@@ -19,7 +19,9 @@ dataset name and layout, split, subset size and seed, storage dtype) and nothing
 (paths, batch size, workers, device). A process takes the lock, re-checks, extracts into
 ``.tmp-*`` and renames it into place when every file and the manifest are written, so a reader
 sees a complete cache or none; a killed extraction leaves only a ``.tmp-*`` directory, removed by
-the next extraction of that key. Every read checks the array against its manifest (shape, dtype,
+the next extraction of that key. The lock is a ``filelock`` flock(2) lock file beside the
+directory: put ``paths.cache`` on a file system that honours flock across nodes (Lustre mounted
+with ``-o flock``, GPFS, local disk; not every NFS mount does). Every read checks the array against its manifest (shape, dtype,
 size, checksum) and fails naming the directory and the fix rather than return wrong embeddings.
 """
 
@@ -320,9 +322,14 @@ def load_image_split(cfg: RootConfig, split: str) -> EmbeddingSet:
     if cfg.dataset.layout == "digits_images":  # a cache copied here without its images
         materialize_digits_images(Path(str(cfg.dataset.root)), cfg.dataset.eval_fraction,
                                   cfg.dataset.split_seed)
+    folder = image_dir(cfg.dataset, split_name) if cfg.dataset.root else None
+    getter = ImageGetter(folder, cached.ids) if folder is not None and folder.is_dir() else None
+    if getter is None:  # a cache used where its images are not: train, but show no images
+        log.warning("images of %s are not at %s: contact sheets will have no images", path,
+                    folder)
     return EmbeddingSet(
         name=f"{cfg.dataset.name}/{split}", x=x, labels=labels, class_names=cached.class_names,
-        ids=cached.ids, image_getter=ImageGetter(image_dir(cfg.dataset, split_name), cached.ids),
+        ids=cached.ids, image_getter=getter,
         info={"source": f"{cfg.backbone.name} embeddings of {cfg.dataset.name}/{split_name}",
               "cache": str(path), "embedding": cfg.backbone.embedding,
               "backbone_model": cfg.backbone.model, "weights": cached.manifest["backbone"]
