@@ -230,6 +230,9 @@ def collect(sweep_dir: Path) -> SweepRuns:
     runs = pd.DataFrame(rows)
     if runs.empty:
         runs = pd.DataFrame(columns=["cell", "run_id", "status", *AXES])
+    for column in ("k", "seed", "n_latents", "duplicate_of"):
+        # Integers stay integers when a cell that never ran leaves a gap (no 8.0 in the CSV).
+        runs[column] = pd.to_numeric(runs[column]).astype("Int64")
     curve_list: list[dict[str, Any]] = []
     for run_id, run_dir, status in runs[["run_id", "run_dir", "status"]].drop_duplicates(
             "run_id").itertuples(index=False):

@@ -59,8 +59,9 @@ class PageInputs:
 
 
 def esc(value: object) -> str:
-    return html.escape("" if value is None or (isinstance(value, float) and pd.isna(value))
-                       else str(value))
+    """HTML-escaped text; None, NaN and pd.NA (a gap in the table) become empty."""
+    missing = value is None or (not isinstance(value, str | list | dict) and pd.isna(value))
+    return "" if missing else html.escape(str(value))
 
 
 def rel(target: Path, report_dir: Path) -> str:
