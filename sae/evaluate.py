@@ -32,6 +32,7 @@ from sae.metrics import (
     FiringCounter,
     MonoAccumulator,
     PurityAccumulator,
+    PurityScores,
     R2Accumulator,
     TopActivations,
     inference_ks,
@@ -154,7 +155,8 @@ def _make_stream(sae: TopKSAE, eval_set: EmbeddingSet, sim_dim: int, cfg: EvalCo
                  ks: list[int], device: torch.device, seed: int) -> _Stream:
     n = sae.n_latents
     labels = eval_set.labels
-    with_images = eval_set.image_getter is not None
+    with_images = (eval_set.image_getter is not None and cfg.inspect_latents > 0
+                   and cfg.inspect_top_images > 0)
     probe_rows = None
     if labels is not None:
         probe_rows = torch.zeros(eval_set.n, dtype=torch.bool)
@@ -240,7 +242,7 @@ def _mono_metrics(scores_n: torch.Tensor) -> dict:
 
 
 def _purity_metrics(stream: _Stream, eval_set: EmbeddingSet, cfg: EvalConfig
-                    ) -> tuple[dict, str, torch.Tensor | None]:
+                    ) -> tuple[dict, str, PurityScores | None]:
     if eval_set.labels is None:
         return {}, "skipped: the evaluation split has no labels", None
     if stream.top_purity is not None:
@@ -254,7 +256,7 @@ def _purity_metrics(stream: _Stream, eval_set: EmbeddingSet, cfg: EvalConfig
     protocol = (f"over {scope}: binary = max_c #{{i: c in y_i}} / #{{i}}, weighted = max_c "
                 f"sum_i a_i [c in y_i] / sum_i a_i; {rule}; mean over latents that fire")
     flat = {"purity_binary": _nanmean(scores.binary), "purity_weighted": _nanmean(scores.weighted)}
-    return flat, protocol, scores.binary
+    return flat, protocol, scores
 
 
 def _probe_metrics(sae: TopKSAE, train_set: EmbeddingSet, eval_set: EmbeddingSet, stream: _Stream,
@@ -302,11 +304,27 @@ def _planted_metrics(sae: TopKSAE, eval_set: EmbeddingSet, train_set: EmbeddingS
 def _inspection(stream: _Stream, eval_set: EmbeddingSet, mono_n: torch.Tensor, cfg: EvalConfig,
                 out_dir: Path, seed: int) -> dict:
     if stream.top_inspect is None:
-        return {"index": None, "protocol": "skipped: the evaluation split has no images"}
+        reason = ("the evaluation split has no images" if eval_set.image_getter is None
+                  else "eval.inspect_latents or eval.inspect_top_images is 0")
+        return {"index": None, "protocol": f"skipped: {reason}"}
     return inspect_latents(stream.top_inspect, stream.firing.counts_n, mono_n,
                            eval_set.image_getter, out_dir, cfg.inspect_latents, seed=seed,
                            labels=eval_set.labels, class_names=eval_set.class_names,
                            n_samples=eval_set.n)
+
+
+PER_LATENT_FILE = "latent_metrics.safetensors"
+
+
+def _write_per_latent(out_dir: Path, arrays: dict[str, torch.Tensor]) -> str:
+    """Per-latent arrays (n,) for the report's distributions; written atomically."""
+    from safetensors.torch import save_file
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    partial = out_dir / (PER_LATENT_FILE + ".partial")
+    save_file({k: v.detach().cpu().contiguous() for k, v in arrays.items()}, str(partial))
+    partial.replace(out_dir / PER_LATENT_FILE)
+    return PER_LATENT_FILE
 
 
 def evaluate(
@@ -339,11 +357,15 @@ def evaluate(
         flat, curves = _reconstruction_metrics(stream, train_k, sae.n_latents)
         mono_n = stream.mono.scores()
         flat |= _mono_metrics(mono_n)
-        purity_flat, purity_protocol, _ = _purity_metrics(stream, eval, cfg)
+        purity_flat, purity_protocol, purity_n = _purity_metrics(stream, eval, cfg)
         probe_flat, probe_curves, probe_protocol = _probe_metrics(
             sae, train, eval, stream, cfg, train_k, device, seed)
         planted_flat, planted_protocol = _planted_metrics(sae, eval, train)
         inspection = _inspection(stream, eval, mono_n, cfg, out_dir, seed)
+        per_latent = {"monoscore": mono_n, "firing_count": stream.firing.counts_n}
+        if purity_n is not None:
+            per_latent |= {"purity_binary": purity_n.binary, "purity_weighted": purity_n.weighted}
+        per_latent_file = _write_per_latent(out_dir, per_latent)
     finally:
         sae.train(was_training)
     flat |= purity_flat | probe_flat | planted_flat
@@ -353,5 +375,6 @@ def evaluate(
     result = {"n_eval": eval.n, "n_latents": sae.n_latents, "train_k": train_k, **flat,
               "eval_seconds": round(time.perf_counter() - started, 3),
               "curves": curves | probe_curves, "protocols": protocols,
-              "inspection": {k: v for k, v in inspection.items() if k != "protocol"}}
+              "inspection": {k: v for k, v in inspection.items() if k != "protocol"},
+              "per_latent_file": per_latent_file}
     return _json_safe(result)

@@ -119,6 +119,12 @@ def test_streamed_numbers_equal_one_shot_metrics(tmp_path, layernorm):
     for weighted, key in [(False, "purity_binary"), (True, "purity_weighted")]:
         purity = M.class_purity(dense, evaluation.labels, weighted=weighted, n_classes=3)
         assert metrics[key] == pytest.approx(float(purity[~purity.isnan()].mean()), abs=1e-12)
+    from safetensors.torch import load_file
+
+    per_latent = load_file(str(tmp_path / metrics["per_latent_file"]))
+    torch.testing.assert_close(per_latent["monoscore"], M.monosemanticity(dense, evaluation.x),
+                               equal_nan=True)
+    assert per_latent["firing_count"].tolist() == (dense > 0).sum(0).tolist()
     robust = M.k_robustness(sae, evaluation.x, _cfg().k_multiples, chunk_size=50)
     for k, r2 in robust.r2.items():
         assert metrics["curves"]["k_robustness"][str(k)] == pytest.approx(r2, abs=1e-9)

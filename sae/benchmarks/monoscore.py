@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import statistics
 import time
@@ -41,6 +42,8 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
         parser.add_argument(f"--{key.replace('_', '-')}", type=int, default=None)
     parser.add_argument("--chunk-size", type=int, default=4096)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch intra-op threads (default: torch's, one per core)")
     args = parser.parse_args(argv)
     for key, value in (QUICK if args.quick else FULL).items():
         if getattr(args, key) is None:
@@ -70,6 +73,8 @@ class DenseMono:
 
 
 def run(args: argparse.Namespace) -> dict:
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     n, k, d = args.n_latents, args.k, args.dim
     w_enc_nd = F.normalize(torch.randn(n, d), dim=1)
@@ -142,6 +147,7 @@ def _report(args: argparse.Namespace, times: dict, per_chunk: dict[str, list[flo
         "scored_latents": int((~torch.isnan(scores)).sum()),
         "mono_mean_live": float(scores[~torch.isnan(scores)].mean()),
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "load_average_1min": round(os.getloadavg()[0], 2),  # other processes skew timings
     }
 
 
