@@ -2,8 +2,8 @@
 
 Every claim compares seed means of settings that differ in one axis only (same backbone,
 dataset, k and dictionary size). Claims 1-4 are about the method, i.e. the regularizers with
-the mask on; they fall back to unmasked rows only when the sweep has no masked ones (and say
-so). A claim is
+the mask on; they fall back to a regularizer's unmasked rows only when the sweep has no masked
+one for it (and say so). A claim is
 
 * **held** when its comparison holds in at least ``min_share`` of the compared settings,
 * **not held** otherwise,
@@ -84,15 +84,17 @@ STATEMENTS = {
 
 
 # -- selecting rows -------------------------------------------------------------------------------
-def method_rows(summary: pd.DataFrame) -> tuple[pd.DataFrame, str | None]:
-    """Regularized settings with the mask on; unmasked ones only if the sweep has no masked."""
-    regularized = summary[summary["regularizer"].isin(REGULARIZERS)]
-    masked = regularized[regularized["mask_label"] == "on"]
-    if not masked.empty:
-        return masked, None
-    if regularized.empty:
-        return regularized, None
-    return regularized, "no masked regularizer run in this sweep: compared the unmasked ones"
+def method_rows(summary: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
+    """Per regularizer, its settings with the mask on; the unmasked ones only for a regularizer
+    that has no masked run in this sweep (and a note saying so)."""
+    parts, notes = [], []
+    for reg in REGULARIZERS:
+        rows = summary[summary["regularizer"] == reg]
+        masked = rows[rows["mask_label"] == "on"]
+        if masked.empty and not rows.empty:
+            notes.append(f"{reg} has no masked run in this sweep: compared its unmasked runs")
+        parts.append(rows if masked.empty else masked)
+    return pd.concat(parts), notes
 
 
 def _setting(row: pd.Series, with_mask: bool = True) -> str:
@@ -112,7 +114,7 @@ def _stat(row: pd.Series, metric: str) -> tuple[float, float]:
 def against_baseline(summary: pd.DataFrame, regularizers: tuple[str, ...], metric: str,
                      holds: Callable[[float, float], bool]) -> tuple[list[Comparison], list[str]]:
     """Each method row of the given regularizers against the baseline of its table."""
-    rows, note = method_rows(summary)
+    rows, notes = method_rows(summary)
     comparisons = []
     baselines = summary[summary["regularizer"] == "none"]
     for _, row in rows[rows["regularizer"].isin(regularizers)].iterrows():
@@ -124,7 +126,7 @@ def against_baseline(summary: pd.DataFrame, regularizers: tuple[str, ...], metri
         if math.isnan(b) or math.isnan(v):
             continue
         comparisons.append(Comparison(_setting(row), metric, b, b_std, v, v_std, holds(v, b)))
-    return comparisons, [note] if note else []
+    return comparisons, [n for n in notes if n.split()[0] in regularizers]
 
 
 def mask_pairs(summary: pd.DataFrame, metric: str, holds: Callable[[float, float], bool]
@@ -168,10 +170,10 @@ def missing_regularizers(summary: pd.DataFrame, wanted: tuple[str, ...]) -> list
 def claim_1(summary: pd.DataFrame, tol: Tolerances) -> Claim:
     comparisons, notes = [], missing_regularizers(summary, REGULARIZERS)
     for metric in ("mono_mean_dead0", "purity_binary", "purity_weighted"):
-        found, note = against_baseline(summary, REGULARIZERS, metric,
-                                       lambda v, b: v > b + tol.min_gain)
+        found, found_notes = against_baseline(summary, REGULARIZERS, metric,
+                                              lambda v, b: v > b + tol.min_gain)
         comparisons += found
-        notes += [n for n in note if n not in notes]
+        notes += [n for n in found_notes if n not in notes]
     return verdict(1, comparisons, tol, "needs a baseline and a regularized run with "
                    "MonoScore or purity at the same backbone, dataset and k", notes)
 
