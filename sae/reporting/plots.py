@@ -106,7 +106,8 @@ def curve_means(runs: pd.DataFrame, curves: pd.DataFrame, curve: str) -> pd.Data
 
 
 def curve_figure(means: pd.DataFrame, out: Path, backbone: str, dataset: str, name: str,
-                 xlabel: str, ylabel: str, title: str, caption: str) -> Figure | None:
+                 xlabel: str, ylabel: str, title: str, caption: str,
+                 ceiling: float | None = None) -> Figure | None:
     frame = means[(means["backbone"] == backbone) & (means["dataset"] == dataset)] \
         if not means.empty else means
     if frame.empty:
@@ -122,6 +123,9 @@ def curve_figure(means: pd.DataFrame, out: Path, backbone: str, dataset: str, na
                         label=line_label(reg, mask))
         if name == "robustness":
             ax.axvline(k, color="grey", linestyle=":", linewidth=1)  # the training budget
+        if ceiling is not None and not pd.isna(ceiling):
+            ax.axhline(ceiling, color="black", linestyle="--", linewidth=1,
+                       label="raw embeddings")
         ax.set(xlabel=xlabel, ylabel=ylabel, title=f"training k = {k}")
         ax.set_xscale("log", base=2)
     axes[0].legend(fontsize=7)
@@ -156,6 +160,14 @@ def dead_by_mask(summary: pd.DataFrame, out: Path, backbone: str, dataset: str) 
 
 
 # -- all of them ----------------------------------------------------------------------------------
+def probe_ceiling(summary: pd.DataFrame, backbone: str, dataset: str) -> float | None:
+    """Mean probe score on the raw embeddings (the ceiling), when the runs measured it."""
+    if "probe_ceiling_mean" not in summary:
+        return None
+    rows = summary[(summary["backbone"] == backbone) & (summary["dataset"] == dataset)]
+    return float(rows["probe_ceiling_mean"].mean())
+
+
 def make_plots(runs: pd.DataFrame, curves: pd.DataFrame, summary: pd.DataFrame, out: Path
                ) -> tuple[list[Figure], list[str]]:
     """Every figure of every backbone x dataset; the notes name the ones that had no data."""
@@ -173,10 +185,11 @@ def make_plots(runs: pd.DataFrame, curves: pd.DataFrame, summary: pd.DataFrame, 
                 "R^2 when the SAE runs with Top-k' at inference; the dotted line marks the "
                 "training k."),
             "probe curves": lambda b=backbone, d=dataset: curve_figure(
-                probe, out, b, d, "probe", "kept activations m", "probe accuracy (mAP)",
+                probe, out, b, d, "probe", "kept activations m", "probe accuracy / mAP",
                 "linear-probe accuracy against m",
                 "Linear probe on codes truncated to their top-m activations (mAP when the "
-                "dataset is multi-label)."),
+                "dataset is multi-label); dashed: the same probe on the raw embeddings.",
+                probe_ceiling(summary, b, d)),
             "dead latents by mask": lambda b=backbone, d=dataset: dead_by_mask(summary, out, b, d),
         }
         for what, make in makers.items():
