@@ -148,7 +148,8 @@ def load_similarity(cfg: EvalConfig, eval_set: EmbeddingSet,
 
 def _chunk_rows(array: Any, start: int, stop: int) -> torch.Tensor:
     rows = array[start:stop]
-    return rows if isinstance(rows, torch.Tensor) else torch.tensor(np.asarray(rows))  # copies a memmap slice
+    # torch.tensor copies: a memory-mapped slice is read-only and must not be aliased.
+    return rows if isinstance(rows, torch.Tensor) else torch.tensor(np.asarray(rows))
 
 
 def _make_stream(sae: TopKSAE, eval_set: EmbeddingSet, sim_dim: int, cfg: EvalConfig,
@@ -291,14 +292,17 @@ def _probe_metrics(sae: TopKSAE, train_set: EmbeddingSet, eval_set: EmbeddingSet
     return flat, {"probe": {str(m): v for m, v in scores.items()}}, protocol
 
 
-def _planted_metrics(sae: TopKSAE, eval_set: EmbeddingSet, train_set: EmbeddingSet) -> tuple[dict, str]:
-    atoms = eval_set.planted_atoms if eval_set.planted_atoms is not None else train_set.planted_atoms
+def _planted_metrics(sae: TopKSAE, eval_set: EmbeddingSet, train_set: EmbeddingSet
+                     ) -> tuple[dict, str]:
+    atoms = eval_set.planted_atoms
+    atoms = train_set.planted_atoms if atoms is None else atoms
     if atoms is None:
         return {}, "not applicable: no planted atoms"
     result = planted_recovery(sae.W_dec.detach(), atoms.to(sae.W_dec.device), threshold=0.9)
     protocol = ("fraction of planted atoms whose best decoder atom has signed cosine >= 0.9, and "
                 "the mean best cosine")
-    return {"planted_recovery": result.fraction, "planted_mean_max_cos": result.mean_max_cos}, protocol
+    flat = {"planted_recovery": result.fraction, "planted_mean_max_cos": result.mean_max_cos}
+    return flat, protocol
 
 
 def _inspection(stream: _Stream, eval_set: EmbeddingSet, mono_n: torch.Tensor, cfg: EvalConfig,

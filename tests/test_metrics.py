@@ -35,7 +35,7 @@ def one_thread():
 
 
 def naive_monoscore(codes_nn: np.ndarray, emb_nd: np.ndarray) -> np.ndarray:
-    """Pach et al.: min-max scale each latent, then sum_{i<l} t_i t_l cos(e_i, e_l) / sum t_i t_l."""
+    """Pach et al.: min-max scale each latent; sum_{i<l} t_i t_l cos(e_i, e_l) / sum t_i t_l."""
     n_samples, n_latents = codes_nn.shape
     unit = emb_nd / np.linalg.norm(emb_nd, axis=1, keepdims=True)
     scores = np.full(n_latents, np.nan)
@@ -88,7 +88,8 @@ def special_codes(seed: int, n_samples: int = 24, n_latents: int = 12) -> np.nda
     4: fires on exactly one sample (no pair, MonoScore undefined); the rest: random sparse.
     """
     rng = np.random.default_rng(seed)
-    codes = rng.exponential(1.0, (n_samples, n_latents)) * (rng.random((n_samples, n_latents)) < 0.4)
+    shape = (n_samples, n_latents)
+    codes = rng.exponential(1.0, shape) * (rng.random(shape) < 0.4)
     codes[:, 0] = 0.0
     codes[:, 1] = 0.5 + rng.random(n_samples)
     codes[:, 2] = np.where(rng.random(n_samples) < 0.5, 0.7, 0.0)
@@ -338,7 +339,8 @@ def test_k_robustness_matches_per_k_reference_with_one_encoder_pass(layernorm, m
     assert sorted(result.r2) == [1, 2, 4, 8, 16]
     with torch.no_grad():
         for k in result.r2:
-            expected = sk_r2_score(x.double().numpy(), original.__self__(x, k).x_hat.double().numpy())
+            x_hat = original.__self__(x, k).x_hat
+            expected = sk_r2_score(x.double().numpy(), x_hat.double().numpy())
             assert result.r2[k] == pytest.approx(expected, abs=1e-6)
     for k, ratio in result.ratio.items():  # an untrained SAE may have R^2(4) <= 0: no ratio
         expected = result.r2[k] / result.r2[4] if result.r2[4] > 0 else float("nan")

@@ -138,7 +138,8 @@ def mean_average_precision(y_nc: torch.Tensor, scores_nc: torch.Tensor) -> float
     has_positive = y.any(axis=0)
     if not has_positive.any():
         return float("nan")
-    per_class = [average_precision_score(y[:, c], scores[:, c]) for c in np.flatnonzero(has_positive)]
+    per_class = [average_precision_score(y[:, c], scores[:, c])
+                 for c in np.flatnonzero(has_positive)]
     return float(np.mean(per_class))
 
 
