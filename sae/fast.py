@@ -185,10 +185,27 @@ def _support_pattern(indices_bk: torch.Tensor, n: int) -> torch.Tensor:
 
 def _support_dots(grad_bd: torch.Tensor, weight_nd: torch.Tensor, indices_bk: torch.Tensor
                   ) -> torch.Tensor:
-    """(B, k): <grad_i, weight[indices_ik]>, a product sampled at the support only (B k d)."""
+    """(B, k): <grad_i, weight[indices_ik]>, a product sampled at the support only (B k d).
+
+    CPU: a sampled dense-dense product over the support's CSR pattern. Elsewhere: gathered
+    atoms times the gradient, in batch chunks whose gathered atoms stay under ~256 MB.
+    """
+    if grad_bd.device.type != "cpu":
+        return _support_dots_gathered(grad_bd, weight_nd, indices_bk)
     pattern = _support_pattern(indices_bk, weight_nd.shape[0])
     dots = torch.sparse.sampled_addmm(pattern, grad_bd, weight_nd.t(), beta=0.0)
     return dots.values().view_as(indices_bk)
+
+
+def _support_dots_gathered(grad_bd: torch.Tensor, weight_nd: torch.Tensor,
+                           indices_bk: torch.Tensor, max_elements: int = 64 << 20
+                           ) -> torch.Tensor:
+    batch, k = indices_bk.shape
+    rows = max(1, max_elements // (k * weight_nd.shape[1]))
+    return torch.cat([
+        torch.bmm(F.embedding(indices_bk[i:i + rows], weight_nd),
+                  grad_bd[i:i + rows].unsqueeze(2)).squeeze(2)
+        for i in range(0, batch, rows)])
 
 
 def _dense_product(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:

@@ -19,6 +19,8 @@ import torch.nn.functional as F
 
 from sae.fast import (
     _group_size,
+    _support_dots,
+    _support_dots_gathered,
     dead_count_bound,
     fast_training_loss,
     make_plan,
@@ -299,6 +301,17 @@ def test_group_size_halves_the_work_or_declines():
     for width, k in itertools.product([256, 1024, 12288], [4, 32, 64]):
         c = _group_size(width, k)
         assert c == 1 or 2 * (width // c + k * c) <= width
+
+
+def test_support_dots_paths_agree():
+    """The CPU sampled product and the gathered one used on other devices (in chunks)."""
+    g = torch.Generator().manual_seed(0)
+    grad, weight = torch.randn(50, 16, generator=g), torch.randn(300, 16, generator=g)
+    indices = torch.rand(50, 300, generator=g).argsort(dim=1)[:, :7].sort(dim=1).values
+    expected = (weight[indices] * grad.unsqueeze(1)).sum(dim=2)
+    assert_close(_support_dots(grad, weight, indices), expected, "sampled")
+    assert_close(_support_dots_gathered(grad, weight, indices, max_elements=1000), expected,
+                 "gathered in chunks")
 
 
 def test_dead_count_bound():

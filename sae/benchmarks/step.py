@@ -72,7 +72,11 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help=f"small size {QUICK}, < 1 min on 2 cores")
     p.add_argument("--cases", help="comma-separated case names (default: all)")
     p.add_argument("--no-reference", action="store_true", help="skip the reference step")
-    p.add_argument("--bf16", action="store_true", help="autocast bf16 around the steps")
+    p.add_argument("--bf16", action="store_true",
+                   help="autocast bf16 around the fast step and the product (no reference)")
+    p.add_argument("--no-dead-bound", action="store_true",
+                   help="call the fast step without dead_bound, as a trainer that does not "
+                        "pass one (on CUDA AuxK then looks at all n columns)")
     p.add_argument("--no-tune-allocator", action="store_true",
                    help="leave glibc's allocator as it is (see sae.fast.tune_cpu_allocator)")
     p.add_argument("--out", type=Path, help="also append the JSON lines to this file")
@@ -84,7 +88,11 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     t.add_argument("--max-seconds", type=float, default=math.inf,
                    help="stop after this long and extrapolate to --epochs")
     t.add_argument("--log-every", type=int, default=50, help="steps between host read-outs")
+    t.add_argument("--cuda-graph", action="store_true",
+                   help="replay the step as a CUDA graph (--device cuda)")
     args = p.parse_args(argv)
+    if args.cuda_graph and not (args.train and args.device.startswith("cuda")):
+        p.error("--cuda-graph needs --train and a CUDA --device")
     size = QUICK if args.quick else DEFAULT
     if args.train:
         size = {"batch": 4096, "dim": 1024, "latents": 8192, "k": 64}
@@ -106,17 +114,19 @@ class Trainee:
     samples_since_fired: torch.Tensor  # (n,) int64
 
 
-def make_trainee(args: argparse.Namespace, seed: int) -> Trainee:
+def make_trainee(args: argparse.Namespace, seed: int, capturable: bool = False) -> Trainee:
     torch.manual_seed(seed)
     model = TopKSAE(args.dim, args.latents, args.k).to(args.device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4, eps=6.25e-10, fused=True)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4, eps=6.25e-10, fused=True,
+                                 capturable=capturable)
     counters = torch.zeros(args.latents, dtype=torch.int64, device=args.device)
     return Trainee(model, optimizer, counters)
 
 
 def train_step(t: Trainee, x: torch.Tensor, loss_fn: Callable, loss_kwargs: dict,
                dead: torch.Tensor, autocast: bool) -> torch.Tensor:
-    """The trainer's step (sae.trainer.train_step) with a given dead mask; no host sync."""
+    """The trainer's step (sae.trainer.train_step) with a given dead mask; no host sync.
+    Returns (total, nmse) on the device."""
     t.optimizer.zero_grad(set_to_none=True)
     with _autocast(x.device.type, autocast):
         parts, out = loss_fn(t.model, x, dead=dead, **loss_kwargs)
@@ -126,7 +136,7 @@ def train_step(t: Trainee, x: torch.Tensor, loss_fn: Callable, loss_kwargs: dict
     t.model.normalize_decoder_()
     fired = batch_active(out.code.indices, t.model.n_latents)
     t.samples_since_fired.add_(x.shape[0]).masked_fill_(fired, 0)
-    return parts.total.detach()
+    return torch.stack([parts.total, parts.nmse]).detach()
 
 
 def _autocast(device: str, enabled: bool):
@@ -172,9 +182,12 @@ def bench_case(args: argparse.Namespace, case: Case) -> dict:
     batches = unit_batches(args, 4)
     dead = dead_mask(args, case.dead_fraction)
     kwargs = loss_kwargs(args, case)
-    n_dead = round(case.dead_fraction * args.latents)  # host-known, as at a trainer's log step
+    # Host-known, as at a trainer's log step (sae.fast.dead_count_bound).
+    n_dead = None if args.no_dead_bound else round(case.dead_fraction * args.latents)
     fast = make_trainee(args, args.seed)
-    ref = None if args.no_reference else make_trainee(args, args.seed)
+    # The reference does not run under autocast (its embedding-bag gets bf16 weights for
+    # float32 atoms), so --bf16 times the fast step alone.
+    ref = None if args.no_reference or args.bf16 else make_trainee(args, args.seed)
     W_enc, b_enc = fast.model.W_enc.detach(), fast.model.b_enc.detach()
 
     def product(x: torch.Tensor):
@@ -218,7 +231,8 @@ def _case_record(args: argparse.Namespace, case: Case, kwargs: dict,
         "bench": "step", "case": case.name, "device": args.device,
         "batch": args.batch, "dim": args.dim, "latents": args.latents, "k": args.k,
         "aux_k": kwargs["aux_k"], "dead": round(case.dead_fraction * args.latents),
-        "bf16": args.bf16, "threads": torch.get_num_threads(), "repeats": args.repeats,
+        "bf16": args.bf16, "dead_bound": not args.no_dead_bound,
+        "threads": torch.get_num_threads(), "repeats": args.repeats,
         "step_ms": median_ms("fast"), "encoder_product_ms": median_ms("product"),
         "ratio": median_ratio("fast"),
         "reference_step_ms": median_ms("ref"), "reference_ratio": median_ratio("ref"),
@@ -241,25 +255,86 @@ def unit_embeddings(n: int, d: int, device: str, seed: int) -> torch.Tensor:
     return data
 
 
+class EagerStep:
+    """The trainer's step, op by op."""
+
+    def __init__(self, trainee: Trainee, kwargs: dict, window: int, autocast: bool) -> None:
+        self.trainee, self.kwargs, self.window, self.autocast = trainee, kwargs, window, autocast
+
+    def __call__(self, x: torch.Tensor, dead_bound: int) -> torch.Tensor:
+        dead = self.trainee.samples_since_fired >= self.window
+        return train_step(self.trainee, x, lambda *a, **kw: fast_training_loss(
+            *a, **kw, dead_bound=dead_bound), self.kwargs, dead, self.autocast)
+
+
+class GraphStep(EagerStep):
+    """The same step captured once as a CUDA graph and replayed: possible because the fast
+    step never synchronises and its shapes depend only on host integers. The AuxK column
+    count is baked in, so the graph is captured again (3 uncounted warm-up steps each time)
+    when the dead-count bound outgrows it (capacities are powers of two)."""
+
+    def __init__(self, trainee: Trainee, kwargs: dict, window: int, autocast: bool,
+                 batch: int, dim: int) -> None:
+        super().__init__(trainee, kwargs, window, autocast)
+        self.x = torch.zeros(batch, dim, device="cuda")
+        self.capacity, self.graph, self.loss = -1, None, None
+        self.captures = 0
+
+    def __call__(self, x: torch.Tensor, dead_bound: int) -> torch.Tensor:
+        if dead_bound > self.capacity:
+            n = self.trainee.model.n_latents
+            self._capture(0 if dead_bound == 0 else min(n, 1 << (dead_bound - 1).bit_length()))
+        self.x.copy_(x)
+        self.graph.replay()
+        return self.loss.clone()
+
+    def _body(self, capacity: int) -> torch.Tensor:
+        t = self.trainee
+        dead = t.samples_since_fired >= self.window
+        with _autocast("cuda", self.autocast):
+            parts, out = fast_training_loss(t.model, self.x, dead=dead, dead_bound=capacity,
+                                            **self.kwargs)
+        parts.total.backward()
+        t.model.project_decoder_grad_()
+        t.optimizer.step()
+        t.model.normalize_decoder_()
+        t.samples_since_fired.add_(self.x.shape[0]).masked_fill_(
+            batch_active(out.code.indices, t.model.n_latents), 0)
+        return torch.stack([parts.total, parts.nmse]).detach()
+
+    def _capture(self, capacity: int) -> None:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up on a side stream, as torch.cuda.graphs asks
+            for _ in range(3):
+                self.trainee.optimizer.zero_grad(set_to_none=True)
+                self._body(capacity)
+        torch.cuda.current_stream().wait_stream(side)
+        self.trainee.optimizer.zero_grad(set_to_none=True)  # grads: allocated in the graph
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.loss = self._body(capacity)
+        self.capacity = capacity
+        self.captures += 1
+
+
 def bench_train(args: argparse.Namespace) -> dict:
     data = unit_embeddings(args.samples, args.dim, args.device, args.seed)
-    trainee = make_trainee(args, args.seed)
+    trainee = make_trainee(args, args.seed, capturable=args.cuda_graph)
     trainee.model.init_b_pre_(data[:65536])
     kwargs = loss_kwargs(args, Case("l1l2+mask", "l1l2", True))
     steps_per_epoch = args.samples // args.batch  # the last partial batch is dropped
     total_steps = math.ceil(args.epochs * steps_per_epoch)
     window = min(WINDOW, max(args.batch, 2 * args.samples))  # the trainer's dead window
     horizon = args.log_every * args.batch
+    if args.cuda_graph:
+        step = GraphStep(trainee, kwargs, window, args.bf16, args.batch, args.dim)
+    else:
+        step = EagerStep(trainee, kwargs, window, args.bf16)
     bound = 0
-
-    def step(x: torch.Tensor) -> torch.Tensor:
-        dead = trainee.samples_since_fired >= window
-        return train_step(trainee, x, lambda *a, **kw: fast_training_loss(
-            *a, **kw, dead_bound=bound), kwargs, dead, args.bf16)
-
     perm = torch.randperm(args.samples, device=args.device)
     for i in range(5):  # warm-up (kernels, allocator); not timed, not counted
-        step(data[perm[i * args.batch:(i + 1) * args.batch]])
+        step(data[perm[i * args.batch:(i + 1) * args.batch]], bound)
     trainee.samples_since_fired.zero_()
     _sync(args.device)
     start, done, losses = time.perf_counter(), 0, []
@@ -267,11 +342,12 @@ def bench_train(args: argparse.Namespace) -> dict:
         position = done % steps_per_epoch
         if position == 0:
             perm = torch.randperm(args.samples, device=args.device)  # on-device shuffle
-        losses.append(step(data[perm[position * args.batch:(position + 1) * args.batch]]))
+        losses.append(step(data[perm[position * args.batch:(position + 1) * args.batch]],
+                           bound))
         done += 1
         if done % args.log_every == 0:  # the only host read-out, as in the trainer
             bound = dead_count_bound(trainee.samples_since_fired, window, horizon)
-            losses = [torch.stack(losses).mean()]
+            losses = [torch.stack(losses).mean(dim=0)]
             if time.perf_counter() - start > args.max_seconds:
                 break
     _sync(args.device)
@@ -281,14 +357,16 @@ def bench_train(args: argparse.Namespace) -> dict:
     return {
         "bench": "train", "device": args.device, "samples": args.samples, "dim": args.dim,
         "latents": args.latents, "k": args.k, "batch": args.batch, "regularizer": "l1l2+mask",
-        "bf16": args.bf16, "steps": done, "epochs_done": round(epochs_done, 3),
-        "epochs_target": args.epochs, "seconds": round(seconds, 2),
-        "epochs_per_s": round(epochs_done / seconds, 4),
+        "bf16": args.bf16, "cuda_graph": args.cuda_graph,
+        "graph_captures": getattr(step, "captures", None), "steps": done,
+        "epochs_done": round(epochs_done, 3), "epochs_target": args.epochs,
+        "seconds": round(seconds, 2), "epochs_per_s": round(epochs_done / seconds, 4),
         "step_ms": round(1e3 * seconds / done, 3),
         "total_s_actual": round(seconds, 2) if finished else None,
         "total_s_extrapolated": round(seconds * args.epochs / epochs_done, 1),
         "dead_at_end": int((trainee.samples_since_fired >= window).sum()),
-        "last_loss": round(float(torch.stack(losses).mean()), 5),
+        **dict(zip(("last_loss", "last_nmse"),
+                   (round(v, 5) for v in torch.stack(losses).mean(dim=0).tolist()))),
     }
 
 
