@@ -69,7 +69,7 @@ def _kill_group(proc: subprocess.Popen) -> None:
             continue
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def run_cmd():
     """:func:`run_with_timeout`, as a fixture (tests cannot import conftest cleanly)."""
     return run_with_timeout

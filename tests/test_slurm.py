@@ -7,13 +7,21 @@ the cluster once and stops it at the end of the session.
 
 from __future__ import annotations
 
+import json
+import os
+import signal
 import socket
 import subprocess
+import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
+from sae.runs import read_status, run_state
 from sae.slurm_checks import SlurmNotReady, check_slurm_ready
 
 pytestmark = pytest.mark.slurm
@@ -150,3 +158,253 @@ def test_scancel_of_a_running_task_is_seen_by_submitit(slurm_cluster, tmp_path):
     job._results_timeout_s = 0  # do not wait 15 s for a result file (as submitit's own tests)
     with pytest.raises(submitit.core.utils.UncompletedJobError):
         job.result()
+
+
+# -- end to end: sweeps of `python -m sae.train` through launcher=slurm ---------------------------
+REPO = Path(__file__).resolve().parent.parent
+# A cell on a small planted dictionary. Processes are pinned to one thread: results must not
+# depend on how many cores a process happened to see, so that a resumed cell can be compared
+# bit for bit with an uninterrupted one.
+CELL = ["dataset=synthetic", "sae=tiny", "sae.n_latents=64", "logger=none",
+        "train.progress=false", "train.batch_size=256", "train.epochs=1000",
+        "dataset.n_train=2048", "dataset.n_eval=512", "eval.probe_max_train=512",
+        "eval.probe_epochs=2"]
+QUICK = ["train.max_steps=20"]
+# Long enough to be interrupted between its first checkpoint (step 50) and its end (the test
+# reacts within ~0.1 s; ~70 steps/s on a loaded 2-core machine, a few hundred when idle).
+LONG_STEPS = 400
+LONG = [f"train.max_steps={LONG_STEPS}", "train.checkpoint_every=50", "train.log_every=50",
+        "train.progress=true"]
+SWEEP_TIMEOUT_S = 240  # a hung launcher fails the test instead of the whole suite
+
+
+def sweep_env(cluster, root: Path) -> dict[str, str]:
+    return cluster.env(SAE_OUTPUT_ROOT=str(root), OMP_NUM_THREADS="1", MKL_NUM_THREADS="1",
+                       WANDB_MODE="disabled", HYDRA_FULL_ERROR="1")
+
+
+def train_cmd(*overrides: str, multirun: bool = True) -> list[str]:
+    return [sys.executable, "-m", "sae.train", *(["-m"] if multirun else []), *overrides]
+
+
+def run_dirs(root: Path) -> dict[tuple[int, int], Path]:
+    """(k, seed) -> run directory, for the runs under ``root`` that have started."""
+    found = {}
+    for identity in (root / "runs").glob("*/identity.json"):
+        semantic = json.loads(identity.read_text())
+        found[(semantic["k"], semantic["seed"])] = identity.parent
+    return found
+
+
+def status(run_dir: Path) -> dict:
+    return read_status(run_dir) or {}
+
+
+def test_sweep_of_four_cells_runs_each_as_an_array_task(slurm_cluster, run_cmd, tmp_path):
+    started = time.perf_counter()
+    result = run_cmd(train_cmd("launcher=slurm", "sweep_name=slurm4", "k=4,8", "seed=0,1",
+                               *CELL, *QUICK),
+                     env=sweep_env(slurm_cluster, tmp_path), cwd=REPO, timeout=SWEEP_TIMEOUT_S)
+    elapsed = time.perf_counter() - started
+    runs = run_dirs(tmp_path)
+    assert sorted(runs) == [(4, 0), (4, 1), (8, 0), (8, 1)], result.stdout
+    statuses = {cell: status(d) for cell, d in runs.items()}
+    assert {cell: s.get("state") for cell, s in statuses.items()} == dict.fromkeys(runs, "done")
+    for run_dir in runs.values():
+        assert (run_dir / "metrics.json").is_file() and (run_dir / "model.safetensors").is_file()
+    # One SLURM job array for the sweep, one task per cell, recorded in each run's status.
+    slurm = [s["slurm"] for s in statuses.values()]
+    assert len({s["slurm_array_job_id"] for s in slurm}) == 1, slurm
+    assert sorted(int(s["slurm_array_task_id"]) for s in slurm) == [0, 1, 2, 3]
+    assert len({s["slurm_job_id"] for s in slurm}) == 4
+    print(f"4-cell SLURM sweep: {elapsed:.1f} s")
+
+
+@pytest.fixture(scope="module")
+def interrupted_sweep(slurm_cluster, run_cmd, tmp_path_factory):
+    """A 3-cell sweep through launcher=slurm. As soon as each cell has written a checkpoint:
+    seed 0 is cancelled (`scancel`), seed 1 requeued (`scontrol requeue`), and seed 2 preempted
+    the way a time limit or a preemption does it (USR2: submitit calls the launcher's
+    checkpoint() and requeues the task itself). When all have ended, the sweep is launched
+    again. Beside it, seed 1 runs uninterrupted (launcher=local) as the reference.
+    Returns what the tests below check."""
+    root = tmp_path_factory.mktemp("interrupted")
+    reference_root = tmp_path_factory.mktemp("reference")
+    sweep = train_cmd("launcher=slurm", "sweep_name=interrupted", "k=8", "seed=0,1,2", *CELL,
+                      *LONG)
+    env = sweep_env(slurm_cluster, root)
+    story: dict = {"root": root, "reference_root": reference_root,
+                   "sweep_dir": root / "sweeps" / "interrupted"}
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        reference = pool.submit(run_cmd, train_cmd("seed=1", "k=8", *CELL, *LONG,
+                                                    multirun=False),
+                                env=sweep_env(slurm_cluster, reference_root), cwd=REPO,
+                                timeout=SWEEP_TIMEOUT_S)
+        first = pool.submit(run_cmd, sweep, env=env, cwd=REPO, timeout=SWEEP_TIMEOUT_S,
+                            check=False)
+        story.update(interrupt_after_first_checkpoint(
+            root, {"cancelled": (8, 0), "requeued": (8, 1), "preempted": (8, 2)},
+            timeout=SWEEP_TIMEOUT_S))
+        story["first"] = first.result()
+        story["reference"] = reference.result()
+    # The launcher gave up at the cancelled task; the requeued ones go on in SLURM. Let them end.
+    for name in ("requeued", "preempted"):
+        run_dir = story[name]["run_dir"]
+        deadline = time.monotonic() + SWEEP_TIMEOUT_S
+        while status(run_dir).get("state") not in ("done", "failed"):
+            assert time.monotonic() < deadline, f"{name} cell never ended: {status(run_dir)}"
+            time.sleep(0.5)
+    cancelled_dir = story["cancelled"]["run_dir"]
+    story["cancelled_state_before_relaunch"] = run_state(cancelled_dir)
+    story["cancelled_had_metrics"] = (cancelled_dir / "metrics.json").exists()
+    story["relaunch"] = run_cmd(sweep, env=env, cwd=REPO, timeout=SWEEP_TIMEOUT_S, check=False)
+    return story
+
+
+# How each interruption is delivered. scancel / scontrol requeue: SLURM ends the task's
+# processes itself, but only seconds later (SIGTERM, which submitit ignores, then SIGKILL;
+# measured ~5 s on a loaded machine even with KillWait=0) -- long enough for a small cell to
+# finish, which would make the test meaningless on a fast machine. So the test freezes the cell
+# (SIGSTOP) the moment its checkpoint appears, issues the SLURM command, then kills the cell's
+# process (its pid is in status.json) as SLURM would after its grace period. USR2 needs no help:
+# submitit's handler checkpoints the job, runs `scontrol requeue` and exits at once.
+INTERRUPTIONS = {
+    "cancelled": (["scancel"], True),
+    "requeued": (["scontrol", "requeue"], True),
+    "preempted": (["scancel", "--signal=USR2"], False),
+}
+
+
+def interrupt_after_first_checkpoint(root: Path, targets: dict[str, tuple[int, int]],
+                                     timeout: float) -> dict[str, dict]:
+    """Watch the run directories of the (k, seed) ``targets``; as soon as one has written a
+    checkpoint, interrupt its SLURM task as INTERRUPTIONS says. Returns, per target: run dir,
+    SLURM ids, and the checkpoint step at the interruption."""
+    done: dict[str, dict] = {}
+    deadline = time.monotonic() + timeout
+    while len(done) < len(targets):
+        assert time.monotonic() < deadline, f"no checkpoint to interrupt at within {timeout} s"
+        runs = run_dirs(root)
+        for name, cell in targets.items():
+            run_dir = runs.get(cell)
+            if name in done or run_dir is None:
+                continue
+            sidecar = run_dir / "checkpoints" / "last.json"
+            if not sidecar.exists():
+                continue
+            state = status(run_dir)
+            assert state.get("state") == "running", (
+                f"cell {cell} ended ({state}) before it could be interrupted: raise LONG_STEPS")
+            command, kill = INTERRUPTIONS[name]
+            pid = int(state["pid"])
+            assert "submitit" in Path(f"/proc/{pid}/cmdline").read_text(), "not the cell's process"
+            if kill:
+                os.kill(pid, signal.SIGSTOP)
+            step = json.loads(sidecar.read_text())["step"]
+            # `<array job>_<task>`: the bare SLURM_JOB_ID of one task can equal the array's id,
+            # and `scancel <array id>` would cancel every task of the sweep.
+            slurm = state["slurm"]
+            job_id = f"{slurm['slurm_array_job_id']}_{slurm['slurm_array_task_id']}"
+            subprocess.run([*command, job_id], check=True, timeout=30)
+            if kill:
+                os.kill(pid, signal.SIGKILL)
+            done[name] = {"run_dir": run_dir, "job_id": job_id, "step": step, "slurm": slurm}
+        time.sleep(0.1)
+    return done
+
+
+def logs_under(directory: Path) -> str:
+    """Every log the sweep wrote: Hydra's job logs and submitit's per-task stdout/stderr."""
+    texts = [p.read_text(errors="replace") for p in directory.rglob("*")
+             if p.is_file() and p.suffix in (".log", ".out", ".err")]
+    return "\n".join(texts)
+
+
+def flat_numbers(metrics: dict, prefix: str = "") -> dict[str, float]:
+    """The metrics as {dotted key: value}, without wall-clock times and the resume marker."""
+    flat = {}
+    for key, value in metrics.items():
+        name = f"{prefix}{key}"
+        if key == "resumed_from_step" or key.endswith("seconds") or "time" in key:
+            continue
+        if isinstance(value, dict):
+            flat.update(flat_numbers(value, f"{name}."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def test_requeued_cell_resumes_from_its_checkpoint_and_matches_an_uninterrupted_run(
+        interrupted_sweep):
+    requeued = interrupted_sweep["requeued"]
+    run_dir = requeued["run_dir"]
+    final = status(run_dir)
+    assert final["state"] == "done", final
+    # Same SLURM task, second start (SLURM counts requeues in SLURM_RESTART_COUNT).
+    assert final["slurm"]["slurm_job_id"] == requeued["slurm"]["slurm_job_id"]
+    assert final["slurm"].get("slurm_restart_count") == "1", final["slurm"]
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    resumed = metrics["train"]["resumed_from_step"]
+    assert resumed is not None and requeued["step"] <= resumed < LONG_STEPS, metrics["train"]
+    assert metrics["train"]["steps"] == LONG_STEPS
+    task_logs = logs_under(interrupted_sweep["sweep_dir"] / ".submitit" / requeued["job_id"])
+    assert f"at step {resumed}" in task_logs, "the task's log does not show the resumed step"
+    # The interrupted cell ends exactly where the uninterrupted reference ends.
+    reference_dir = run_dirs(interrupted_sweep["reference_root"])[(8, 1)]
+    assert reference_dir.name == run_dir.name  # same run id: the same cell
+    reference_metrics = json.loads((reference_dir / "metrics.json").read_text())
+    assert reference_metrics["train"]["resumed_from_step"] is None
+    weights = load_file(run_dir / "model.safetensors")
+    reference_weights = load_file(reference_dir / "model.safetensors")
+    assert weights.keys() == reference_weights.keys()
+    for name in weights:
+        assert torch.equal(weights[name], reference_weights[name]), name
+    assert flat_numbers(metrics) == flat_numbers(reference_metrics)
+
+
+def test_preempted_cell_is_requeued_by_submitit_and_resumes(interrupted_sweep):
+    """USR2 is what SLURM sends signal_delay_s before a time limit (and what a preemption
+    looks like to submitit): the launcher's checkpoint() resubmits the same cell, submitit
+    requeues the task, and the cell resumes from its checkpoint."""
+    preempted = interrupted_sweep["preempted"]
+    final = status(preempted["run_dir"])
+    assert final["state"] == "done", final
+    assert final["slurm"]["slurm_job_id"] == preempted["slurm"]["slurm_job_id"]
+    assert final["slurm"].get("slurm_restart_count") == "1", final["slurm"]
+    metrics = json.loads((preempted["run_dir"] / "metrics.json").read_text())
+    resumed = metrics["train"]["resumed_from_step"]
+    assert resumed is not None and preempted["step"] <= resumed < LONG_STEPS, metrics["train"]
+    assert metrics["train"]["steps"] == LONG_STEPS
+    task_logs = logs_under(interrupted_sweep["sweep_dir"] / ".submitit" / preempted["job_id"])
+    assert "this job is preempted" in task_logs
+    assert f"Requeued job {preempted['job_id']}" in task_logs
+    assert f"at step {resumed}" in task_logs
+
+
+def test_cancelled_cell_is_never_done_and_the_relaunch_reruns_it(interrupted_sweep):
+    cancelled = interrupted_sweep["cancelled"]
+    # Killed mid-training: the status still says running (nothing could write more), and no
+    # metrics exist; never a `done` with partial results.
+    assert interrupted_sweep["cancelled_state_before_relaunch"] in ("new", "running", "failed")
+    assert not interrupted_sweep["cancelled_had_metrics"]
+    # The first launch did not hang on the cancelled task: it failed, naming its state.
+    first = interrupted_sweep["first"]
+    assert first.returncode != 0
+    assert "CANCELLED" in first.stdout + first.stderr
+    # The relaunch re-ran the cancelled cell and skipped the two that had finished.
+    relaunch = interrupted_sweep["relaunch"]
+    assert relaunch.returncode == 0, relaunch.stdout + relaunch.stderr
+    plan = json.loads((interrupted_sweep["sweep_dir"] / "cells.json").read_text())["cells"]
+    outcome = {Path(c["run_dir"]).name: (c["state"], c["result"]) for c in plan}
+    assert outcome == {
+        cancelled["run_dir"].name: ("running", "done"),
+        interrupted_sweep["requeued"]["run_dir"].name: ("done", "skipped"),
+        interrupted_sweep["preempted"]["run_dir"].name: ("done", "skipped"),
+    }
+    final = status(cancelled["run_dir"])
+    assert final["state"] == "done", final
+    # A new SLURM job (submitit submits a lone cell as a plain job, not an array).
+    assert final["slurm"]["slurm_job_id"] != cancelled["slurm"]["slurm_job_id"]
+    metrics = json.loads((cancelled["run_dir"] / "metrics.json").read_text())
+    assert metrics["train"]["steps"] == LONG_STEPS
+    assert cancelled["step"] <= metrics["train"]["resumed_from_step"] < LONG_STEPS
