@@ -237,7 +237,7 @@ def _auxk_forward(plan: StepPlan, pre_bn: torch.Tensor, dead: torch.Tensor, W_de
     else:  # every dead column is in every row's top aux_k
         code_bc = pre_bc.relu_()
     weight_cd = W_dec.index_select(0, cols)
-    error_bd = code_bc @ weight_cd - residual_bd
+    error_bd = _dense_product(code_bc, weight_cd, plan.compute_dtype) - residual_bd
     variance = _variance(residual_bd)
     any_dead = dead.any().to(pre_bn.dtype)
     loss = error_bd.square().sum() / variance * any_dead
@@ -481,18 +481,19 @@ def _backward(plan: StepPlan, s: _Saved, W_enc: torch.Tensor, W_dec: torch.Tenso
     if w_aux is not None:  # AuxK: dense products over its C columns
         a = s.aux
         g_residual_bd = a.error_bd * (a.scale * w_aux)
-        g_W_dec.index_add_(0, a.cols, a.code_bc.t() @ g_residual_bd)
-        g_aux_bc = (g_residual_bd @ a.weight_cd.t()) * (a.code_bc > 0)
+        dtype = plan.compute_dtype
+        g_W_dec.index_add_(0, a.cols, _dense_product(a.code_bc.t(), g_residual_bd, dtype))
+        g_aux_bc = _dense_product(g_residual_bd, a.weight_cd.t(), dtype) * (a.code_bc > 0)
 
     if w_pen is not None:
         g_W_enc, g_b_enc = _encoder_grad_dense(plan, s, w_pen, g_values, g_aux_bc, n)
     else:
-        g_W_enc, g_b_enc = _encoder_grad_sparse(s, bags, g_values, g_aux_bc, n)
+        g_W_enc, g_b_enc = _encoder_grad_sparse(plan, s, bags, g_values, g_aux_bc, n)
     g_b_pre -= g_b_enc @ W_enc  # pre depends on b_pre through -W_enc b_pre
     return g_W_enc, g_W_dec, g_b_enc, g_b_pre
 
 
-def _encoder_grad_sparse(s: _Saved, bags: _LatentBags, g_values: torch.Tensor,
+def _encoder_grad_sparse(plan: StepPlan, s: _Saved, bags: _LatentBags, g_values: torch.Tensor,
                          g_aux_bc: torch.Tensor | None, n: int
                          ) -> tuple[torch.Tensor, torch.Tensor]:
     """grad of pre has k (+ C) entries per row: grad W_enc = sum over them g_ij x_i -> row j."""
@@ -500,13 +501,13 @@ def _encoder_grad_sparse(s: _Saved, bags: _LatentBags, g_values: torch.Tensor,
     g_W_enc = bags.scatter_rows(g_values, x_c)
     g_b_enc = x_c.new_zeros(n).index_add_(0, s.code.indices.reshape(-1), g_values.reshape(-1))
     if g_aux_bc is not None:
-        _add_aux_rows(g_W_enc, g_b_enc, s.aux.cols, g_aux_bc, x_c)
+        _add_aux_rows(g_W_enc, g_b_enc, s.aux.cols, g_aux_bc, x_c, plan.compute_dtype)
     return g_W_enc, g_b_enc
 
 
 def _add_aux_rows(g_W_enc: torch.Tensor, g_b_enc: torch.Tensor, cols: torch.Tensor,
-                  g_aux_bc: torch.Tensor, x_c: torch.Tensor) -> None:
-    g_W_enc.index_add_(0, cols, g_aux_bc.t() @ x_c)  # C x B x d
+                  g_aux_bc: torch.Tensor, x_c: torch.Tensor, dtype: torch.dtype | None) -> None:
+    g_W_enc.index_add_(0, cols, _dense_product(g_aux_bc.t(), x_c, dtype))  # C x B x d
     g_b_enc.index_add_(0, cols, g_aux_bc.sum(dim=0))
 
 
@@ -532,7 +533,7 @@ def _encoder_grad_dense(plan: StepPlan, s: _Saved, w_pen: torch.Tensor, g_values
         g_W_enc = g_W_m.new_zeros(n, g_W_m.shape[1]).index_copy_(0, pen.cols, g_W_m)
         g_b_enc = g_b_m.new_zeros(n).index_copy_(0, pen.cols, g_b_m)
     if g_aux_bc is not None and not fold_aux:
-        _add_aux_rows(g_W_enc, g_b_enc, s.aux.cols, g_aux_bc, x_c)
+        _add_aux_rows(g_W_enc, g_b_enc, s.aux.cols, g_aux_bc, x_c, plan.compute_dtype)
     return g_W_enc, g_b_enc
 
 

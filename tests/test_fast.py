@@ -214,7 +214,7 @@ def test_dead_bound_paths():
         assert_close(parts.auxk.detach(), ref_parts.auxk.detach(), f"auxk (bound {bound})")
     kwargs = loss_kwargs("none", True, dead_mask(0))
     parts, _ = fast_training_loss(model, x, dead_bound=0, **kwargs)
-    assert float(parts.auxk) == 0
+    assert float(parts.auxk.detach()) == 0
 
 
 def test_input_with_gradient_falls_back_to_the_reference():
@@ -254,8 +254,8 @@ def trainer_step(model: TopKSAE, optimizer, x, loss_fn, kwargs) -> None:
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
-@pytest.mark.parametrize("regularizer", REGULARIZERS)
+@pytest.mark.parametrize("regularizer,tied", [("none", False), ("offsupport_l1", True),
+                                              ("l1l2", False), ("l1l2", True)])
 def test_optimizer_steps_give_the_same_weights(regularizer, tied, device):
     fast_model = make_model(tied=tied, device=device)
     ref_model = copy.deepcopy(fast_model)

@@ -32,7 +32,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from sae.fast import dead_count_bound, fast_training_loss, tune_cpu_allocator
+from sae.fast import (
+    dead_count_bound,
+    fast_training_loss,
+    tune_cpu_allocator,
+    use_compiled_kernels,
+)
 from sae.losses import training_loss
 from sae.model import TopKSAE
 from sae.regularizers import batch_active
@@ -74,6 +79,8 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--no-reference", action="store_true", help="skip the reference step")
     p.add_argument("--bf16", action="store_true",
                    help="autocast bf16 around the fast step and the product (no reference)")
+    p.add_argument("--compile", action="store_true",
+                   help="fuse the regularizers' elementwise passes (sae.fast.use_compiled_kernels)")
     p.add_argument("--no-dead-bound", action="store_true",
                    help="call the fast step without dead_bound, as a trainer that does not "
                         "pass one (on CUDA AuxK then looks at all n columns)")
@@ -231,7 +238,7 @@ def _case_record(args: argparse.Namespace, case: Case, kwargs: dict,
         "bench": "step", "case": case.name, "device": args.device,
         "batch": args.batch, "dim": args.dim, "latents": args.latents, "k": args.k,
         "aux_k": kwargs["aux_k"], "dead": round(case.dead_fraction * args.latents),
-        "bf16": args.bf16, "dead_bound": not args.no_dead_bound,
+        "bf16": args.bf16, "compiled": args.compile, "dead_bound": not args.no_dead_bound,
         "threads": torch.get_num_threads(), "repeats": args.repeats,
         "step_ms": median_ms("fast"), "encoder_product_ms": median_ms("product"),
         "ratio": median_ratio("fast"),
@@ -357,7 +364,7 @@ def bench_train(args: argparse.Namespace) -> dict:
     return {
         "bench": "train", "device": args.device, "samples": args.samples, "dim": args.dim,
         "latents": args.latents, "k": args.k, "batch": args.batch, "regularizer": "l1l2+mask",
-        "bf16": args.bf16, "cuda_graph": args.cuda_graph,
+        "bf16": args.bf16, "compiled": args.compile, "cuda_graph": args.cuda_graph,
         "graph_captures": getattr(step, "captures", None), "steps": done,
         "epochs_done": round(epochs_done, 3), "epochs_target": args.epochs,
         "seconds": round(seconds, 2), "epochs_per_s": round(epochs_done / seconds, 4),
@@ -385,6 +392,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
         tune_cpu_allocator()
     if args.device.startswith("cuda"):
         torch.backends.cuda.matmul.allow_tf32 = False  # float32 means float32 here
+    if args.compile:
+        use_compiled_kernels()
     if args.train:
         records = [bench_train(args)]
         emit(records[0], args.out)
