@@ -247,9 +247,10 @@ ReturnToService=2
 SlurmdParameters=config_overrides
 # Batch jobs may be requeued (scontrol requeue, preemption): the requeue tests rely on it.
 JobRequeue=1
-# SIGKILL right after SIGTERM when a job is cancelled or requeued (measured: ~1 s; the default
-# of 30 s, or even 2 s, gives ~3.5 s). submitit ignores SIGTERM anyway (it acts on its own USR2
-# signal), so a grace period would only let a cancelled cell train on; the tests need it to stop.
+# SIGKILL as soon as possible after SIGTERM when a job is cancelled or requeued (default 30 s).
+# submitit ignores SIGTERM (it acts on its own USR2 signal), so a grace period only lets a
+# cancelled cell train on. Measured: a plain srun task dies ~1 s after SIGTERM (~3.5 s with
+# KillWait=2), a submitit task still ~5 s on a loaded machine, so the tests also kill it.
 KillWait=0
 InactiveLimit=0
 # Look at pending jobs every second (defaults: main scheduler 60 s, backfill 30 s), so a
