@@ -408,3 +408,50 @@ def test_cancelled_cell_is_never_done_and_the_relaunch_reruns_it(interrupted_swe
     metrics = json.loads((cancelled["run_dir"] / "metrics.json").read_text())
     assert metrics["train"]["steps"] == LONG_STEPS
     assert cancelled["step"] <= metrics["train"]["resumed_from_step"] < LONG_STEPS
+
+
+# -- the launcher configs (no cluster needed) ------------------------------------------------------
+def launcher_params(*overrides: str) -> dict:
+    """hydra.launcher of `python -m sae.train <overrides>`, resolved as the launcher sees it."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from sae.config import register_configs
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        cfg = compose("train", overrides=list(overrides), return_hydra_config=True)
+    return OmegaConf.to_container(cfg.hydra.launcher, resolve=True)
+
+
+def test_slurm_launcher_defaults_hold_no_cluster_facts(monkeypatch):
+    for name in ("PARTITION", "ACCOUNT", "QOS", "GPUS_PER_NODE", "CPUS_PER_TASK", "MEM_GB"):
+        monkeypatch.delenv(f"SAE_SLURM_{name}", raising=False)
+    params = launcher_params("launcher=slurm", "sweep_name=paper")
+    assert params["_target_"].endswith("SlurmLauncher")
+    assert params["partition"] is None and params["account"] is None and params["qos"] is None
+    assert params["gpus_per_node"] == 1
+    # Never the plugin's 60 minutes; timed-out tasks are requeued and resume (max_num_timeout).
+    assert params["timeout_min"] > 60 and params["max_num_timeout"] >= 1
+    assert params["additional_parameters"] == {"requeue": True}
+    assert params["submitit_folder"].endswith("sweeps/paper/.submitit/%j")
+
+
+def test_slurm_launcher_takes_cluster_facts_from_env_and_command_line(monkeypatch):
+    monkeypatch.setenv("SAE_SLURM_PARTITION", "gpu-a100")
+    monkeypatch.setenv("SAE_SLURM_ACCOUNT", "proj42")
+    monkeypatch.setenv("SAE_SLURM_GPUS_PER_NODE", "0")
+    monkeypatch.setenv("SAE_SLURM_MEM_GB", "2")
+    params = launcher_params("launcher=slurm")
+    assert (params["partition"], params["account"]) == ("gpu-a100", "proj42")
+    assert (params["gpus_per_node"], params["mem_gb"]) == (0, 2)  # ints, as sbatch needs
+    params = launcher_params("launcher=slurm", "hydra.launcher.gpus_per_node=2",
+                             "hydra.launcher.partition=debug")
+    assert (params["gpus_per_node"], params["partition"]) == (2, "debug")
+
+
+def test_submitit_local_launcher_never_times_out_after_an_hour(monkeypatch):
+    monkeypatch.delenv("SAE_LOCAL_GPUS", raising=False)
+    params = launcher_params("launcher=submitit_local")
+    assert params["_target_"].endswith("LocalLauncher")
+    assert params["timeout_min"] >= 24 * 60 and params["gpus_per_node"] == 1
