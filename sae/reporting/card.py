@@ -169,12 +169,15 @@ def run_cards(runs: pd.DataFrame) -> tuple[list[dict[str, Any]], pd.DataFrame]:
 
 # -- the sweep's card -----------------------------------------------------------------------------
 def reproduce_command(sweep_name: str, sweep_dir: Path, multirun: dict[str, Any] | None) -> str:
-    """The launch that re-runs the sweep (from its saved Hydra config), then this report."""
+    """The launch that re-runs the sweep (its overrides from the saved Hydra config, its output
+    root from where the sweep directory lies), then this report."""
     task = ((multirun or {}).get("hydra") or {}).get("overrides", {}).get("task")
     if task is None:
         launch = f"python -m sae.train -m +sweep={sweep_name}"
     else:
         launch = "python -m sae.train -m " + " ".join(shlex.quote(str(o)) for o in task)
+    if sweep_dir.parent.name == "sweeps":  # <paths.root>/sweeps/<name>: say which root
+        launch = f"SAE_OUTPUT_ROOT={shlex.quote(str(sweep_dir.parent.parent))} {launch}"
     command = f"{launch} && python -m sae.report {shlex.quote(str(sweep_dir))}"
     return command + ("  # multirun.yaml missing: other launch overrides unknown"
                       if task is None else "")
