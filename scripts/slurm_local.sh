@@ -19,9 +19,11 @@
 # 5 SLURM is not installed and cannot be installed here (not root, or no apt-get): the test
 # fixture skips on 5 and only on 5.
 #
-# `start` prints only shell on stdout (comments and exports) so that `eval` works; progress
-# goes to stderr. The exports make the repository's `conf/launcher/slurm.yaml` fit this cluster:
-# its partition, no GPU request (the node has none), 1 CPU and 1 GB per task.
+# `start` prints only shell on stdout (comments and exports) so that `eval` works (also
+# `eval "$(make -s slurm-up)"`); progress and the start time go to stderr. The exports point
+# SLURM_CONF at this cluster, put a sacct stand-in first on PATH (see write_sacct), and make
+# conf/launcher/slurm.yaml fit the cluster: its partition, no GPU request (the node has none),
+# 1 CPU and 1 GB per task.
 set -euo pipefail
 
 STATE_DIR="${SLURM_LOCAL_DIR:-/tmp/sae-slurm}"
