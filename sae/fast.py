@@ -67,7 +67,7 @@ class StepPlan:
     aux_alpha: float
     aux_k: int
     aux_cols: int  # C: dead-first columns AuxK looks at (an upper bound on the dead count); 0 = none
-    active_cols: int  # regularizer columns: n (all) or a capacity >= |batch-active set|
+    active_cols: int  # host bound on the batch-active count: n, or B k when B k <= n / 2
     compute_dtype: torch.dtype | None  # dtype of the two dense products; None = float32
 
 
@@ -327,6 +327,22 @@ class _PenaltyState(NamedTuple):
     l2: torch.Tensor | None  # (B,) l1l2 only, floored
 
 
+GATHER_FRACTION = 0.8  # gather the active columns when they are at most this share of n
+
+
+def active_capacity(plan: StepPlan, active_n: torch.Tensor) -> int | None:
+    """How many columns the masked penalty gathers (>= |A|), or None for all n columns.
+
+    On the CPU the batch-active count is read directly (host memory: nothing to wait for);
+    elsewhere the host bound B k of the plan stands in for it. Gathering costs one pass over
+    the gathered columns and saves the product and the passes over the others."""
+    n = active_n.shape[0]
+    capacity = plan.active_cols
+    if active_n.device.type == "cpu":
+        capacity = int(active_n.sum())
+    return capacity if capacity <= GATHER_FRACTION * n else None
+
+
 def _penalty_columns(plan: StepPlan, pre_bn: torch.Tensor, support_bk: torch.Tensor
                      ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None,
                                 torch.Tensor]:
@@ -339,10 +355,11 @@ def _penalty_columns(plan: StepPlan, pre_bn: torch.Tensor, support_bk: torch.Ten
     active_n.index_fill_(0, support_bk.reshape(-1), True)
     upper_n = torch.zeros(n, dtype=pre_bn.dtype, device=pre_bn.device)
     upper_n.masked_fill_(active_n, float("inf"))
-    if plan.active_cols >= n:
+    capacity = active_capacity(plan, active_n)
+    if capacity is None:
         return pre_bn, None, upper_n, support_bk
-    # Fixed capacity B k >= |A|: every active column, padded with inactive ones (upper 0).
-    cols = active_n.to(pre_bn.dtype).topk(plan.active_cols, sorted=False).indices
+    # Every active column, padded with inactive ones (upper 0) up to the capacity.
+    cols = active_n.to(pre_bn.dtype).topk(capacity, sorted=False).indices
     position_n = torch.zeros(n, dtype=torch.int64, device=pre_bn.device)
     position_n[cols] = torch.arange(cols.shape[0], device=pre_bn.device)
     return pre_bn.index_select(1, cols), cols, upper_n[cols], position_n[support_bk]

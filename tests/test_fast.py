@@ -17,10 +17,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from sae import fast
 from sae.fast import (
     _group_size,
     _support_dots,
     _support_dots_gathered,
+    active_capacity,
     dead_count_bound,
     fast_training_loss,
     make_plan,
@@ -28,6 +30,7 @@ from sae.fast import (
 )
 from sae.losses import training_loss
 from sae.model import TopKSAE
+from sae.regularizers import batch_active
 
 DEVICES = [
     "cpu",
@@ -36,8 +39,9 @@ DEVICES = [
 ]
 REGULARIZERS = ["none", "offsupport_l1", "l1l2"]
 D, N, K, AUX_K = 16, 256, 4, 6
-# B k <= n / 2 gathers the batch-active columns; B k > n / 2 works on all n columns.
-BATCH = {"gathered": 24, "dense": 96}
+# The masked penalty's columns: B k <= n / 2 bounds |A| on the host ("gathered"); on the CPU
+# the exact |A| (~0.34 n at B = 48) is read too ("counted"); "dense" forbids gathering.
+BATCH = {"gathered": 24, "counted": 48, "dense": 96}
 
 
 def make_model(*, d=D, n=N, k=K, tied=False, layernorm=False, device="cpu", seed=0) -> TopKSAE:
@@ -105,13 +109,19 @@ def assert_same_step(model: TopKSAE, x: torch.Tensor, kwargs: dict, part: str = 
 
 
 # -- equivalence over the grid ----------------------------------------------------------------
-def check_case(regularizer, mask, tied, layernorm, n_dead, path, device):
+def check_case(regularizer, mask, tied, layernorm, n_dead, path, device, monkeypatch):
+    if path == "dense":
+        monkeypatch.setattr(fast, "GATHER_FRACTION", -1.0)
     model = make_model(tied=tied, layernorm=layernorm, device=device)
     x = unit_batch(BATCH[path], device=device)
     kwargs = loss_kwargs(regularizer, mask, dead_mask(n_dead, device=device), device=device)
     plan = make_plan(model, x, dead_bound=None, **kwargs)
     assert (plan.active_cols < N) == (mask and regularizer != "none" and path == "gathered")
     ref_parts, ref_grads = assert_same_step(model, x, kwargs)
+    if mask and regularizer != "none":  # which columns the masked penalty works on
+        active = batch_active(training_loss(model, x, **kwargs)[1].code.indices, N)
+        gathers = active_capacity(plan, active) is not None
+        assert gathers == (path == "gathered" or (path == "counted" and device == "cpu"))
     # Non-trivial: each part that should act does, and every parameter gets a gradient.
     assert (float(ref_parts.penalty) > 0) == (regularizer != "none")
     assert (float(ref_parts.auxk) > 0) == (n_dead > 0)
@@ -123,26 +133,27 @@ def check_case(regularizer, mask, tied, layernorm, n_dead, path, device):
 @pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
 @pytest.mark.parametrize("mask", [True, False], ids=["mask", "nomask"])
 @pytest.mark.parametrize("regularizer", REGULARIZERS)
-def test_matches_reference(regularizer, mask, tied, layernorm, device):
+def test_matches_reference(regularizer, mask, tied, layernorm, device, monkeypatch):
     """Every regularizer x mask x tied x LayerNorm; 3 dead latents (< aux_k: AuxK on all of
     them); masked penalties on the gathered batch-active columns."""
-    check_case(regularizer, mask, tied, layernorm, 3, "gathered", device)
+    check_case(regularizer, mask, tied, layernorm, 3, "gathered", device, monkeypatch)
 
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("n_dead", [0, 20], ids=["nodead", "dead>aux_k"])
 @pytest.mark.parametrize("mask", [True, False], ids=["mask", "nomask"])
 @pytest.mark.parametrize("regularizer", REGULARIZERS)
-def test_matches_reference_all_columns(regularizer, mask, n_dead, device):
+@pytest.mark.parametrize("path", ["counted", "dense"])
+def test_matches_reference_more_columns(regularizer, mask, n_dead, path, device, monkeypatch):
     """No dead latent (AuxK an exact zero, skipped) and more dead latents than aux_k (a Top-k
-    among them); penalties on all n columns (B k > n / 2)."""
-    check_case(regularizer, mask, False, False, n_dead, "dense", device)
+    among them); masked penalties on the counted active columns, or on all n."""
+    check_case(regularizer, mask, False, False, n_dead, path, device, monkeypatch)
 
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("regularizer", REGULARIZERS)
-def test_matches_reference_tied_layernorm_many_dead(regularizer, device):
-    check_case(regularizer, True, True, True, 20, "dense", device)
+def test_matches_reference_tied_layernorm_many_dead(regularizer, device, monkeypatch):
+    check_case(regularizer, True, True, True, 20, "dense", device, monkeypatch)
 
 
 @pytest.mark.parametrize("device", DEVICES)
