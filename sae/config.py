@@ -76,8 +76,8 @@ class DatasetConfig:
     n_classes: int = 8  # classes; each class prefers its own block of atoms
     class_affinity: float = 0.8  # probability that an atom is drawn from the sample's class block
     noise: float = 0.01  # std of isotropic Gaussian noise added before normalisation
-    n_train: int = 20000  # samples in the train split
-    n_eval: int = 4000  # samples in the evaluation split
+    n_train: int = 8192  # samples in the train split
+    n_eval: int = 2048  # samples in the evaluation split
     data_seed: int = 0  # seed of the planted dictionary and the samples
     # -- files: user-supplied embeddings (.npy or .safetensors) --
     train_path: str | None = None  # (N, d) embeddings of the train split
@@ -188,7 +188,7 @@ class EvalConfig:
     k_multiples: list[float] = field(default_factory=lambda: [0.25, 0.5, 1.0, 2.0, 4.0])  # inference k / train k
     probe_m: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16, 32])  # top-m kept for probing (k is added)
     probe_max_train: int = 100_000  # probe-train samples (a seeded subsample of the train split)
-    probe_epochs: int = 30  # full-batch-equivalent epochs of the logistic-regression probe
+    probe_epochs: int = 30  # L-BFGS iterations of the (full-batch) logistic-regression probe
     probe_weight_decay: float = 1e-4  # L2 penalty of the probe
     similarity: str = "input"  # MonoScore similarity embeddings: input (the SAE's own) or a cache path
     purity_top_n: int | None = None  # purity over each latent's top-N activations only; null = all

@@ -83,6 +83,32 @@ class TopKSAE(nn.Module):
         x_in, _ = self.standardize(x_sample)
         self.b_pre.copy_(x_in.mean(0))
 
+    @torch.no_grad()
+    def calibrate_encoder_scale_(self, x_sample: torch.Tensor) -> float:
+        """Scale the encoder so the initial Top-k reconstruction has the least-squares scale.
+
+        With unit atoms and the encoder at the decoder's transpose, the k selected atoms of a
+        random dictionary overshoot the input (their sum has norm ~ sqrt(k) times one
+        activation), and at the paper's learning rate (1e-4) a small dataset ends training
+        before Adam has shrunk the encoder (R^2 < 0). ReLU and Top-k commute with a positive
+        scale c, so W_enc, b_enc <- c W_enc, c b_enc changes no support and gives the
+        reconstruction c * D a whose scale best fits x. Untied only (scaling a tied matrix
+        would leave the unit-norm atoms). Returns c (1.0 when skipped).
+        """
+        if self.tied:
+            return 1.0
+        x_in, _ = self.standardize(x_sample)
+        target = x_in - self.b_pre
+        code = self.select(F.linear(target, self.W_enc, self.b_enc))
+        recon = F.embedding_bag(code.indices, self.W_dec, per_sample_weights=code.values,
+                                mode="sum")
+        scale = float((recon * target).sum() / recon.square().sum().clamp_min(1e-12))
+        if not 0 < scale < float("inf"):
+            return 1.0
+        self.W_enc_untied.mul_(scale)
+        self.b_enc.mul_(scale)
+        return scale
+
     # -- encode / decode -------------------------------------------------------------------
     def standardize(self, x: torch.Tensor) -> tuple[torch.Tensor, InputStats | None]:
         if not self.layernorm:
