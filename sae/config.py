@@ -68,6 +68,7 @@ class DatasetConfig:
     multi_label: bool = False  # labels are (N, C) multi-hot instead of (N,) class ids
     normalize: bool = True  # L2-normalise every embedding to unit norm (MonoLoss convention)
     eval_fraction: float = 0.2  # digits: fraction held out (stratified) as the evaluation split
+    min_pixel_coverage: float = 0.05  # digits: keep pixels inked in >= this fraction of images
     split_seed: int = 0  # seed of the train/eval split of datasets without an official one
     # -- synthetic: a planted sparse dictionary (recovery is measurable) --
     dim: int = 64  # embedding dimension d

@@ -74,7 +74,7 @@ def _drop_unused_dataset_fields(config: dict[str, Any], cfg: RootConfig) -> dict
     used = {
         "synthetic": {"dim", "n_atoms", "atoms_per_sample", "n_classes", "class_affinity",
                       "noise", "n_train", "n_eval", "data_seed"},
-        "digits": {"eval_fraction", "split_seed"},
+        "digits": {"eval_fraction", "split_seed", "min_pixel_coverage"},
         "files": {"train_path", "eval_path", "train_labels", "eval_labels", "eval_fraction",
                   "split_seed"},
         "images": {"train_split", "eval_split", "max_per_split"},
