@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from filelock import FileLock, Timeout
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -156,13 +157,36 @@ def read_status(directory: Path) -> dict[str, Any] | None:
 
 
 def run_state(directory: Path) -> str:
-    """``new``, ``running``, ``done`` or ``failed`` -- a ``done`` without metrics is not done."""
+    """``new``, ``running``, ``interrupted``, ``done`` or ``failed``.
+
+    A ``done`` without metrics is not done. A ``running`` status whose lock nobody holds
+    belongs to a process that was killed (``scancel``, SIGKILL, node failure): interrupted,
+    to be resumed from its checkpoint.
+    """
     status = read_status(directory)
     if status is None:
         return "new"
-    if status.get("state") == "done" and not (directory / "metrics.json").exists():
+    state = status.get("state", "new")
+    if state == "done" and not (directory / "metrics.json").exists():
         return "failed"
-    return status.get("state", "new")
+    if state == "running" and not run_lock_held(directory):
+        return "interrupted"
+    return state
+
+
+def run_lock(directory: Path, timeout: float = -1) -> FileLock:
+    """The lock a process holds while it executes the run in ``directory``."""
+    return FileLock(str(directory / ".lock"), timeout=timeout)
+
+
+def run_lock_held(directory: Path) -> bool:
+    lock = run_lock(directory, timeout=0)
+    try:
+        lock.acquire()
+    except Timeout:
+        return True
+    lock.release()
+    return False
 
 
 # -- code version ---------------------------------------------------------------------------

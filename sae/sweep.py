@@ -33,7 +33,7 @@ class Cell:
     overrides: list[str]  # the cell's command-line overrides
     run_id: str
     run_dir: str
-    state: str  # new | running | done | failed, before this launch
+    state: str  # new | running | interrupted | done | failed, before this launch
     duplicate_of: int | None = None  # index of the cell with the same run id
     result: str | None = None  # done | failed | skipped, after this launch
     problem: str | None = None  # dry run only: why this cell could not launch from here
@@ -111,7 +111,8 @@ def summary_line(name: str, cells: Sequence[Cell]) -> str:
     return (f"sweep {name}: {len(cells)} cells -> {len(unique)} unique runs "
             f"({duplicates} duplicates of settings with no effect); "
             f"{states['done']} done (skipped), {states['failed']} failed (re-run), "
-            f"{states['running']} interrupted or running (resumed), {states['new']} new")
+            f"{states['interrupted']} interrupted (resumed), {states['running']} running "
+            f"elsewhere (waited for), {states['new']} new")
 
 
 def table(cells: Sequence[Cell]) -> str:
@@ -120,7 +121,7 @@ def table(cells: Sequence[Cell]) -> str:
     for c in cells:
         action = (f"same run as cell {c.duplicate_of}" if c.duplicate_of is not None
                   else {"done": "skip (done)", "failed": "re-run (failed)",
-                        "running": "resume"}.get(c.state, "run"))
+                        "interrupted": "resume", "running": "wait, then skip"}.get(c.state, "run"))
         lines.append(f"{c.index:4d}  {c.run_id:<64s}  {action:<22s}  {c.describe()}")
         if c.problem:
             lines.append(f"      ! {c.problem}")

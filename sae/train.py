@@ -20,7 +20,6 @@ from typing import Any
 
 import hydra
 import torch
-from filelock import FileLock
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
@@ -35,6 +34,7 @@ from sae.runs import (
     code_version,
     run_dir,
     run_id,
+    run_lock,
     run_state,
     save_model,
     semantic_config,
@@ -79,7 +79,7 @@ def run_cell(cfg_node: DictConfig | RootConfig, command: str | None = None) -> d
     rid, directory = run_id(cfg), run_dir(cfg)
     directory.mkdir(parents=True, exist_ok=True)
     # One process per cell at a time: a second launch of the same cell waits here, then skips.
-    with FileLock(str(directory / ".lock")):
+    with run_lock(directory):
         if run_state(directory) == "done" and not cfg.force:
             log.info("run %s is already done (%s); skipping", rid, directory)
             return {"run_id": rid, "state": "skipped", "reason": "already done",

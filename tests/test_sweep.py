@@ -169,3 +169,12 @@ def test_failing_cell_ends_failed_and_the_others_complete(tmp_path):
 
 def test_config_error_type_is_value_error():
     assert issubclass(ConfigError, ValueError)
+
+
+def test_running_status_without_a_live_process_is_interrupted(tmp_path):
+    from sae.runs import run_lock, run_state
+
+    write_status(tmp_path, "running")
+    assert run_state(tmp_path) == "interrupted"  # nobody holds the lock: the job was killed
+    with run_lock(tmp_path):
+        assert run_state(tmp_path) == "running"
