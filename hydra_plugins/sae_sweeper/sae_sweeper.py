@@ -28,8 +28,10 @@ log = logging.getLogger(__name__)
 @dataclass
 class SaeSweeperConf:
     _target_: str = "hydra_plugins.sae_sweeper.sae_sweeper.SaeSweeper"
-    max_batch_size: Optional[int] = None  # cells per launcher call; null = the whole grid at once
-    params: Optional[dict[str, str]] = None  # the grid: {key: "v1,v2,..."} (set by sweeps/*.yaml)
+    max_batch_size: Optional[int] = None  # noqa: UP045 (OmegaConf needs typing.Optional).
+    # cells per launcher call; null = the whole grid at once
+    params: Optional[dict[str, str]] = None  # noqa: UP045
+    # the grid: {key: "v1,v2,..."} (set by sweeps/*.yaml)
 
 
 ConfigStore.instance().store(group="hydra/sweeper", name="sae", node=SaeSweeperConf,
