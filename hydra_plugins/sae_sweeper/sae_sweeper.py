@@ -28,10 +28,11 @@ log = logging.getLogger(__name__)
 @dataclass
 class SaeSweeperConf:
     _target_: str = "hydra_plugins.sae_sweeper.sae_sweeper.SaeSweeper"
-    max_batch_size: Optional[int] = None  # noqa: UP045 (OmegaConf needs typing.Optional).
+    # (typing.Optional, not `X | None`: OmegaConf reads these annotations at runtime)
     # cells per launcher call; null = the whole grid at once
-    params: Optional[dict[str, str]] = None  # noqa: UP045
+    max_batch_size: Optional[int] = None  # noqa: UP045
     # the grid: {key: "v1,v2,..."} (set by sweeps/*.yaml)
+    params: Optional[dict[str, str]] = None  # noqa: UP045
 
 
 ConfigStore.instance().store(group="hydra/sweeper", name="sae", node=SaeSweeperConf,
