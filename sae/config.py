@@ -277,30 +277,26 @@ def register_configs() -> None:
     ConfigStore.instance().store(name="train_schema", node=RootConfig)
 
 
-def validate(cfg: DictConfig | RootConfig) -> RootConfig:
-    """Resolve a composed config and run every schema and cross-field check.
+def validate(cfg: DictConfig | RootConfig, schema: type = RootConfig) -> Any:
+    """Resolve a composed config against ``schema`` (``RootConfig``, or ``ExtractConfig`` for
+    the extract app) and run every schema and cross-field check.
 
     Returns the typed config. Raises :class:`ConfigError` naming the field and the fix.
     """
-    if isinstance(cfg, RootConfig):
+    if isinstance(cfg, schema):
         return cfg
     node = cfg.copy()
-    with_hydra = "hydra" in node
-    if with_hydra:
-        with_flag = OmegaConf.is_struct(node)
-        OmegaConf.set_struct(node, False)
-        node.pop("hydra")
-        OmegaConf.set_struct(node, with_flag)
+    OmegaConf.set_struct(node, False)
+    node.pop("hydra", None)  # Hydra's own node, present in composed configs
     try:
-        merged = OmegaConf.merge(OmegaConf.structured(RootConfig), node)
-        obj = OmegaConf.to_object(merged)
+        obj = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), node))
     except ConfigError:
         raise
     except OmegaConfBaseException as exc:
         raise ConfigError(f"{exc}. Fix: check the field's name and type in sae/config.py") from exc
     except ValueError as exc:  # raised by a __post_init__ check of a nested dataclass
         raise ConfigError(str(exc)) from exc
-    assert isinstance(obj, RootConfig)
+    assert isinstance(obj, schema)
     return obj
 
 

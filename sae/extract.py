@@ -24,11 +24,11 @@ import hydra
 import numpy as np
 import torch
 from hydra.core.config_store import ConfigStore
-from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf import DictConfig
 
-from sae.config import BackboneConfig, ConfigError, ExtractConfig
+from sae.config import BackboneConfig, ExtractConfig, validate
 from sae.data.images import ImageFileDataset, ImageSplit, collate_skipping
+from sae.device import resolve_device
 
 log = logging.getLogger(__name__)
 ConfigStore.instance().store(name="extract_schema", node=ExtractConfig)
@@ -47,15 +47,6 @@ class EmbedResult:
     backbone_info: dict[str, Any] = field(default_factory=dict)
     stats: dict[str, Any] = field(default_factory=dict)  # device, seconds, images/s, ...
 
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device: {name} but no CUDA device is visible. Fix: use device=auto "
-                          "or cpu, or request a GPU")
-    return device
 
 
 def embed_split(backbone_cfg: BackboneConfig, images: ImageSplit, out_file: Path,
@@ -219,19 +210,7 @@ def run_extract(cfg: ExtractConfig) -> list[Path]:
 
 def validate_extract(node: DictConfig) -> ExtractConfig:
     """Resolve a composed extract config and run its schema and cross-field checks."""
-    node = node.copy()
-    OmegaConf.set_struct(node, False)
-    node.pop("hydra", None)
-    try:
-        obj = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ExtractConfig), node))
-    except ConfigError:
-        raise
-    except OmegaConfBaseException as exc:
-        raise ConfigError(f"{exc}. Fix: check the field's name and type in sae/config.py") from exc
-    except ValueError as exc:  # a __post_init__ check of a nested dataclass
-        raise ConfigError(str(exc)) from exc
-    assert isinstance(obj, ExtractConfig)
-    return obj
+    return validate(node, ExtractConfig)
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="extract")

@@ -12,6 +12,12 @@ from typing import Any
 from sae.config import RootConfig
 from sae.losses import NMSE_CONVENTION
 
+# How every card asks to be read (METHOD.md s7: claims worded in proportion).
+PROPORTION_NOTE = (
+    "Read these numbers as: under these conditions (backbone, data, budget, regularizer, mask, "
+    "seeds), this configuration produced the values above. They are proxies for feature "
+    "coherence, not proof that a latent captures a human concept.")
+
 CARD_FIELDS = (
     "source_model", "dataset", "embedding_preprocessing", "dictionary_size", "topk_budget",
     "regularizer", "active_unit_mask_rule", "reconstruction", "monosemanticity",
@@ -93,8 +99,5 @@ def render_markdown(card: dict[str, Any], title: str) -> str:
             lines.extend(f"  - {k}: {v}" for k, v in value.items())
         else:
             lines.append(f"- **{label}**: {value}")
-    lines += ["", "Read these numbers as: under these conditions (backbone, data, budget, "
-              "regularizer, mask, seeds), this configuration produced the values above. They "
-              "are proxies for feature coherence, not proof that a latent captures a human "
-              "concept.", ""]
+    lines += ["", PROPORTION_NOTE, ""]
     return "\n".join(lines)

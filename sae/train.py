@@ -26,6 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from sae.config import RootConfig, register_configs, to_dict, validate
 from sae.data import EmbeddingSet, load_splits
+from sae.device import resolve_device
 from sae.method_card import render_markdown, run_card
 from sae.model import TopKSAE
 from sae.runs import (
@@ -45,16 +46,6 @@ from sae.trainer import Trainer
 
 log = logging.getLogger(__name__)
 register_configs()
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"train.device={name} but no CUDA device is visible. Fix: use "
-                           "train.device=auto or cpu, or request a GPU from the launcher")
-    return device
 
 
 def reproduce_command() -> str:
@@ -118,7 +109,7 @@ def build_model(cfg: RootConfig, dim: int, device: torch.device) -> TopKSAE:
 def train_and_evaluate(cfg: RootConfig, directory: Path, tracker, command: str) -> dict:
     from sae.evaluate import evaluate
 
-    device = pick_device(cfg.train.device)
+    device = resolve_device(cfg.train.device)
     started = time.perf_counter()
     train_set, eval_set = load_splits(cfg)
     check_dims(train_set, eval_set)

@@ -153,3 +153,15 @@ def slurm_cluster() -> Iterator[SlurmCluster]:
         if cluster.started_here:
             subprocess.run([str(SLURM_SCRIPT), "stop"], env=script_env, text=True,
                            capture_output=True, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny tensors: OpenMP start-up dominates, 15x slower with 2 threads on a busy machine.
+    Use with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

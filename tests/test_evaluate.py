@@ -21,13 +21,7 @@ from sae.model import TopKSAE
 D, N_LATENTS, K = 8, 32, 4
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: OpenMP start-up dominates, 15x slower with 2 threads on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _image(i: int) -> Image.Image:

@@ -20,14 +20,7 @@ from sklearn.metrics import r2_score as sk_r2_score
 from sae import metrics as M
 from sae.model import SparseCode, TopKSAE
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: OpenMP start-up dominates, 15x slower with 2 threads on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -23,7 +23,7 @@ from typing import Any
 
 import pandas as pd
 
-from sae.method_card import CARD_FIELDS
+from sae.method_card import CARD_FIELDS, PROPORTION_NOTE
 from sae.reporting.aggregate import SETTING_KEYS, finished_runs
 from sae.reporting.collect import read_json
 
@@ -257,8 +257,5 @@ def card_markdown(card: dict[str, Any], sweep_name: str) -> str:
             lines += [f"- **{label}**:", *render_value(value, 1)]
         else:
             lines.append(f"- **{label}**: {value}")
-    lines += ["", "Read these numbers as: under these conditions (backbones, data, budgets, "
-              "regularizers, masks, seeds), these configurations produced the values above. They "
-              "are proxies for feature coherence, not proof that a latent captures a human "
-              "concept.", ""]
+    lines += ["", PROPORTION_NOTE, ""]
     return "\n".join(lines)
