@@ -22,6 +22,7 @@ import argparse
 import contextlib
 import json
 import math
+import os
 import statistics
 import sys
 import time
@@ -246,7 +247,8 @@ def _case_record(args: argparse.Namespace, case: Case, kwargs: dict,
         "batch": args.batch, "dim": args.dim, "latents": args.latents, "k": args.k,
         "aux_k": kwargs["aux_k"], "dead": round(case.dead_fraction * args.latents),
         "bf16": args.bf16, "compiled": args.compile, "dead_bound": not args.no_dead_bound,
-        "threads": torch.get_num_threads(), "repeats": args.repeats,
+        "threads": torch.get_num_threads(), "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+        "repeats": args.repeats,
         "step_ms": best_ms("fast"), "encoder_product_ms": best_ms("product"),
         "ratio": ratio("fast"), "ratio_paired_median": paired("fast"),
         "reference_step_ms": best_ms("ref"), "reference_ratio": ratio("ref"),
