@@ -228,6 +228,14 @@ def test_dead_bound_paths():
     assert float(parts.auxk.detach()) == 0
 
 
+def test_second_backward_is_refused():
+    model = make_model()
+    parts, _ = fast_training_loss(model, unit_batch(8), **loss_kwargs("offsupport_l1"))
+    parts.total.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="runs once"):
+        parts.total.backward()
+
+
 def test_input_with_gradient_falls_back_to_the_reference():
     model = make_model()
     x = unit_batch(8).requires_grad_()
