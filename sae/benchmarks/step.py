@@ -1,7 +1,7 @@
 """Training-step benchmark: the fast step against one dense encoder product and the reference.
 
     python -m sae.bench step [--quick] [--device cuda] [--batch B --dim D --latents N --k K]
-    python -m sae.bench step --train [--bf16] [--epochs 50] [--max-seconds 120]
+    python -m sae.bench step --train --device cuda [--bf16] [--cuda-graph] [--max-seconds 60]
 
 One JSON line per case. A step is what the trainer does: zero_grad, loss, backward, decoder
 gradient projection, Adam, decoder normalisation, dead-latent counters; the fast step uses
@@ -69,14 +69,15 @@ WINDOW = 10_000_000  # dead window of the config (samples)
 def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m sae.bench step", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--batch", type=int)
-    p.add_argument("--dim", type=int)
-    p.add_argument("--latents", type=int)
-    p.add_argument("--k", type=int)
-    p.add_argument("--device", default="cpu")
+    sizes = "(default {}; --quick {}; --train {})"
+    for name, train_value in (("batch", 4096), ("dim", 1024), ("latents", 8192), ("k", 64)):
+        p.add_argument(f"--{name}", type=int,
+                       help=sizes.format(DEFAULT[name], QUICK[name], train_value))
+    p.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:1, ...")
     p.add_argument("--repeats", type=int, help="timed steps per case (default 5, quick 3)")
     p.add_argument("--quick", action="store_true", help=f"small size {QUICK}, < 1 min on 2 cores")
-    p.add_argument("--cases", help="comma-separated case names (default: all)")
+    p.add_argument("--cases", help="comma-separated, from: "
+                   + ", ".join(c.name for c in CASES).replace("%", "%%"))
     p.add_argument("--no-reference", action="store_true", help="skip the reference step")
     p.add_argument("--bf16", action="store_true",
                    help="autocast bf16 around the fast step and the product (no reference)")
