@@ -32,6 +32,8 @@ from sae.losses import training_loss
 from sae.model import TopKSAE
 from sae.regularizers import batch_active
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: one CPU thread is faster
+
 DEVICES = [
     "cpu",
     pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
