@@ -5,6 +5,10 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 DEMO_ROOT ?= outputs
+# OpenMP threads that spin while waiting made small steps several times slower whenever the
+# two cores are shared (parallel cells, SLURM tasks, the test suite); passive waiting costs
+# nothing measurable when a process has the machine to itself.
+export OMP_WAIT_POLICY ?= PASSIVE
 
 .PHONY: help install test test-fast demo lint bench slurm-up slurm-down clean
 

@@ -155,8 +155,8 @@ class TopKSAE(nn.Module):
         """Remove the gradient component parallel to each atom (it would only change its norm)."""
         grad = self.W_dec.grad
         if grad is not None:
-            parallel = (grad * self.W_dec).sum(dim=1, keepdim=True)
-            grad.sub_(parallel * self.W_dec)
+            parallel = torch.linalg.vecdot(grad, self.W_dec)  # (n,), no (n, d) temporary
+            grad.addcmul_(parallel.unsqueeze(1), self.W_dec, value=-1)
 
     @torch.no_grad()
     def normalize_decoder_(self) -> None:

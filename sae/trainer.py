@@ -84,8 +84,10 @@ def batch_indices(step: int, schedule: Schedule, seed: int, device: torch.device
 
 def make_optimizer(model: TopKSAE, cfg: RootConfig) -> torch.optim.Adam:
     t = cfg.train
+    # fused: one kernel over all parameters; on 2 CPU cores the default per-tensor loop cost
+    # 0.44 of an encoder product per step, the fused one 0.12 (sae.bench step).
     return torch.optim.Adam(model.parameters(), lr=t.lr, eps=t.adam_eps,
-                            betas=(t.adam_beta1, t.adam_beta2))
+                            betas=(t.adam_beta1, t.adam_beta2), fused=True)
 
 
 def loss_function(cfg: RootConfig):
