@@ -21,6 +21,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 REGULARIZERS = ("none", "offsupport_l1", "l1l2")
 DATASET_KINDS = ("synthetic", "digits", "files", "images")
+IMAGE_LAYOUTS = ("imagenet", "openimages", "digits_images")
 BACKBONE_LIBRARIES = ("none", "open_clip", "timm")
 
 
@@ -109,6 +110,9 @@ class DatasetConfig:
             _require(self.atoms_per_sample <= self.n_atoms, "dataset.atoms_per_sample",
                      "exceeds n_atoms", "lower atoms_per_sample or raise n_atoms")
             _require(self.noise >= 0, "dataset.noise", "is negative", "use noise >= 0")
+        if self.kind == "images":
+            _require(self.layout in IMAGE_LAYOUTS, "dataset.layout",
+                     f"unknown layout {self.layout!r}", f"use one of {IMAGE_LAYOUTS}")
         if self.kind == "files":
             _require(bool(self.train_path), "dataset.train_path", "is not set",
                      "point it to a .npy or .safetensors file of shape (N, d)")

@@ -31,6 +31,8 @@ from sae.data.images import ImageFileDataset, ImageSplit, collate_skipping
 from sae.device import resolve_device
 
 log = logging.getLogger(__name__)
+# Absolute, so the console scripts find the config tree as `python -m` does.
+CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 ConfigStore.instance().store(name="extract_schema", node=ExtractConfig)
 
 AUTOCAST_DTYPE = torch.float16  # GPU compute; a batch that overflows is redone in float32
@@ -213,7 +215,7 @@ def validate_extract(node: DictConfig) -> ExtractConfig:
     return validate(node, ExtractConfig)
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="extract")
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="extract")
 def main(node: DictConfig) -> None:
     run_extract(validate_extract(node))
 

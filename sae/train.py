@@ -45,6 +45,8 @@ from sae.tracking import start_tracking
 from sae.trainer import Trainer
 
 log = logging.getLogger(__name__)
+# Absolute, so the console scripts find the config tree as `python -m` does.
+CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 register_configs()
 
 
@@ -150,7 +152,7 @@ def write_card(cfg: RootConfig, metrics: dict, train_set: EmbeddingSet, eval_set
     atomic_write_text(directory / "method_card.md", render_markdown(card, directory.name))
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="train")
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
 def main(cfg: DictConfig) -> dict[str, Any]:
     return run_cell(cfg)
 

@@ -56,6 +56,7 @@ def test_every_sweep_file_composes(sweep):
     (["train.lr=0"], "train.lr"),
     (["dataset=digits", "backbone=vit_tiny"], "backbone: dataset 'digits' already holds"),
     (["dataset=imagenet"], "needs a backbone"),
+    (["dataset=imagenet", "backbone=vit_tiny", "dataset.layout=coco"], "dataset.layout"),
 ])
 def test_bad_values_name_the_field_and_the_fix(overrides, field):
     with pytest.raises(ConfigError, match="Fix:") as info:
