@@ -20,7 +20,6 @@ so a killed job never leaves a half-written file under a final name. ``done`` is
 
 from __future__ import annotations
 
-import copy
 import datetime as dt
 import functools
 import hashlib
@@ -253,7 +252,3 @@ def load_model(path: Path, device: str | torch.device = "cpu") -> TopKSAE:
                     layernorm=spec["layernorm"]).to(device)
     model.load_state_dict(tensors)
     return model
-
-
-def config_for_sidecar(cfg: RootConfig) -> dict[str, Any]:
-    return copy.deepcopy(to_dict(cfg))
