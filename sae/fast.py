@@ -442,18 +442,40 @@ def _weight(g_total: torch.Tensor | None, coefficient: float, g_part: torch.Tens
 
 
 def _penalty_grad(plan: StepPlan, pen: _PenaltyState, w_pen: torch.Tensor, batch: int
-                  ) -> torch.Tensor:
-    """G = w dR/dpre on the penalised columns."""
+                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """G = w dR/dpre on the penalised columns, as (H, c): G = c H with c a per-row scale
+    (B, 1), or (G, None). Factoring c out of the (B, m) pass and into the (B, d) input of the
+    product (G^T X = H^T (c X)) saves one pass over (B, m); taken where c is read for free (the
+    CPU) and is a safe divisor (the support's and AuxK's entries are written as g / c)."""
+    scale = w_pen / batch
     if plan.regularizer == "offsupport_l1":
         # [z > 0] / B off the support; the support's share is 0 (the Top-k values are
         # subtracted), left for the caller to overwrite with the reconstruction gradient.
-        return _Kernels.offsupport_grad(pen.z_bm, w_pen / batch)
+        if _foldable(scale, _Kernels.offsupport_grad is _offsupport_grad):
+            return pen.z_bm.sign_(), scale.reshape(1, 1).expand(batch, 1)
+        return _Kernels.offsupport_grad(pen.z_bm, scale), None
     # R_i = l1/(l2 + eps): dR_i/dz_ij = 1/(l2 + eps) - l1 z_ij / ((l2 + eps)^2 l2) where z > 0
     # (the floor on l2 passes no gradient, as the reference's clamp).
     denominator = pen.l2 + plan.eps
-    c1 = (w_pen / batch) / denominator
-    c2 = (w_pen / batch) * pen.l1 / (denominator.square() * pen.l2) * (pen.l2 > L2_FLOOR)
-    return _Kernels.l1l2_grad(pen.z_bm, c1.unsqueeze(1), c2.unsqueeze(1))
+    c1 = scale / denominator
+    if _foldable(c1, _Kernels.l1l2_grad is _l1l2_grad):
+        ratio = pen.l1 / (denominator * pen.l2) * (pen.l2 > L2_FLOOR)  # c2 / c1
+        h_bm = torch.sign(pen.z_bm).addcmul_(pen.z_bm, ratio.unsqueeze(1), value=-1.0)
+        return h_bm, c1.unsqueeze(1)
+    c2 = scale * pen.l1 / (denominator.square() * pen.l2) * (pen.l2 > L2_FLOOR)
+    return _Kernels.l1l2_grad(pen.z_bm, c1.unsqueeze(1), c2.unsqueeze(1)), None
+
+
+FOLD_RANGE = (1e-15, 1e15)  # |c| for which g / c and (g / c) c stay normal floats
+
+
+def _foldable(c: torch.Tensor, eager: bool) -> bool:
+    """Whether the row scale c can be factored out: eager kernels (the compiled ones already
+    fuse the passes), host memory (reading c waits for nothing) and every |c| in range."""
+    if not eager or c.device.type != "cpu":
+        return False
+    magnitude = c.abs()
+    return bool(((magnitude >= FOLD_RANGE[0]) & (magnitude <= FOLD_RANGE[1])).all())
 
 
 class _FusedLoss(torch.autograd.Function):
@@ -550,16 +572,24 @@ def _encoder_grad_dense(plan: StepPlan, s: _Saved, w_pen: torch.Tensor, g_values
     """grad of pre = the penalty's G (dense on its columns) + the support's and AuxK's
     entries; grad W_enc = G^T X: one product over the penalised columns."""
     pen, x_c = s.penalty, s.x_centered_bd
-    g_bm = _penalty_grad(plan, pen, w_pen, x_c.shape[0])
-    if plan.regularizer == "offsupport_l1":
-        g_bm.scatter_(1, pen.support_bk, g_values)  # the penalty's support share is 0
-    else:
-        g_bm.scatter_add_(1, pen.support_bk, g_values)
+    g_bm, c_b1 = _penalty_grad(plan, pen, w_pen, x_c.shape[0])  # G = c H: H in g_bm
     fold_aux = g_aux_bc is not None and pen.cols is None
+    g_support, g_aux = g_values, g_aux_bc if fold_aux else None
+    if c_b1 is not None:
+        g_support = g_values / c_b1
+        g_aux = None if g_aux is None else g_aux / c_b1
+    if plan.regularizer == "offsupport_l1":
+        g_bm.scatter_(1, pen.support_bk, g_support)  # the penalty's support share is 0
+    else:
+        g_bm.scatter_add_(1, pen.support_bk, g_support)
     if fold_aux:
-        g_bm.index_add_(1, s.aux.cols, g_aux_bc)
-    g_W_m = _dense_product(g_bm.t(), x_c, plan.compute_dtype)  # (m, d): m x B x d
-    g_b_m = g_bm.sum(dim=0)
+        g_bm.index_add_(1, s.aux.cols, g_aux)
+    if c_b1 is None:
+        g_W_m = _dense_product(g_bm.t(), x_c, plan.compute_dtype)  # (m, d): m x B x d
+        g_b_m = g_bm.sum(dim=0)
+    else:  # G^T X = H^T (c X), G^T 1 = H^T c
+        g_W_m = _dense_product(g_bm.t(), x_c * c_b1, plan.compute_dtype)
+        g_b_m = torch.mv(g_bm.t(), c_b1.reshape(-1).contiguous())
     if pen.cols is None:
         g_W_enc, g_b_enc = g_W_m, g_b_m
     else:

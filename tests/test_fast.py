@@ -158,6 +158,19 @@ def test_matches_reference_tied_layernorm_many_dead(regularizer, device, monkeyp
     check_case(regularizer, True, True, True, 20, "dense", device, monkeypatch)
 
 
+@pytest.mark.parametrize("folded", [True, False], ids=["folded", "unfolded"])
+@pytest.mark.parametrize("path,mask", [("gathered", True), ("dense", True), ("dense", False)])
+@pytest.mark.parametrize("regularizer", ["offsupport_l1", "l1l2"])
+def test_penalty_row_scale_paths(regularizer, path, mask, folded, monkeypatch):
+    """The penalty gradient's row scale factored into the product's (B, d) input (the CPU's
+    default) or applied on the (B, m) pass (other devices, compiled kernels, a scale out of
+    range); with AuxK folded into the penalised columns or added apart."""
+    if not folded:
+        monkeypatch.setattr(fast, "FOLD_RANGE", (float("inf"), float("inf")))
+    assert fast._foldable(torch.tensor([0.01]), True) == folded
+    check_case(regularizer, mask, False, False, 20, path, "cpu", monkeypatch)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("part", ["nmse", "auxk", "penalty"])
 def test_gradient_of_each_part(part, device):
