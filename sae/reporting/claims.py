@@ -118,14 +118,9 @@ def against_baseline(summary: pd.DataFrame, regularizers: tuple[str, ...], metri
     comparisons = []
     baselines = summary[summary["regularizer"] == "none"]
     for _, row in rows[rows["regularizer"].isin(regularizers)].iterrows():
-        same = (baselines[list(GROUP_KEYS)] == row[list(GROUP_KEYS)]).all(axis=1)
-        if not same.any():
-            continue
-        base = baselines[same].iloc[0]
-        (b, b_std), (v, v_std) = _stat(base, metric), _stat(row, metric)
-        if math.isnan(b) or math.isnan(v):
-            continue
-        comparisons.append(Comparison(_setting(row), metric, b, b_std, v, v_std, holds(v, b)))
+        found = _compare_with_match(baselines, list(GROUP_KEYS), row, metric, holds,
+                                    _setting(row))
+        comparisons += [found] if found else []
     return comparisons, [n for n in notes if n.split()[0] in regularizers]
 
 
@@ -136,16 +131,23 @@ def mask_pairs(summary: pd.DataFrame, metric: str, holds: Callable[[float, float
     on = summary[summary["mask_label"] == "on"]
     comparisons = []
     for _, off_row in summary[summary["mask_label"] == "off"].iterrows():
-        same = (on[keys] == off_row[keys]).all(axis=1)
-        if not same.any():
-            continue
-        on_row = on[same].iloc[0]
-        (r, r_std), (v, v_std) = _stat(on_row, metric), _stat(off_row, metric)
-        if math.isnan(r) or math.isnan(v):
-            continue
-        comparisons.append(Comparison(_setting(off_row, with_mask=False) + ": off vs on",
-                                      metric, r, r_std, v, v_std, holds(v, r)))
+        found = _compare_with_match(on, keys, off_row, metric, holds,
+                                    _setting(off_row, with_mask=False) + ": off vs on")
+        comparisons += [found] if found else []
     return comparisons
+
+
+def _compare_with_match(references: pd.DataFrame, keys: list[str], row: pd.Series, metric: str,
+                        holds: Callable[[float, float], bool], label: str) -> Comparison | None:
+    """``row`` against the first reference row equal to it on ``keys``; None when there is no
+    such row or either value is missing."""
+    same = (references[keys] == row[keys]).all(axis=1)
+    if not same.any():
+        return None
+    (r, r_std), (v, v_std) = _stat(references[same].iloc[0], metric), _stat(row, metric)
+    if math.isnan(r) or math.isnan(v):
+        return None
+    return Comparison(label, metric, r, r_std, v, v_std, holds(v, r))
 
 
 # -- verdicts -------------------------------------------------------------------------------------
