@@ -91,24 +91,34 @@ def make_optimizer(model: TopKSAE, cfg: RootConfig) -> torch.optim.Adam:
 
 
 def loss_function(cfg: RootConfig):
-    """The reference objective, or the fused sparse one (same values and gradients)."""
+    """The reference objective, or the fused sparse one (same values and gradients).
+    ``train.compile`` fuses the fast step's regularizer passes with torch.compile (the part of
+    the step where it was measured to help; sae.fast.use_compiled_kernels)."""
     if cfg.train.fast_path:
         try:
-            from sae.fast import fast_training_loss
+            from sae import fast
         except ImportError:  # the fast path is optional; the reference is always there
             return training_loss
-        return fast_training_loss
+        fast.use_compiled_kernels(cfg.train.compile)
+        return fast.fast_training_loss
     return training_loss
 
 
+def autocast(device: torch.device, enabled: bool):
+    """bf16 autocast around the loss (the dense products in bf16; parameters, Adam and the
+    elementwise parts stay float32: fp32 master weights)."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
+
+
 def train_step(model: TopKSAE, optimizer: torch.optim.Optimizer, x: torch.Tensor,
-               state: TrainState, loss_fn, loss_kwargs: dict[str, Any], dead_window: int
-               ) -> torch.Tensor:
+               state: TrainState, loss_fn, loss_kwargs: dict[str, Any], dead_window: int,
+               bf16: bool = False) -> torch.Tensor:
     """One optimizer step. Returns the detached (total, nmse, auxk, penalty) as one device
     tensor; nothing here waits for the device."""
     optimizer.zero_grad(set_to_none=True)
     dead = state.samples_since_fired >= dead_window
-    parts, out = loss_fn(model, x, dead=dead, **loss_kwargs)
+    with autocast(x.device, bf16):
+        parts, out = loss_fn(model, x, dead=dead, **loss_kwargs)
     parts.total.backward()
     model.project_decoder_grad_()
     optimizer.step()
@@ -198,6 +208,10 @@ class Trainer:
                                 mask=cfg.mask, eps=cfg.regularizer.eps, aux_alpha=cfg.sae.aux_alpha,
                                 aux_k=max(aux_k, 1))
         self.resumed_from: int | None = None
+        # On an accelerator the fast step gets a host upper bound on the dead count (AuxK then
+        # gathers that many columns, not all n); the CPU reads the count itself.
+        self.pass_dead_bound = self.loss_fn is not training_loss and self.device.type != "cpu"
+        self.dead_bound: int | None = None  # valid until the next log step
         self.encoder_scale: float | None = None  # set by the initial calibration
 
     def initial_state(self) -> TrainState:
@@ -229,10 +243,12 @@ class Trainer:
                 idx = batch_indices(state.step, self.schedule, self.cfg.seed, self.device,
                                     perm_cache)
                 accumulated.append(train_step(self.model, self.optimizer, self.x[idx], state,
-                                              self.loss_fn, self.loss_kwargs, window))
+                                              self.loss_fn, self.step_kwargs(state, window),
+                                              window, self.cfg.train.autocast_bf16))
                 at_end = state.step == total
                 if state.step % self.cfg.train.log_every == 0 or at_end:
                     progress.update(state.step, self._log(state, accumulated, window))
+                    self.dead_bound = None  # read again at the next step (a log step)
                     accumulated = []
                 elif progress.tty:
                     progress.update(state.step)
@@ -243,6 +259,19 @@ class Trainer:
         finally:
             progress.close()
         return state
+
+    def step_kwargs(self, state: TrainState, window: int) -> dict[str, Any]:
+        """The loss's keyword arguments, with the dead-count bound where it is passed: read
+        once after each log step (the host synchronises there anyway) for the log_every steps
+        until the next one; counters grow by at most that many samples meanwhile."""
+        if not self.pass_dead_bound:
+            return self.loss_kwargs
+        if self.dead_bound is None:
+            from sae.fast import dead_count_bound
+
+            horizon = self.cfg.train.log_every * self.schedule.batch_size
+            self.dead_bound = dead_count_bound(state.samples_since_fired, window, horizon)
+        return {**self.loss_kwargs, "dead_bound": self.dead_bound}
 
     def _log(self, state: TrainState, losses: list[torch.Tensor], window: int
              ) -> dict[str, float]:

@@ -44,6 +44,17 @@ D, N, K, AUX_K = 16, 256, 4, 6
 # The masked penalty's columns: B k <= n / 2 bounds |A| on the host ("gathered"); on the CPU
 # the exact |A| (~0.34 n at B = 48) is read too ("counted"); "dense" forbids gathering.
 BATCH = {"gathered": 24, "counted": 48, "dense": 96}
+# The two formulations of the k-sparse parts (sae.fast.set_formulation), each on any device:
+# gathers / embedding-bags with Top-k by group maxima (the CPU's), and products with the dense
+# code with torch.topk (CUDA's under bf16).
+FORMULATIONS = {"sparse": ("sparse", "chunks"), "dense": ("dense", "plain")}
+
+
+@pytest.fixture(params=list(FORMULATIONS))
+def formulation(request):
+    fast.set_formulation(*FORMULATIONS[request.param])
+    yield request.param
+    fast.set_formulation()
 
 
 def make_model(*, d=D, n=N, k=K, tied=False, layernorm=False, device="cpu", seed=0) -> TopKSAE:
@@ -118,6 +129,9 @@ def check_case(regularizer, mask, tied, layernorm, n_dead, path, device, monkeyp
     x = unit_batch(BATCH[path], device=device)
     kwargs = loss_kwargs(regularizer, mask, dead_mask(n_dead, device=device), device=device)
     plan = make_plan(model, x, dead_bound=None, **kwargs)
+    if fast._formulation["decoder"] != "auto":  # the formulation asked for is the one tested
+        assert plan.dense_decoder == (fast._formulation["decoder"] == "dense")
+        assert plan.chunked_topk == (fast._formulation["topk"] == "chunks")
     assert (plan.active_cols < N) == (mask and regularizer != "none" and path == "gathered")
     ref_parts, ref_grads = assert_same_step(model, x, kwargs)
     if mask and regularizer != "none":  # which columns the masked penalty works on
@@ -135,7 +149,7 @@ def check_case(regularizer, mask, tied, layernorm, n_dead, path, device, monkeyp
 @pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
 @pytest.mark.parametrize("mask", [True, False], ids=["mask", "nomask"])
 @pytest.mark.parametrize("regularizer", REGULARIZERS)
-def test_matches_reference(regularizer, mask, tied, layernorm, device, monkeypatch):
+def test_matches_reference(regularizer, mask, tied, layernorm, device, monkeypatch, formulation):
     """Every regularizer x mask x tied x LayerNorm; 3 dead latents (< aux_k: AuxK on all of
     them); masked penalties on the gathered batch-active columns."""
     check_case(regularizer, mask, tied, layernorm, 3, "gathered", device, monkeypatch)
@@ -146,7 +160,8 @@ def test_matches_reference(regularizer, mask, tied, layernorm, device, monkeypat
 @pytest.mark.parametrize("mask", [True, False], ids=["mask", "nomask"])
 @pytest.mark.parametrize("regularizer", REGULARIZERS)
 @pytest.mark.parametrize("path", ["counted", "dense"])
-def test_matches_reference_more_columns(regularizer, mask, n_dead, path, device, monkeypatch):
+def test_matches_reference_more_columns(regularizer, mask, n_dead, path, device, monkeypatch,
+                                        formulation):
     """No dead latent (AuxK an exact zero, skipped) and more dead latents than aux_k (a Top-k
     among them); masked penalties on the counted active columns, or on all n."""
     check_case(regularizer, mask, False, False, n_dead, path, device, monkeypatch)
@@ -154,7 +169,7 @@ def test_matches_reference_more_columns(regularizer, mask, n_dead, path, device,
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("regularizer", REGULARIZERS)
-def test_matches_reference_tied_layernorm_many_dead(regularizer, device, monkeypatch):
+def test_matches_reference_tied_layernorm_many_dead(regularizer, device, monkeypatch, formulation):
     check_case(regularizer, True, True, True, 20, "dense", device, monkeypatch)
 
 
@@ -173,7 +188,7 @@ def test_penalty_row_scale_paths(regularizer, path, mask, folded, monkeypatch):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("part", ["nmse", "auxk", "penalty"])
-def test_gradient_of_each_part(part, device):
+def test_gradient_of_each_part(part, device, formulation):
     """Backward from one part alone (the others' gradients are None in the Function)."""
     model = make_model(device=device)
     kwargs = loss_kwargs("l1l2", True, dead_mask(3, device=device), device=device)
@@ -181,7 +196,7 @@ def test_gradient_of_each_part(part, device):
 
 
 @pytest.mark.parametrize("regularizer", REGULARIZERS)
-def test_k_equals_n(regularizer):
+def test_k_equals_n(regularizer, formulation):
     model = make_model(n=32, k=32)
     x = unit_batch(16)
     kwargs = loss_kwargs(regularizer, True, dead_mask(2, n=32), n=32, aux_k=8)
@@ -190,7 +205,7 @@ def test_k_equals_n(regularizer):
 
 @pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
 @pytest.mark.parametrize("regularizer", REGULARIZERS)
-def test_batch_of_one(regularizer, tied):
+def test_batch_of_one(regularizer, tied, formulation):
     """The batch variance is 0 (floored): huge but finite values, still equal."""
     model = make_model(tied=tied)
     kwargs = loss_kwargs(regularizer, True, dead_mask(3))
@@ -198,7 +213,7 @@ def test_batch_of_one(regularizer, tied):
 
 
 @pytest.mark.parametrize("regularizer", REGULARIZERS)
-def test_all_zero_codes(regularizer):
+def test_all_zero_codes(regularizer, formulation):
     """Every pre-activation negative: the codes and the penalties are 0 (AuxK is not: it
     predicts a zero residual)."""
     model = make_model()
@@ -211,7 +226,7 @@ def test_all_zero_codes(regularizer):
     assert float(ref_grads["b_pre"].abs().max()) > 0  # the reconstruction still pulls b_pre
 
 
-def test_zero_input_and_biases():
+def test_zero_input_and_biases(formulation):
     """x = 0 and zero biases: pre is exactly 0 everywhere (all ties); every value is 0."""
     model = make_model()
     with torch.no_grad():
@@ -259,7 +274,7 @@ def test_input_with_gradient_falls_back_to_the_reference():
     assert x.grad is not None and float(x.grad.abs().max()) > 0
 
 
-def test_autocast_bf16_close_to_float32():
+def test_autocast_bf16_close_to_float32(formulation):
     """Autocast: the two dense products in bf16, the rest in float32 (loose tolerance)."""
     model = make_model(d=64, n=512, k=8)
     x = unit_batch(64, d=64)
@@ -291,7 +306,7 @@ def trainer_step(model: TopKSAE, optimizer, x, loss_fn, kwargs) -> None:
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("regularizer,tied", [("none", False), ("offsupport_l1", True),
                                               ("l1l2", False), ("l1l2", True)])
-def test_optimizer_steps_give_the_same_weights(regularizer, tied, device):
+def test_optimizer_steps_give_the_same_weights(regularizer, tied, device, formulation):
     fast_model = make_model(tied=tied, device=device)
     ref_model = copy.deepcopy(fast_model)
     start = {name: p.detach().clone() for name, p in ref_model.named_parameters()}

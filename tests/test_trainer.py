@@ -3,10 +3,11 @@
 import torch
 import torch.nn.functional as F
 
+from sae import fast
 from sae.data.synthetic import load_synthetic
 from sae.model import TopKSAE
 from sae.tracking import NullTracker
-from sae.trainer import DivergedError, Schedule, Trainer
+from sae.trainer import DivergedError, Schedule, Trainer, loss_function
 from tests.helpers import synthetic_cfg
 
 
@@ -73,3 +74,48 @@ def test_diverging_run_raises_with_the_fix(tmp_path):
         assert "train.lr" in str(exc)
     else:
         raise AssertionError("a learning rate of 1e30 should diverge")
+
+
+def test_bf16_autocast_trains_close_to_float32_with_float32_weights(tmp_path):
+    base = dict(reg="l1l2", strength=0.05, n_train=2000, batch=256, n_latents=128, k=4,
+                max_steps=10)
+    x = load_synthetic(synthetic_cfg(**base).dataset)[0].x
+    fp32, _, _ = train(synthetic_cfg(**base), x, tmp_path / "a.safetensors")
+    bf16, _, _ = train(synthetic_cfg(autocast_bf16=True, **base), x, tmp_path / "b.safetensors")
+    for name, value in bf16.state_dict().items():
+        assert value.dtype == torch.float32, name  # master weights stay float32
+    drift = (bf16.W_dec - fp32.W_dec).detach().abs().max() / fp32.W_dec.detach().abs().max()
+    assert 0 < float(drift) < 0.05  # the products ran in bf16, and training still agrees
+
+
+def test_compile_option_swaps_the_regularizer_kernels():
+    try:
+        loss_function(synthetic_cfg(compile=True))
+        assert fast._Kernels.l1l2_forward is not fast._l1l2_forward
+    finally:
+        loss_function(synthetic_cfg())
+    assert fast._Kernels.l1l2_forward is fast._l1l2_forward
+
+
+def test_dead_bound_covers_the_dead_count_until_the_next_log(tmp_path):
+    """Where the bound is passed (accelerators; forced here), every step's dead count stays
+    under it, and it is read once per log interval."""
+    cfg = synthetic_cfg(max_steps=40, n_train=2000, n_latents=1024, k=2, log_every=7)
+    x = load_synthetic(cfg.dataset)[0].x
+    model = TopKSAE(x.shape[1], cfg.sae.n_latents, cfg.k)
+    trainer = Trainer(cfg, model, x, tmp_path / "e.safetensors", NullTracker(), {})
+    assert not trainer.pass_dead_bound  # the CPU reads the count itself
+    trainer.pass_dead_bound = True
+    seen = []
+
+    def checked_loss(model, x, *, dead, dead_bound, **kwargs):
+        seen.append((int(dead.sum()), dead_bound))
+        return fast.fast_training_loss(model, x, dead=dead, dead_bound=dead_bound, **kwargs)
+
+    trainer.loss_fn = checked_loss
+    trainer.run()
+    assert len(seen) == 40
+    assert all(count <= bound for count, bound in seen)
+    assert max(count for count, _ in seen) > 0  # latents did die: the bound was tested
+    bounds = [bound for _, bound in seen]
+    assert all(len(set(bounds[i:i + 7])) == 1 for i in range(0, 40, 7))  # one per interval

@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from sae import fast
 from sae.fast import (
     dead_count_bound,
     fast_training_loss,
@@ -83,11 +84,19 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
                    help="autocast bf16 around the fast step and the product (no reference)")
     p.add_argument("--compile", action="store_true",
                    help="fuse the regularizers' elementwise passes (sae.fast.use_compiled_kernels)")
+    p.add_argument("--decoder", choices=fast.DECODER_MODES, default="auto",
+                   help="formulation of the k-sparse parts: gathers (sparse) or products with "
+                        "the dense code (dense); auto = by device (sae.fast.set_formulation)")
+    p.add_argument("--topk", choices=fast.TOPK_MODES, default="auto",
+                   help="Top-k by group maxima (chunks) or torch.topk (plain); auto = by device")
     p.add_argument("--no-dead-bound", action="store_true",
                    help="call the fast step without dead_bound, as a trainer that does not "
                         "pass one (on CUDA AuxK then looks at all n columns)")
     p.add_argument("--no-tune-allocator", action="store_true",
                    help="leave glibc's allocator as it is (see sae.fast.tune_cpu_allocator)")
+    p.add_argument("--profile", type=int, metavar="ROWS", default=0,
+                   help="also profile 3 fast steps per case and print the ROWS costliest ops "
+                        "(device time on CUDA, CPU time otherwise) to stderr")
     p.add_argument("--out", type=Path, help="also append the JSON lines to this file")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's)")
@@ -103,6 +112,12 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.cuda_graph and not (args.train and args.device.startswith("cuda")):
         p.error("--cuda-graph needs --train and a CUDA --device")
+    if args.cases is not None:
+        args.cases = args.cases.split(",")
+        unknown = sorted(set(args.cases) - {c.name for c in CASES})
+        if unknown:
+            p.error(f"unknown case(s) {', '.join(unknown)}; choose from "
+                    + ", ".join(c.name for c in CASES))
     size = QUICK if args.quick else DEFAULT
     if args.train:
         size = {"batch": 4096, "dim": 1024, "latents": 8192, "k": 64}
@@ -224,7 +239,24 @@ def bench_case(args: argparse.Namespace, case: Case) -> dict:
         times["fast"].append(_timed(lambda: fast_step(x), args.device))  # noqa: B023
         if ref is not None:
             times["ref"].append(_timed(lambda: ref_step(x), args.device))  # noqa: B023
+    if args.profile:
+        print(f"--- profile of 3 fast steps: {case.name}", file=sys.stderr)
+        print(profile_table(lambda: [fast_step(x) for x in batches[:3]], args.device,
+                            args.profile), file=sys.stderr, flush=True)
     return _case_record(args, case, kwargs, times)
+
+
+def profile_table(fn: Callable[[], object], device: str, rows: int) -> str:
+    """The costliest ops of ``fn`` by self time: where a step's time goes, op by op."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    on_cuda = device.startswith("cuda")
+    if on_cuda:
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as prof:
+        fn()
+        _sync(device)
+    sort_by = "self_device_time_total" if on_cuda else "self_cpu_time_total"
+    return prof.key_averages().table(sort_by=sort_by, row_limit=rows)
 
 
 def _case_record(args: argparse.Namespace, case: Case, kwargs: dict,
@@ -248,6 +280,7 @@ def _case_record(args: argparse.Namespace, case: Case, kwargs: dict,
         "batch": args.batch, "dim": args.dim, "latents": args.latents, "k": args.k,
         "aux_k": kwargs["aux_k"], "dead": round(case.dead_fraction * args.latents),
         "bf16": args.bf16, "compiled": args.compile, "dead_bound": not args.no_dead_bound,
+        **formulation(args),
         "threads": torch.get_num_threads(), "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
         "repeats": args.repeats,
         "step_ms": best_ms("fast"), "encoder_product_ms": best_ms("product"),
@@ -286,8 +319,10 @@ class EagerStep:
 class GraphStep(EagerStep):
     """The same step captured once as a CUDA graph and replayed: possible because the fast
     step never synchronises and its shapes depend only on host integers. The AuxK column
-    count is baked in, so the graph is captured again (3 uncounted warm-up steps each time)
-    when the dead-count bound outgrows it (capacities are powers of two)."""
+    count is baked in, so the graph is captured again when the dead-count bound outgrows it
+    (capacities are powers of two). A capture leaves the training state as it found it: its
+    warm-up steps run on a snapshot that is restored afterwards (tests/test_bench.py checks
+    that replays train exactly as the eager step)."""
 
     def __init__(self, trainee: Trainee, kwargs: dict, window: int, autocast: bool,
                  batch: int, dim: int) -> None:
@@ -297,10 +332,10 @@ class GraphStep(EagerStep):
         self.captures = 0
 
     def __call__(self, x: torch.Tensor, dead_bound: int) -> torch.Tensor:
+        self.x.copy_(x)
         if dead_bound > self.capacity:
             n = self.trainee.model.n_latents
             self._capture(0 if dead_bound == 0 else min(n, 1 << (dead_bound - 1).bit_length()))
-        self.x.copy_(x)
         self.graph.replay()
         return self.loss.clone()
 
@@ -319,6 +354,9 @@ class GraphStep(EagerStep):
         return torch.stack([parts.total, parts.nmse]).detach()
 
     def _capture(self, capacity: int) -> None:
+        saved = self._state_tensors()
+        with torch.no_grad():  # a clone in the autograd graph would keep a stale
+            snapshot = [tensor.clone() for tensor in saved]  # AccumulateGrad node alive
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):  # warm-up on a side stream, as torch.cuda.graphs asks
@@ -326,12 +364,30 @@ class GraphStep(EagerStep):
                 self.trainee.optimizer.zero_grad(set_to_none=True)
                 self._body(capacity)
         torch.cuda.current_stream().wait_stream(side)
+        self._restore(saved, snapshot)
         self.trainee.optimizer.zero_grad(set_to_none=True)  # grads: allocated in the graph
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
             self.loss = self._body(capacity)
         self.capacity = capacity
         self.captures += 1
+
+    def _state_tensors(self) -> list[torch.Tensor]:
+        t = self.trainee
+        optimizer_state = [value for state in t.optimizer.state.values()
+                           for value in state.values() if torch.is_tensor(value)]
+        return [*t.model.parameters(), t.samples_since_fired, *optimizer_state]
+
+    def _restore(self, saved: list[torch.Tensor], snapshot: list[torch.Tensor]) -> None:
+        """Undo the warm-up steps. Optimizer state they created (Adam's moments and step
+        count, made at the first step) goes back to its initial value, zero."""
+        known = {id(tensor) for tensor in saved}
+        with torch.no_grad():
+            for tensor, value in zip(saved, snapshot):
+                tensor.copy_(value)
+            for tensor in self._state_tensors():
+                if id(tensor) not in known:
+                    tensor.zero_()
 
 
 def bench_train(args: argparse.Namespace) -> dict:
@@ -374,6 +430,7 @@ def bench_train(args: argparse.Namespace) -> dict:
         "bench": "train", "device": args.device, "samples": args.samples, "dim": args.dim,
         "latents": args.latents, "k": args.k, "batch": args.batch, "regularizer": "l1l2+mask",
         "bf16": args.bf16, "compiled": args.compile, "cuda_graph": args.cuda_graph,
+        **formulation(args),
         "graph_captures": getattr(step, "captures", None), "steps": done,
         "epochs_done": round(epochs_done, 3), "epochs_target": args.epochs,
         "seconds": round(seconds, 2), "epochs_per_s": round(epochs_done / seconds, 4),
@@ -384,6 +441,14 @@ def bench_train(args: argparse.Namespace) -> dict:
         **dict(zip(("last_loss", "last_nmse"),
                    (round(v, 5) for v in torch.stack(losses).mean(dim=0).tolist()))),
     }
+
+
+def formulation(args: argparse.Namespace) -> dict:
+    """The formulation the fast step took (what "auto" resolved to)."""
+    device = torch.device(args.device).type
+    dtype = torch.bfloat16 if args.bf16 else None
+    return {"decoder": "dense" if fast._dense_decoder(device, dtype) else "sparse",
+            "topk": "chunks" if fast._chunked_topk(device) else "plain"}
 
 
 def emit(record: dict, out: Path | None) -> None:
@@ -403,14 +468,14 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
         tune_cpu_allocator()
     if args.device.startswith("cuda"):
         torch.backends.cuda.matmul.allow_tf32 = False  # float32 means float32 here
+    fast.set_formulation(args.decoder, args.topk)
     if args.compile:
         use_compiled_kernels()
     if args.train:
         records = [bench_train(args)]
         emit(records[0], args.out)
         return records
-    chosen = CASES if args.cases is None else [c for c in CASES if c.name in
-                                               args.cases.split(",")]
+    chosen = CASES if args.cases is None else [c for c in CASES if c.name in args.cases]
     records = []
     for case in chosen:
         records.append(bench_case(args, case))

@@ -1,0 +1,91 @@
+"""The step benchmark (``python -m sae.bench step``): its records, its timed training run, and
+(on CUDA) that the CUDA-graph replay of the training run trains exactly as the eager step."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+
+from sae.benchmarks import step as bench
+from sae.fast import dead_count_bound
+
+TINY = ["--batch", "64", "--dim", "32", "--latents", "512", "--k", "8", "--repeats", "2",
+        "--no-tune-allocator"]
+cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def test_step_bench_prints_one_record_per_case_with_consistent_ratios(tmp_path, one_thread):
+    out = tmp_path / "step.jsonl"
+    records = bench.main([*TINY, "--cases", "none,l1l2+mask", "--out", str(out)])
+    assert [r["case"] for r in records] == ["none", "l1l2+mask"]
+    assert [json.loads(line) for line in out.read_text().splitlines()] == records
+    for r in records:
+        assert r["step_ms"] > 0 and r["encoder_product_ms"] > 0 and r["reference_step_ms"] > 0
+        # Ratios are of best times, rounded: recomputable from the printed milliseconds.
+        assert r["ratio"] == pytest.approx(r["step_ms"] / r["encoder_product_ms"], rel=0.1)
+        assert r["reference_ratio"] == pytest.approx(
+            r["reference_step_ms"] / r["encoder_product_ms"], rel=0.1)
+
+
+def test_step_bench_rejects_unknown_cases_and_graphs_off_cuda():
+    with pytest.raises(SystemExit):
+        bench.parse(["--cuda-graph"])
+    with pytest.raises(SystemExit):
+        bench.main([*TINY, "--cases", "l1l2+mask,nonsense"])
+
+
+def test_train_bench_runs_the_requested_epochs_and_extrapolates(one_thread):
+    args = ["--train", "--samples", "2048", "--batch", "256", "--dim", "32", "--latents", "256",
+            "--k", "8", "--epochs", "2", "--log-every", "4", "--no-tune-allocator"]
+    record = bench.main(args)[0]
+    assert record["steps"] == 2 * (2048 // 256)
+    assert record["epochs_done"] == 2.0 and record["total_s_actual"] is not None
+    assert record["total_s_extrapolated"] == pytest.approx(record["total_s_actual"], abs=0.1)
+    assert 0 < record["last_nmse"] < 2
+
+
+def _graph_and_eager(window: int):
+    args = bench.parse(["--train", "--device", "cuda", "--samples", "4096", "--batch", "256",
+                        "--dim", "64", "--latents", "512", "--k", "8"])
+    data = bench.unit_embeddings(args.samples, args.dim, "cuda", seed=0)
+    kwargs = bench.loss_kwargs(args, bench.Case("l1l2+mask", "l1l2", True))
+    trainee = bench.make_trainee(args, seed=0, capturable=True)
+    trainee.model.init_b_pre_(data[:1024])
+    eager = bench.EagerStep(copy.deepcopy(trainee), kwargs, window, autocast=False)
+    graph = bench.GraphStep(trainee, kwargs, window, False, args.batch, args.dim)
+    return data.split(args.batch), eager, graph
+
+
+def _assert_same_training_state(eager: bench.EagerStep, graph: bench.GraphStep) -> None:
+    for (name, p_eager), p_graph in zip(eager.trainee.model.named_parameters(),
+                                        graph.trainee.model.parameters()):
+        torch.testing.assert_close(p_graph, p_eager, rtol=1e-4, atol=1e-6, msg=name)
+    assert torch.equal(graph.trainee.samples_since_fired, eager.trainee.samples_since_fired)
+
+
+@cuda_only
+@pytest.mark.gpu
+def test_cuda_graph_replay_trains_exactly_as_the_eager_step():
+    batches, eager, graph = _graph_and_eager(window=10**9)
+    for x in batches[:6]:
+        torch.testing.assert_close(graph(x, 0), eager(x, 0), rtol=1e-4, atol=1e-6)
+    assert graph.captures == 1
+    _assert_same_training_state(eager, graph)
+
+
+@cuda_only
+@pytest.mark.gpu
+def test_cuda_graph_recaptures_without_training_when_latents_die():
+    # A window of 2 batches: latents that miss 2 batches are dead, AuxK wakes, the dead-count
+    # bound grows and the graph is captured again; captures must not train.
+    batches, eager, graph = _graph_and_eager(window=2 * 256)
+    bound = 0
+    for x in batches:
+        torch.testing.assert_close(graph(x, bound), eager(x, bound), rtol=1e-4, atol=1e-5)
+        bound = dead_count_bound(eager.trainee.samples_since_fired, 2 * 256, 256)
+    assert graph.captures >= 2
+    assert int((eager.trainee.samples_since_fired >= 2 * 256).sum()) > 0
+    _assert_same_training_state(eager, graph)
