@@ -82,10 +82,11 @@ def test_cuda_graph_recaptures_without_training_when_latents_die():
     # A window of 2 batches: latents that miss 2 batches are dead, AuxK wakes, the dead-count
     # bound grows and the graph is captured again; captures must not train.
     batches, eager, graph = _graph_and_eager(window=2 * 256)
-    bound = 0
+    bound, most_dead = 0, 0
     for x in batches:
         torch.testing.assert_close(graph(x, bound), eager(x, bound), rtol=1e-4, atol=1e-5)
-        bound = dead_count_bound(eager.trainee.samples_since_fired, 2 * 256, 256)
-    assert graph.captures >= 2
-    assert int((eager.trainee.samples_since_fired >= 2 * 256).sum()) > 0
+        counters = eager.trainee.samples_since_fired
+        most_dead = max(most_dead, int((counters >= 2 * 256).sum()))
+        bound = dead_count_bound(counters, 2 * 256, 256)
     _assert_same_training_state(eager, graph)
+    assert graph.captures >= 2 and most_dead > 0  # latents died, AuxK woke, the graph grew
