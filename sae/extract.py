@@ -24,9 +24,9 @@ import hydra
 import numpy as np
 import torch
 from hydra.core.config_store import ConfigStore
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
-from sae.config import BackboneConfig, ExtractConfig, validate
+from sae.config import BackboneConfig, ConfigError, ExtractConfig, validate
 from sae.data.images import ImageFileDataset, ImageSplit, collate_skipping
 from sae.device import resolve_device
 
@@ -212,6 +212,9 @@ def run_extract(cfg: ExtractConfig) -> list[Path]:
 
 def validate_extract(node: DictConfig) -> ExtractConfig:
     """Resolve a composed extract config and run its schema and cross-field checks."""
+    if OmegaConf.is_missing(node.dataset, "name"):  # no dataset= given: the bare schema
+        raise ConfigError("dataset: none chosen. Fix: add dataset=imagenet, dataset=openimages "
+                          "or dataset=digits_images")
     return validate(node, ExtractConfig)
 
 

@@ -436,6 +436,17 @@ def test_extract_configs_compose_and_validate(tmp_path, monkeypatch):
         with pytest.raises(ConfigError, match="nothing to extract"):
             validate_extract(compose("extract", overrides=["backbone=clip_tiny",
                                                            "dataset=digits"]))
+        with pytest.raises(ConfigError, match="dataset: none chosen. Fix: add dataset="):
+            validate_extract(compose("extract", overrides=["backbone=clip_tiny"]))
+        with pytest.raises(ConfigError, match="backbone: is none. Fix: add backbone="):
+            validate_extract(compose("extract", overrides=["dataset=imagenet"]))
+
+
+def test_extract_help_needs_no_arguments():
+    result = subprocess.run([sys.executable, "-m", "sae.extract", "--help"], capture_output=True,
+                            text=True, timeout=120, cwd=REPO)
+    assert result.returncode == 0, result.stderr
+    assert "backbone: clip_tiny, clip_vitl14" in result.stdout.replace("\n", " ")
 
 
 def test_progress_lines_are_readable_in_a_log_file(monkeypatch):
