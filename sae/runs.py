@@ -96,8 +96,9 @@ def run_id(cfg: RootConfig) -> str:
     return f"{slug}-{digest}"
 
 
-def run_dir(cfg: RootConfig) -> Path:
-    return Path(cfg.paths.runs).absolute() / run_id(cfg)
+def run_dir(cfg: RootConfig, rid: str | None = None) -> Path:
+    """The run's directory (``rid``: its run id when already computed)."""
+    return Path(cfg.paths.runs).absolute() / (rid or run_id(cfg))
 
 
 # -- atomic files ---------------------------------------------------------------------------

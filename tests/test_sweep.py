@@ -46,7 +46,9 @@ def test_plan_dedupes_and_classifies(tmp_path, monkeypatch):
     write_status(Path(cells[2].run_dir), "done")
     (Path(cells[2].run_dir) / "metrics.json").write_text("{}")
     write_status(Path(cells[3].run_dir), "failed", "boom")
-    again = plan_cells(grid, compose_cell)
+    lines = []
+    again = plan_cells(grid, compose_cell, progress=lines.append)
+    assert lines == ["planning: composing and validating cell 1 of 4 (0 s)"]
     assert [c.state for c in again] == ["new", "new", "done", "failed"]
     assert [c.to_launch for c in again] == [True, False, False, True]
 

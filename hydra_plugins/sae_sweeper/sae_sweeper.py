@@ -11,6 +11,7 @@ two launches of the same sweep from interleaving. Selected in conf/train.yaml wi
 # No `from __future__ import annotations`: Hydra's plugin scan executes this module outside
 # sys.modules, where dataclasses cannot resolve string annotations.
 import logging
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -61,7 +62,7 @@ class SaeSweeper(BasicSweeper):
         sweep_dir = Path(self.config.hydra.sweep.dir)
         cells = planning.plan_cells(self._expand(arguments), self._compose,
                                     force=bool(self.config.force),
-                                    dry_run=bool(self.config.dry_run))
+                                    dry_run=bool(self.config.dry_run), progress=_to_stderr)
         print(planning.summary_line(name, cells), flush=True)
         if self.config.dry_run:
             print(planning.table(cells), flush=True)
@@ -111,6 +112,10 @@ class SaeSweeper(BasicSweeper):
                                       "(their run directories hold the reason):\n  "
                                       + "\n  ".join(failures))
         return [results]
+
+
+def _to_stderr(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
 
 
 def _outcome(result) -> tuple[str, str | None]:
