@@ -195,7 +195,7 @@ class EvalConfig:
     probe_max_train: int = 100_000  # probe-train samples (a seeded subsample of the train split)
     probe_epochs: int = 30  # L-BFGS iterations of the (full-batch) logistic-regression probe
     probe_weight_decay: float = 1e-4  # L2 penalty of the probe
-    similarity: str = "input"  # MonoScore similarity embeddings: input (the SAE's own) or a cache path
+    similarity: str = "input"  # MonoScore similarity embeddings: input (the SAE's own), a backbone name (its cache of this eval split), a cache dir or an array file
     purity_top_n: int | None = None  # purity over each latent's top-N activations only; null = all
     inspect_latents: int = 12  # latents per selection rule on the contact sheets
     inspect_top_images: int = 16  # top-activating images per latent

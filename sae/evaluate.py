@@ -25,7 +25,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from sae.config import EvalConfig
+from sae.config import EvalConfig, RootConfig
+from sae.data.cache import find_eval_cache, is_similarity_name, open_cache
 from sae.data.types import EmbeddingSet
 from sae.inspect import inspect_latents
 from sae.metrics import (
@@ -113,37 +114,60 @@ def _seeded_rows(n_total: int, n_keep: int, seed: int) -> torch.Tensor:
     return torch.randperm(n_total, generator=generator)[:n_keep].sort().values
 
 
+def resolve_similarity(cfg: RootConfig) -> str:
+    """``eval.similarity`` with a backbone name replaced by its cache directory (found under
+    ``paths.cache`` for this run's dataset); ``input`` and paths unchanged."""
+    value = cfg.eval.similarity
+    if not is_similarity_name(value):
+        return value
+    return str(find_eval_cache(cfg.paths.cache, cfg.dataset, value))
+
+
 def load_similarity(cfg: EvalConfig, eval_set: EmbeddingSet,
                     similarity_x: torch.Tensor | np.ndarray | None) -> tuple[Any, str]:
     """The MonoScore similarity embeddings (one row per evaluation sample) and their protocol.
 
     ``similarity_x`` given by the caller wins; else ``cfg.similarity``: ``input`` (the SAE's
-    own input embeddings, MonoLoss's default) or a path to a ``.npy`` (memory-mapped) or
-    ``.safetensors`` (single tensor) array aligned with the evaluation split.
+    own input embeddings, MonoLoss's default), a cache directory (the embeddings of the same
+    images by another backbone; ``resolve_similarity`` turns a backbone name into one), or a
+    path to a ``.npy`` (memory-mapped) or ``.safetensors`` (single tensor) array aligned with
+    the evaluation split.
     """
     if similarity_x is not None:
         source, array = "embeddings given by the caller", similarity_x
     elif cfg.similarity == "input":
         return eval_set.x, "input: the SAE's own input embeddings (MonoLoss), cosine similarity"
+    elif is_similarity_name(cfg.similarity):
+        raise ValueError(f"eval.similarity={cfg.similarity!r} names a backbone; resolve it to "
+                         "its cache first (sae.evaluate.resolve_similarity)")
     else:
-        path = Path(cfg.similarity)
-        if path.suffix == ".npy":
-            array = np.load(path, mmap_mode="r")
-        elif path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            tensors = load_file(str(path))
-            if len(tensors) != 1:
-                raise ValueError(f"{path} holds {len(tensors)} tensors. Fix: save one (N, d) array")
-            array = next(iter(tensors.values()))
-        else:
-            raise ValueError(f"eval.similarity={cfg.similarity!r} is neither 'input' nor a .npy / "
-                             ".safetensors file. Fix: point it to an (N_eval, d) array file")
-        source = f"file {path}"
+        array, source = _similarity_file(Path(cfg.similarity), eval_set)
     if array.shape[0] != eval_set.n:
         raise ValueError(f"similarity embeddings have {array.shape[0]} rows for {eval_set.n} "
                          "evaluation samples. Fix: embed the same evaluation split, same order")
     return array, f"{source}, cosine similarity"
+
+
+def _similarity_file(path: Path, eval_set: EmbeddingSet) -> tuple[Any, str]:
+    if path.is_dir():
+        cached = open_cache(path, verify_checksums=False)  # sizes and shapes still checked
+        if eval_set.ids is not None and cached.ids != eval_set.ids:
+            raise ValueError(f"similarity cache {path} holds other images, or the same in another "
+                             "order, than the evaluation split. Fix: extract the same dataset "
+                             "and split (same dataset.max_per_split and split_seed)")
+        return cached.embeddings, f"cache {path} ({cached.manifest['backbone'].get('model')})"
+    if path.suffix == ".npy":
+        return np.load(path, mmap_mode="r"), f"file {path}"
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        tensors = load_file(str(path))
+        if len(tensors) != 1:
+            raise ValueError(f"{path} holds {len(tensors)} tensors. Fix: save one (N, d) array")
+        return next(iter(tensors.values())), f"file {path}"
+    raise ValueError(f"eval.similarity={str(path)!r} is neither 'input', a backbone name, a cache "
+                     "directory nor a .npy / .safetensors file. Fix: point it to an (N_eval, d) "
+                     "array file, or name a backbone whose eval-split cache exists")
 
 
 def _chunk_rows(array: Any, start: int, stop: int) -> torch.Tensor:

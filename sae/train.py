@@ -11,6 +11,7 @@ its failure to the sweeper instead of raising, so the other cells complete.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import shlex
 import sys
@@ -109,8 +110,10 @@ def build_model(cfg: RootConfig, dim: int, device: torch.device) -> TopKSAE:
 
 
 def train_and_evaluate(cfg: RootConfig, directory: Path, tracker, command: str) -> dict:
-    from sae.evaluate import evaluate
+    from sae.evaluate import evaluate, resolve_similarity
 
+    # Before training: a missing similarity cache must not cost a whole run.
+    eval_cfg = dataclasses.replace(cfg.eval, similarity=resolve_similarity(cfg))
     device = resolve_device(cfg.train.device)
     started = time.perf_counter()
     train_set, eval_set = load_splits(cfg)
@@ -122,7 +125,7 @@ def train_and_evaluate(cfg: RootConfig, directory: Path, tracker, command: str) 
     state = trainer.run()
     train_seconds = time.perf_counter() - started
     save_model(model, directory / "model.safetensors", config, step=state.step)
-    metrics = evaluate(model, train_set, eval_set, cfg.eval, cfg.k, directory, device,
+    metrics = evaluate(model, train_set, eval_set, eval_cfg, cfg.k, directory, device,
                        seed=cfg.seed)
     metrics["train"] = {
         "steps": state.step, "resumed_from_step": trainer.resumed_from,

@@ -6,6 +6,7 @@ are the real tiny architectures with seeded random weights (conf/backbone/{clip,
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -18,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
@@ -27,6 +29,7 @@ from sae.data.cache import (
     CacheError,
     cache_path,
     ensure_cache,
+    find_eval_cache,
     key_fields,
     load_image_split,
     open_cache,
@@ -38,7 +41,9 @@ from sae.data.images import (
     materialize_digits_images,
     open_split,
 )
+from sae.evaluate import load_similarity, resolve_similarity
 from sae.extract import Progress, validate_extract
+from sae.sweep import preflight
 from tests.fixtures_images import (
     OI_CLASSES,
     OI_EXPECTED,
@@ -203,6 +208,7 @@ def test_backbone_configs_carry_the_method_identifiers():
         "siglip2": ("open_clip", "ViT-SO400M-14-SigLIP2-378", "webli", "image_projected"),
         "vit_l16": ("timm", "vit_large_patch16_224.augreg_in21k_ft_in1k", "true",
                     "cls_pre_logits"),
+        "dinov2_vitl14": ("timm", "vit_large_patch14_dinov2.lvd142m", "true", "cls_pre_logits"),
     }
     for name, (library, _, tag, _) in expected.items():
         cfg = backbone_cfg(name, checkpoint_path=None)
@@ -421,6 +427,36 @@ def test_two_processes_extract_once(tmp_path, imagenet_root):
 
 
 # ---------------------------------------------------------------- configs and progress
+
+def test_similarity_embeddings_found_by_backbone_name(tmp_path, imagenet_root):
+    """eval.similarity=<backbone>: the same evaluation images embedded by another backbone,
+    found in the cache by name before any training, and checked image by image."""
+    cfg = root_cfg(tmp_path, backbone_cfg("clip_tiny"), imagenet_cfg(imagenet_root))
+    cfg.eval.similarity = "vit_tiny"
+    with pytest.raises(ConfigError, match="python -m sae.extract backbone=vit_tiny "
+                                          "dataset=imagenet split=eval"):
+        preflight(cfg)  # the sweep's check, before anything is submitted
+    eval_set = load_image_split(cfg, "eval")
+    other = load_image_split(root_cfg(tmp_path, backbone_cfg("vit_tiny"),
+                                      imagenet_cfg(imagenet_root)), "eval")
+    preflight(cfg)
+    resolved = resolve_similarity(cfg)
+    assert Path(resolved).name.startswith("imagenet__vit_tiny__val__")
+    eval_cfg = dataclasses.replace(cfg.eval, similarity=resolved)
+    array, protocol = load_similarity(eval_cfg, eval_set, None)
+    assert protocol.startswith(f"cache {resolved}")
+    rows = F.normalize(torch.tensor(np.asarray(array, dtype=np.float32)), dim=1)
+    torch.testing.assert_close(rows, other.x)  # the other backbone's rows, same order
+    assert not torch.allclose(rows[:, :8], eval_set.x[:, :8])
+    reordered = dataclasses.replace(eval_set, ids=eval_set.ids[::-1])
+    with pytest.raises(ValueError, match="holds other images, or the same in another order"):
+        load_similarity(eval_cfg, reordered, None)
+    # A second cache by the same name (other settings) is ambiguous: the error lists both.
+    second = Path(resolved).with_name(Path(resolved).name[:-16] + "0" * 16)
+    shutil.copytree(resolved, second)
+    with pytest.raises(CacheError, match="2 caches"):
+        find_eval_cache(cfg.paths.cache, cfg.dataset, "vit_tiny")
+
 
 def test_extract_configs_compose_and_validate(tmp_path, monkeypatch):
     monkeypatch.delenv("IMAGENET_ROOT", raising=False)

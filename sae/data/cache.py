@@ -239,6 +239,34 @@ def _sha256(path: Path) -> str:
 
 # ---------------------------------------------------------------- verified reads
 
+def is_similarity_name(value: str) -> bool:
+    """Whether ``eval.similarity`` names a backbone (its cache is looked up by
+    ``find_eval_cache``) rather than being ``input`` or a path."""
+    return value != "input" and "/" not in value and not Path(value).suffix
+
+
+def find_eval_cache(cache_root: str | Path, dataset: DatasetConfig, backbone_name: str) -> Path:
+    """The cache of ``dataset``'s evaluation split embedded by the backbone called
+    ``backbone_name`` (a conf/backbone option), found by name: for MonoScore's similarity
+    embeddings (``eval.similarity=<backbone>``). Exactly one such cache must exist."""
+    split_name = split_dir_name(dataset, "eval")
+    pattern = f"{dataset.name}__{backbone_name}__{split_name}__*"
+    matches = sorted(p for p in Path(cache_root).glob(pattern) if (p / MANIFEST_FILE).is_file())
+    if not matches:
+        raise CacheError(
+            f"eval.similarity={backbone_name!r}: no cache of {dataset.name}/{split_name} "
+            f"embedded by {backbone_name} under {cache_root}. Fix: python -m sae.extract "
+            f"backbone={backbone_name} dataset={dataset.name} split=eval (same paths.root), or "
+            "set eval.similarity to an array file")
+    if len(matches) > 1:
+        listing = ", ".join(str(p) for p in matches)
+        raise CacheError(
+            f"eval.similarity={backbone_name!r}: {len(matches)} caches of {dataset.name}/"
+            f"{split_name} embedded by {backbone_name} (different weights or settings): "
+            f"{listing}. Fix: set eval.similarity to one of these directories")
+    return matches[0]
+
+
 def open_cache(path: str | Path, verify_checksums: bool = True) -> CachedSplit:
     """Read and verify a cache directory. Raises :class:`CacheError` on any mismatch."""
     path = Path(path)
