@@ -166,7 +166,8 @@ class TrainConfig:
     adam_beta2: float = 0.999  # Adam beta2
     epochs: float = 50.0  # passes over the train split (fractional allowed)
     max_steps: int | None = None  # stop after this many steps regardless of epochs (smoke tests)
-    checkpoint_every: int = 500  # steps between checkpoints (and at the end); 0 = only at the end
+    checkpoint_every: int = 0  # steps between checkpoints (and at the end); 0 = by time only
+    checkpoint_every_s: float = 300.0  # training seconds between checkpoints, checked at log steps; 0 = off
     log_every: int = 50  # steps between logged losses (the only host synchronisation points)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     autocast_bf16: bool = False  # bf16 autocast with fp32 master weights (GPU)
@@ -183,6 +184,9 @@ class TrainConfig:
                  "must be positive or null", "use null to train for train.epochs")
         _require(self.checkpoint_every >= 0 and self.log_every > 0, "train.checkpoint_every",
                  "must be >= 0 (log_every > 0)", "use e.g. 500 and 50")
+        _require(math.isfinite(self.checkpoint_every_s) and self.checkpoint_every_s >= 0,
+                 "train.checkpoint_every_s", f"{self.checkpoint_every_s} is not >= 0",
+                 "use e.g. 300 (0 = by steps only)")
 
 
 @dataclass

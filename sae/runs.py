@@ -44,6 +44,7 @@ CHECKPOINT_SCHEMA_VERSION = 1
 NON_SEMANTIC_KEYS = {
     "paths", "logger", "sweep_name", "dry_run", "force",
     "train.device", "train.progress", "train.log_every", "train.checkpoint_every",
+    "train.checkpoint_every_s",
     "train.compile", "train.fast_path",
     "backbone.batch_size", "backbone.num_workers", "backbone.checkpoint_path",
     "dataset.root", "dataset.on_unreadable",

@@ -119,3 +119,19 @@ def test_dead_bound_covers_the_dead_count_until_the_next_log(tmp_path):
     assert max(count for count, _ in seen) > 0  # latents did die: the bound was tested
     bounds = [bound for _, bound in seen]
     assert all(len(set(bounds[i:i + 7])) == 1 for i in range(0, 40, 7))  # one per interval
+
+
+def test_checkpoints_by_steps_and_by_training_time(tmp_path, monkeypatch):
+    """By steps when asked; by time at log steps (a time limit of ~0 s: every log step); and
+    always at the end."""
+    base = dict(n_train=2000, batch=256, n_latents=64, k=4, max_steps=12, log_every=5)
+    x = load_synthetic(synthetic_cfg(**base).dataset)[0].x
+    saved_at = []
+    monkeypatch.setattr("sae.trainer.save_checkpoint",
+                        lambda path, model, opt, state, config: saved_at.append(state.step))
+    for every, every_s, expected in ((0, 0.0, [12]), (4, 0.0, [4, 8, 12]),
+                                     (0, 1e-9, [5, 10, 12]), (0, 3600.0, [12])):
+        saved_at.clear()
+        cfg = synthetic_cfg(checkpoint_every=every, checkpoint_every_s=every_s, **base)
+        train(cfg, x, tmp_path / f"{every}-{every_s}.safetensors")
+        assert saved_at == expected, (every, every_s)
