@@ -67,7 +67,10 @@ def run_card(cfg: RootConfig, metrics: dict[str, Any], split_sizes: dict[str, in
         "active_unit_mask_rule": _mask_rule(cfg),
         "reconstruction": {"metric": "R^2 (per-dimension, uniform average, float64) on the "
                                      "evaluation split", "value": _get(metrics, "r2"),
-                           "nmse": _get(metrics, "nmse"), "training_nmse": NMSE_CONVENTION},
+                           "nmse": _get(metrics, "nmse"), "training_nmse": NMSE_CONVENTION,
+                           "training_precision": (
+                               "bf16 autocast for the matrix products, float32 weights and Adam"
+                               if cfg.train.autocast_bf16 else "float32")},
         "monosemanticity": {"metric": "MonoSemanticity score (Pach et al. 2025), mean over all "
                                       "latents with dead = 0",
                             "similarity_embeddings": protocols.get("similarity",

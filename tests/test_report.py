@@ -29,7 +29,7 @@ import pytest
 import torch
 import yaml
 
-from sae.method_card import CARD_FIELDS
+from sae.method_card import CARD_FIELDS, render_markdown, run_card
 from sae.metrics import seed_stability
 from sae.model import TopKSAE
 from sae.report import ReportOptions, build_report, main
@@ -419,3 +419,12 @@ def test_reference_numbers_shown_for_a_matching_baseline(tmp_path):
     claims = (sweep_dir / "report" / "claims.md").read_text()
     row = next(ln for ln in claims.splitlines() if ln.startswith("| clip_vitl14 | imagenet |"))
     assert "0.8 (0.817)" in row and "0.3 (0.469)" in row and row.endswith("| yes |")
+
+
+def test_run_card_states_the_training_precision():
+    from tests.helpers import synthetic_cfg
+
+    for bf16, expected in ((False, "float32"), (True, "bf16 autocast")):
+        card = run_card(synthetic_cfg(autocast_bf16=bf16), {}, {"train": 8, "eval": 2}, "v", "cmd")
+        assert card["reconstruction"]["training_precision"].startswith(expected)
+        assert f"training_precision: {expected}" in render_markdown(card, "run")
