@@ -8,7 +8,9 @@ gradient projection, Adam, decoder normalisation, dead-latent counters; the fast
 ``sae.fast.fast_training_loss``, the reference step ``sae.losses.training_loss``. The encoder
 product ``F.linear(x, W_enc, b_enc)`` (B x d x n, the cost floor of any step) is timed in the
 same process, interleaved with the steps, so load from other processes hits all three alike;
-each time is the best of the repeats and each ratio a ratio of best times.
+each time is the best of the repeats and each ratio a ratio of best times. On CUDA a record
+also gives the device memory one step allocates at its peak (``step_peak_mb``, and the
+reference's): the fast step keeps no (B, n) temporary it does not need.
 
 ``--train``: an ImageNet-sized run (1.28 M x 1024 random unit embeddings held on the device,
 n = 8192, k = 64, batch 4096, L1/L2 with mask) with on-device shuffling and on-device
@@ -244,7 +246,24 @@ def bench_case(args: argparse.Namespace, case: Case) -> dict:
         print(f"--- profile of 3 fast steps: {case.name}", file=sys.stderr)
         print(profile_table(lambda: [fast_step(x) for x in batches[:3]], args.device,
                             args.profile), file=sys.stderr, flush=True)
-    return _case_record(args, case, kwargs, times)
+    record = _case_record(args, case, kwargs, times)
+    record["step_peak_mb"] = peak_memory_mb(lambda: fast_step(batches[0]), args.device)
+    record["reference_step_peak_mb"] = (None if ref is None else
+                                        peak_memory_mb(lambda: ref_step(batches[0]), args.device))
+    return record
+
+
+def peak_memory_mb(fn: Callable[[], object], device: str) -> float | None:
+    """Device memory a step allocates at its peak beyond what is held before it (CUDA's
+    allocator statistics; None on the CPU, which keeps none)."""
+    if not device.startswith("cuda"):
+        return None
+    _sync(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    fn()
+    _sync(device)
+    return round((torch.cuda.max_memory_allocated(device) - before) / 2**20, 1)
 
 
 def profile_table(fn: Callable[[], object], device: str, rows: int) -> str:
