@@ -113,6 +113,13 @@ def set_formulation(decoder: str = "auto", topk: str = "auto") -> None:
     _formulation.update(decoder=decoder, topk=topk)
 
 
+def resolved_formulation(device: str, compute_dtype: torch.dtype | None) -> dict[str, str]:
+    """What a step on ``device`` ("cpu", "cuda") under ``compute_dtype`` (autocast's, or None)
+    runs now: {"decoder": "sparse" | "dense", "topk": "chunks" | "plain"}."""
+    return {"decoder": "dense" if _dense_decoder(device, compute_dtype) else "sparse",
+            "topk": "chunks" if _chunked_topk(device) else "plain"}
+
+
 def _dense_decoder(device: str, compute_dtype: torch.dtype | None) -> bool:
     if _formulation["decoder"] != "auto":
         return _formulation["decoder"] == "dense"

@@ -369,3 +369,21 @@ def test_dead_count_bound():
     assert dead_count_bound(counters, window=100, horizon_samples=0) == 2
     assert dead_count_bound(counters, window=100, horizon_samples=10) == 3
     assert dead_count_bound(counters, window=100, horizon_samples=100) == 5
+
+
+def test_auto_formulation_by_device_and_dtype():
+    """Dense products where tensor cores make them cheap (CUDA under 16-bit autocast or
+    TF32); gathers elsewhere; a forced formulation wins everywhere."""
+    resolved = fast.resolved_formulation
+    assert resolved("cpu", None) == {"decoder": "sparse", "topk": "chunks"}
+    assert resolved("cpu", torch.bfloat16)["decoder"] == "sparse"
+    assert resolved("cuda", torch.bfloat16)["decoder"] == "dense"
+    assert resolved("cuda", torch.float16)["decoder"] == "dense"
+    assert resolved("cuda", None)["decoder"] == "sparse"  # float32 matmuls at full precision
+    try:
+        fast.set_formulation("dense", "plain")
+        assert resolved("cpu", None) == {"decoder": "dense", "topk": "plain"}
+        with pytest.raises(ValueError, match="decoder must be one of"):
+            fast.set_formulation("fused")
+    finally:
+        fast.set_formulation()

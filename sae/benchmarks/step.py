@@ -466,10 +466,8 @@ def bench_train(args: argparse.Namespace) -> dict:
 
 def formulation(args: argparse.Namespace) -> dict:
     """The formulation the fast step took (what "auto" resolved to)."""
-    device = torch.device(args.device).type
-    dtype = torch.bfloat16 if args.bf16 else None
-    return {"decoder": "dense" if fast._dense_decoder(device, dtype) else "sparse",
-            "topk": "chunks" if fast._chunked_topk(device) else "plain"}
+    return fast.resolved_formulation(torch.device(args.device).type,
+                                     torch.bfloat16 if args.bf16 else None)
 
 
 def emit(record: dict, out: Path | None) -> None:
