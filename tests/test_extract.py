@@ -465,7 +465,7 @@ def test_extract_configs_compose_and_validate(tmp_path, monkeypatch):
         node = compose("extract", overrides=["backbone=clip_tiny", "dataset=digits_images"])
         cfg = validate_extract(node)
         assert cfg.dataset.root == f"{tmp_path}/cache/datasets/digits_images"
-        for backbone in ("clip_vitl14", "siglip2", "vit_l16", "vit_tiny"):
+        for backbone in ("clip_vitl14", "siglip2", "vit_l16", "dinov2_vitl14", "vit_tiny"):
             for dataset in ("imagenet", "openimages"):
                 validate_extract(compose("extract", overrides=[f"backbone={backbone}",
                                                                f"dataset={dataset}"]))
