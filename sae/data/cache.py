@@ -242,7 +242,8 @@ def _sha256(path: Path) -> str:
 def is_similarity_name(value: str) -> bool:
     """Whether ``eval.similarity`` names a backbone (its cache is looked up by
     ``find_eval_cache``) rather than being ``input`` or a path."""
-    return value != "input" and "/" not in value and not Path(value).suffix
+    path = Path(value)
+    return value != "input" and "/" not in value and not path.suffix and not path.exists()
 
 
 def find_eval_cache(cache_root: str | Path, dataset: DatasetConfig, backbone_name: str) -> Path:
