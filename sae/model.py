@@ -120,7 +120,10 @@ class TopKSAE(nn.Module):
     def encode_pre(self, x: torch.Tensor) -> tuple[torch.Tensor, InputStats | None]:
         """Pre-activations (B, n), and the statistics that ``decode`` needs to undo LayerNorm."""
         x_in, stats = self.standardize(x)
-        return F.linear(x_in - self.b_pre, self.W_enc, self.b_enc), stats
+        pre = F.linear(x_in - self.b_pre, self.W_enc, self.b_enc)
+        # Under autocast the product runs in bf16; everything after it (Top-k, ReLU, the
+        # penalties, decoding) goes on in the parameters' dtype, as in sae.fast.
+        return pre.to(self.W_enc.dtype), stats
 
     def select(self, pre: torch.Tensor, k: int | None = None) -> SparseCode:
         """Top-k of the pre-activations, then ReLU; ``k`` may differ from the training k."""

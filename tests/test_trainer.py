@@ -86,6 +86,10 @@ def test_bf16_autocast_trains_close_to_float32_with_float32_weights(tmp_path):
         assert value.dtype == torch.float32, name  # master weights stay float32
     drift = (bf16.W_dec - fp32.W_dec).detach().abs().max() / fp32.W_dec.detach().abs().max()
     assert 0 < float(drift) < 0.05  # the products ran in bf16, and training still agrees
+    reference, _, _ = train(synthetic_cfg(autocast_bf16=True, fast_path=False, **base), x,
+                            tmp_path / "c.safetensors")  # the reference step under autocast too
+    drift = (reference.W_dec - bf16.W_dec).detach().abs().max() / bf16.W_dec.detach().abs().max()
+    assert float(drift) < 0.05
 
 
 def test_compile_option_swaps_the_regularizer_kernels():
