@@ -92,8 +92,8 @@ def make_optimizer(model: TopKSAE, cfg: RootConfig) -> torch.optim.Adam:
 
 def loss_function(cfg: RootConfig):
     """The reference objective, or the fused sparse one (same values and gradients).
-    ``train.compile`` fuses the fast step's regularizer passes with torch.compile (the part of
-    the step where it was measured to help; sae.fast.use_compiled_kernels)."""
+    ``train.compile`` fuses the fast step's regularizer passes with torch.compile
+    (sae.fast.use_compiled_kernels; measured: 0 to 0.15 of an encoder product per step on CPU)."""
     if cfg.train.fast_path:
         try:
             from sae import fast
