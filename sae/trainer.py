@@ -22,15 +22,19 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
-from sae.config import RootConfig
 from sae.losses import training_loss
 from sae.model import TopKSAE
 from sae.regularizers import batch_active
-from sae.runs import load_tensors, save_tensors
+
+# This module imports with torch alone (the config and the run directory only in annotations
+# and in the checkpoint functions): the step benchmark (sae.benchmarks.step) times this very
+# train_step on GPU machines that have torch and nothing else of ours.
+if TYPE_CHECKING:
+    from sae.config import RootConfig
 
 log = logging.getLogger(__name__)
 
@@ -104,10 +108,10 @@ def loss_function(cfg: RootConfig):
     return training_loss
 
 
-def autocast(device: torch.device, enabled: bool):
+def autocast(device_type: str, enabled: bool):
     """bf16 autocast around the loss (the dense products in bf16; parameters, Adam and the
-    elementwise parts stay float32: fp32 master weights)."""
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
+    elementwise parts stay float32: fp32 master weights). ``device_type``: "cpu", "cuda"."""
+    return torch.autocast(device_type, dtype=torch.bfloat16, enabled=enabled)
 
 
 def train_step(model: TopKSAE, optimizer: torch.optim.Optimizer, x: torch.Tensor,
@@ -117,7 +121,7 @@ def train_step(model: TopKSAE, optimizer: torch.optim.Optimizer, x: torch.Tensor
     tensor; nothing here waits for the device."""
     optimizer.zero_grad(set_to_none=True)
     dead = state.samples_since_fired >= dead_window
-    with autocast(x.device, bf16):
+    with autocast(x.device.type, bf16):
         parts, out = loss_fn(model, x, dead=dead, **loss_kwargs)
     parts.total.backward()
     model.project_decoder_grad_()
@@ -142,11 +146,15 @@ def save_checkpoint(path: Path, model: TopKSAE, optimizer: torch.optim.Optimizer
     meta = {"kind": "training_checkpoint", "step": state.step, "spec": model.spec(),
             "param_groups": opt_state["param_groups"], "history": state.history,
             "config": config}
+    from sae.runs import save_tensors
+
     save_tensors(path, tensors, meta)
 
 
 def load_checkpoint(path: Path, model: TopKSAE, optimizer: torch.optim.Optimizer,
                     device: torch.device) -> TrainState:
+    from sae.runs import load_tensors
+
     tensors, meta = load_tensors(path, device)
     model.load_state_dict({k[len("model."):]: v for k, v in tensors.items()
                            if k.startswith("model.")})

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import copy
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -90,3 +93,14 @@ def test_cuda_graph_recaptures_without_training_when_latents_die():
         bound = dead_count_bound(counters, 2 * 256, 256)
     _assert_same_training_state(eager, graph)
     assert graph.captures >= 2 and most_dead > 0  # latents died, AuxK woke, the graph grew
+
+
+def test_the_step_benchmark_needs_torch_alone():
+    """GPU machines lent for benchmarks hold torch but not our config stack: the benchmark (and
+    the trainer's step it times) must import without OmegaConf, Hydra or W&B."""
+    code = ("import sys, sae.benchmarks.step; "
+            "print(sorted({'omegaconf', 'hydra', 'wandb'} & set(sys.modules)))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            timeout=120, cwd=Path(__file__).resolve().parent.parent)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"

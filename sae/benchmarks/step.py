@@ -21,7 +21,6 @@ dead-latent bookkeeping; it prints epochs/s and the total time (actual, or extra
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
 import os
@@ -44,7 +43,7 @@ from sae.fast import (
 )
 from sae.losses import training_loss
 from sae.model import TopKSAE
-from sae.regularizers import batch_active
+from sae.trainer import TrainState, autocast, train_step
 
 
 @dataclass(frozen=True)
@@ -135,11 +134,22 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
 # -- one step ---------------------------------------------------------------------------------
 @dataclass
 class Trainee:
-    """A model, its optimizer and its dead-latent counters, as the trainer holds them."""
+    """A model, its optimizer and its training state (dead-latent counters), as the trainer
+    holds them; each step is the trainer's own (sae.trainer.train_step)."""
 
     model: TopKSAE
     optimizer: torch.optim.Optimizer
-    samples_since_fired: torch.Tensor  # (n,) int64
+    state: TrainState
+
+    @property
+    def samples_since_fired(self) -> torch.Tensor:  # (n,) int64
+        return self.state.samples_since_fired
+
+    def step(self, x: torch.Tensor, loss_fn: Callable, loss_kwargs: dict, window: int,
+             bf16: bool) -> torch.Tensor:
+        """One trainer step; (total, nmse, auxk, penalty) on the device, no host sync."""
+        return train_step(self.model, self.optimizer, x, self.state, loss_fn, loss_kwargs,
+                          window, bf16)
 
 
 def make_trainee(args: argparse.Namespace, seed: int, capturable: bool = False) -> Trainee:
@@ -148,29 +158,16 @@ def make_trainee(args: argparse.Namespace, seed: int, capturable: bool = False) 
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4, eps=6.25e-10, fused=True,
                                  capturable=capturable)
     counters = torch.zeros(args.latents, dtype=torch.int64, device=args.device)
-    return Trainee(model, optimizer, counters)
+    return Trainee(model, optimizer, TrainState(0, counters))
 
 
-def train_step(t: Trainee, x: torch.Tensor, loss_fn: Callable, loss_kwargs: dict,
-               dead: torch.Tensor, autocast: bool) -> torch.Tensor:
-    """The trainer's step (sae.trainer.train_step) with a given dead mask; no host sync.
-    Returns (total, nmse) on the device."""
-    t.optimizer.zero_grad(set_to_none=True)
-    with _autocast(x.device.type, autocast):
-        parts, out = loss_fn(t.model, x, dead=dead, **loss_kwargs)
-    parts.total.backward()
-    t.model.project_decoder_grad_()
-    t.optimizer.step()
-    t.model.normalize_decoder_()
-    fired = batch_active(out.code.indices, t.model.n_latents)
-    t.samples_since_fired.add_(x.shape[0]).masked_fill_(fired, 0)
-    return torch.stack([parts.total, parts.nmse]).detach()
+def with_dead_mask(loss_fn: Callable, fixed_dead: torch.Tensor, **extra) -> Callable:
+    """``loss_fn`` with a fixed dead mask in place of the one the trainer derives from its
+    counters (the step benchmark's cases fix which latents are dead)."""
+    def loss(model: TopKSAE, x: torch.Tensor, *, dead: torch.Tensor, **kwargs):
+        return loss_fn(model, x, dead=fixed_dead, **extra, **kwargs)
 
-
-def _autocast(device: str, enabled: bool):
-    if not enabled:
-        return contextlib.nullcontext()
-    return torch.autocast(device, dtype=torch.bfloat16)
+    return loss
 
 
 def _sync(device: str) -> None:
@@ -218,16 +215,19 @@ def bench_case(args: argparse.Namespace, case: Case) -> dict:
     ref = None if args.no_reference else make_trainee(args, args.seed)
     W_enc, b_enc = fast.model.W_enc.detach(), fast.model.b_enc.detach()
 
+    device_type = torch.device(args.device).type
+    fast_loss = with_dead_mask(fast_training_loss, dead, dead_bound=n_dead)
+    ref_loss = with_dead_mask(training_loss, dead)
+
     def product(x: torch.Tensor):
-        with _autocast(args.device, args.bf16):
+        with autocast(device_type, args.bf16):
             return F.linear(x, W_enc, b_enc)
 
     def fast_step(x: torch.Tensor):
-        return train_step(fast, x, lambda *a, **kw: fast_training_loss(*a, **kw,
-                          dead_bound=n_dead), kwargs, dead, args.bf16)
+        return fast.step(x, fast_loss, kwargs, WINDOW, args.bf16)
 
     def ref_step(x: torch.Tensor):
-        return train_step(ref, x, training_loss, kwargs, dead, autocast=False)
+        return ref.step(x, ref_loss, kwargs, WINDOW, bf16=False)
 
     for i in range(3):  # warm-up: allocator, kernels, the batch-active set of a trained model
         x = batches[i % len(batches)]
@@ -332,9 +332,8 @@ class EagerStep:
         self.trainee, self.kwargs, self.window, self.autocast = trainee, kwargs, window, autocast
 
     def __call__(self, x: torch.Tensor, dead_bound: int) -> torch.Tensor:
-        dead = self.trainee.samples_since_fired >= self.window
-        return train_step(self.trainee, x, lambda *a, **kw: fast_training_loss(
-            *a, **kw, dead_bound=dead_bound), self.kwargs, dead, self.autocast)
+        return self.trainee.step(x, lambda *a, **kw: fast_training_loss(
+            *a, **kw, dead_bound=dead_bound), self.kwargs, self.window, self.autocast)
 
 
 class GraphStep(EagerStep):
@@ -361,18 +360,9 @@ class GraphStep(EagerStep):
         return self.loss.clone()
 
     def _body(self, capacity: int) -> torch.Tensor:
-        t = self.trainee
-        dead = t.samples_since_fired >= self.window
-        with _autocast("cuda", self.autocast):
-            parts, out = fast_training_loss(t.model, self.x, dead=dead, dead_bound=capacity,
-                                            **self.kwargs)
-        parts.total.backward()
-        t.model.project_decoder_grad_()
-        t.optimizer.step()
-        t.model.normalize_decoder_()
-        t.samples_since_fired.add_(self.x.shape[0]).masked_fill_(
-            batch_active(out.code.indices, t.model.n_latents), 0)
-        return torch.stack([parts.total, parts.nmse]).detach()
+        """The eager step on the static input (its zero_grad is a no-op here: the grads are
+        already None, and the graph allocates them)."""
+        return EagerStep.__call__(self, self.x, capacity)
 
     def _capture(self, capacity: int) -> None:
         saved = self._state_tensors()
