@@ -25,8 +25,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from sae.config import EvalConfig, RootConfig
-from sae.data.cache import find_eval_cache, is_similarity_name, open_cache
+from sae.config import EvalConfig
+from sae.data.cache import is_similarity_name, open_cache
 from sae.data.types import EmbeddingSet
 from sae.inspect import inspect_latents
 from sae.metrics import (
@@ -114,15 +114,6 @@ def _seeded_rows(n_total: int, n_keep: int, seed: int) -> torch.Tensor:
     return torch.randperm(n_total, generator=generator)[:n_keep].sort().values
 
 
-def resolve_similarity(cfg: RootConfig) -> str:
-    """``eval.similarity`` with a backbone name replaced by its cache directory (found under
-    ``paths.cache`` for this run's dataset); ``input`` and paths unchanged."""
-    value = cfg.eval.similarity
-    if not is_similarity_name(value):
-        return value
-    return str(find_eval_cache(cfg.paths.cache, cfg.dataset, value))
-
-
 def load_similarity(cfg: EvalConfig, eval_set: EmbeddingSet,
                     similarity_x: torch.Tensor | np.ndarray | None) -> tuple[Any, str]:
     """The MonoScore similarity embeddings (one row per evaluation sample) and their protocol.
@@ -139,7 +130,7 @@ def load_similarity(cfg: EvalConfig, eval_set: EmbeddingSet,
         return eval_set.x, "input: the SAE's own input embeddings (MonoLoss), cosine similarity"
     elif is_similarity_name(cfg.similarity):
         raise ValueError(f"eval.similarity={cfg.similarity!r} names a backbone; resolve it to "
-                         "its cache first (sae.evaluate.resolve_similarity)")
+                         "its cache first (sae.data.cache.resolve_similarity)")
     else:
         array, source = _similarity_file(Path(cfg.similarity), eval_set)
     if array.shape[0] != eval_set.n:

@@ -21,7 +21,7 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from sae.config import ConfigError, RootConfig, validate
-from sae.data.cache import CacheError, find_eval_cache, is_similarity_name
+from sae.data.cache import CacheError, resolve_similarity
 from sae.runs import run_dir, run_id, run_state
 
 PROGRESS_EVERY = 50  # cells between progress lines while planning
@@ -64,13 +64,11 @@ def preflight(cfg: RootConfig) -> None:
             path = getattr(data, name)
             if path and not Path(path).is_file():
                 raise ConfigError(f"dataset.{name}: {path} does not exist. Fix: check the path")
-    similarity = cfg.eval.similarity
-    if is_similarity_name(similarity):
-        try:
-            find_eval_cache(cfg.paths.cache, data, similarity)
-        except CacheError as exc:
-            raise ConfigError(str(exc)) from None
-    elif similarity != "input" and not Path(similarity).exists():
+    try:
+        similarity = resolve_similarity(cfg)
+    except CacheError as exc:
+        raise ConfigError(str(exc)) from None
+    if similarity != "input" and not Path(similarity).exists():
         raise ConfigError(f"eval.similarity: {similarity} does not exist. Fix: check the path, "
                           "or use input or a backbone name")
 

@@ -110,7 +110,8 @@ def build_model(cfg: RootConfig, dim: int, device: torch.device) -> TopKSAE:
 
 
 def train_and_evaluate(cfg: RootConfig, directory: Path, tracker, command: str) -> dict:
-    from sae.evaluate import evaluate, resolve_similarity
+    from sae.data.cache import resolve_similarity
+    from sae.evaluate import evaluate
 
     # Before training: a missing similarity cache must not cost a whole run.
     eval_cfg = dataclasses.replace(cfg.eval, similarity=resolve_similarity(cfg))

@@ -33,6 +33,7 @@ from sae.data.cache import (
     key_fields,
     load_image_split,
     open_cache,
+    resolve_similarity,
 )
 from sae.data.embedded import DataError
 from sae.data.images import (
@@ -41,7 +42,7 @@ from sae.data.images import (
     materialize_digits_images,
     open_split,
 )
-from sae.evaluate import load_similarity, resolve_similarity
+from sae.evaluate import load_similarity
 from sae.extract import Progress, validate_extract
 from sae.sweep import preflight
 from tests.fixtures_images import (

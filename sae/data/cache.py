@@ -246,6 +246,15 @@ def is_similarity_name(value: str) -> bool:
     return value != "input" and "/" not in value and not path.suffix and not path.exists()
 
 
+def resolve_similarity(cfg: RootConfig) -> str:
+    """``eval.similarity`` with a backbone name replaced by its cache directory (found under
+    ``paths.cache`` for this run's dataset); ``input`` and paths unchanged."""
+    value = cfg.eval.similarity
+    if not is_similarity_name(value):
+        return value
+    return str(find_eval_cache(cfg.paths.cache, cfg.dataset, value))
+
+
 def find_eval_cache(cache_root: str | Path, dataset: DatasetConfig, backbone_name: str) -> Path:
     """The cache of ``dataset``'s evaluation split embedded by the backbone called
     ``backbone_name`` (a conf/backbone option), found by name: for MonoScore's similarity
