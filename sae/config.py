@@ -19,7 +19,8 @@ from typing import Any
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-REGULARIZERS = ("none", "offsupport_l1", "l1l2")
+from sae import regularizers
+
 DATASET_KINDS = ("synthetic", "digits", "files", "images")
 IMAGE_LAYOUTS = ("imagenet", "openimages", "digits_images")
 BACKBONE_LIBRARIES = ("none", "open_clip", "timm")
@@ -143,13 +144,14 @@ class SAEConfig:
 class RegularizerConfig:
     """The sparsity penalty before Top-k (METHOD.md s3); its mask rule is the top-level ``mask``."""
 
-    name: str = "none"  # none | offsupport_l1 | l1l2
+    name: str = "none"  # a sae.regularizers name: none | offsupport_l1 | l1l2 | registered ones
     strength: float = 0.0  # lambda: weight of the penalty in the loss (calibration in README)
     eps: float = 1e-8  # l1l2: added to the L2 norm so an all-zero code has ratio 0
 
     def __post_init__(self) -> None:
-        _require(self.name in REGULARIZERS, "regularizer.name", f"unknown regularizer {self.name!r}",
-                 f"use one of {REGULARIZERS} (regularizer=<name> on the command line)")
+        _require(self.name in regularizers.names(), "regularizer.name",
+                 f"unknown regularizer {self.name!r}",
+                 f"use one of {regularizers.names()} (regularizer=<name> on the command line)")
         _require(math.isfinite(self.strength) and self.strength >= 0, "regularizer.strength",
                  f"{self.strength} is not a finite value >= 0", "use e.g. regularizer.strength=0.01")
         _require(self.eps > 0, "regularizer.eps", "must be positive", "use 1e-8")
@@ -172,7 +174,7 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     autocast_bf16: bool = False  # bf16 autocast with fp32 master weights (GPU)
     compile: bool = False  # torch.compile the training step
-    fast_path: bool = True  # fused sparse step (sae/fast.py); false = the plain reference step
+    fast_path: bool = True  # fused sparse step (sae/fast/); false = the plain reference step
     progress: bool = True  # progress bar (plain lines when stderr is not a terminal)
 
     def __post_init__(self) -> None:

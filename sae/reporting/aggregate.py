@@ -14,7 +14,9 @@ from dataclasses import dataclass
 
 import pandas as pd
 
-REGULARIZER_ORDER = ("none", "offsupport_l1", "l1l2")
+from sae import regularizers
+
+REGULARIZER_ORDER = regularizers.names()  # the baseline first, then the registry's order
 MASK_ORDER = ("unused", "on", "off")
 TABLE_KEYS = ("backbone", "dataset", "k")  # one table per combination
 ROW_KEYS = ("regularizer", "strength", "mask_label", "n_latents")  # rows within a table

@@ -28,9 +28,11 @@ from dataclasses import dataclass, field
 
 import pandas as pd
 
+from sae import regularizers
 from sae.reporting.aggregate import TABLE_KEYS, place
 
-REGULARIZERS = ("offsupport_l1", "l1l2")
+# The regularized methods claims 1 and 2 compare with the baseline: every registered one.
+REGULARIZERS = tuple(name for name in regularizers.names() if name != regularizers.BASELINE)
 HELD, NOT_HELD, NOT_TESTABLE = "held", "not held", "not testable"
 GROUP_KEYS = (*TABLE_KEYS, "n_latents")
 ROBUSTNESS = "derived.k_robustness_mean_ratio"  # per-run columns added by the report
