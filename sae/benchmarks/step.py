@@ -83,7 +83,7 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
                    help="call the fast step without dead_bound, as a trainer that does not "
                         "pass one (on CUDA AuxK then looks at all n columns)")
     p.add_argument("--no-tune-allocator", action="store_true",
-                   help="leave glibc's allocator as it is (see sae.benchmarks.common.tune_cpu_allocator)")
+                   help="leave glibc's allocator as it is (sae.benchmarks.common.tune_cpu_allocator)")
     p.add_argument("--profile", type=int, metavar="ROWS", default=0,
                    help="also profile 3 fast steps per case and print the ROWS costliest ops "
                         "(device time on CUDA, CPU time otherwise) to stderr")

@@ -7,16 +7,12 @@ G^T X.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 
 from sae.fast.penalties import penalty_grad
 from sae.fast.plan import StepPlan
+from sae.fast.saved import Saved
 from sae.fast.sparse import LatentBags, dense_product
-
-if TYPE_CHECKING:
-    from sae.fast.function import Saved
 
 
 def encoder_grad_sparse(plan: StepPlan, s: Saved, bags: LatentBags | None,

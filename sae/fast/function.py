@@ -2,29 +2,19 @@
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from sae.fast.auxk import AuxState, aux_gradients, auxk_forward, batch_variance
+from sae.fast.auxk import aux_gradients, auxk_forward, batch_variance
 from sae.fast.encoder_grad import encoder_grad_dense, encoder_grad_sparse
-from sae.fast.penalties import PenaltyState, penalty_forward
+from sae.fast.penalties import penalty_forward
 from sae.fast.plan import StepPlan
+from sae.fast.saved import Saved
 from sae.fast.sparse import LatentBags, dense_product, support_dots
 from sae.fast.topk import topk_by_chunks
 from sae.model import InputStats, SparseCode
-
-
-class Saved(NamedTuple):
-    x_centered_bd: torch.Tensor  # (B, d) x_in - b_pre: the encoder's input
-    code: SparseCode
-    error_bd: torch.Tensor  # (B, d) x_hat - x
-    variance: torch.Tensor  # () batch variance of x
-    std_b1: torch.Tensor | None  # LayerNorm scale, None without LayerNorm
-    aux: AuxState | None
-    penalty: PenaltyState | None
-    code_bn: torch.Tensor | None  # (B, n) the code, dense (dense_decoder only)
 
 
 def encode(plan: StepPlan, x_centered: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor

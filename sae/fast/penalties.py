@@ -7,7 +7,6 @@ times h), which the encoder's product either multiplies out or folds into its (B
 
 from __future__ import annotations
 
-import functools
 from typing import NamedTuple
 
 import torch
@@ -24,14 +23,6 @@ class PenaltyState(NamedTuple):
     support_bk: torch.Tensor  # (B, k) support positions among those columns
     cols: torch.Tensor | None  # (m,) latent ids of the columns; None = all n
     saved: tuple  # what the kernels' forward kept for their grad
-
-
-@functools.cache
-def compiled_kernels(kernels: FusedKernels) -> FusedKernels:
-    """``kernels`` through ``torch.compile`` (one fused pass each instead of two or three; the
-    first step of each shape pays the compilation, tens of seconds)."""
-    return FusedKernels(forward=torch.compile(kernels.forward), grad=torch.compile(kernels.grad),
-                        zero_on_support=kernels.zero_on_support)
 
 
 def active_capacity(plan: StepPlan, active_n: torch.Tensor) -> int | None:

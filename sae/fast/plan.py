@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -86,9 +87,7 @@ def make_plan(
     eps: float, dead: torch.Tensor, aux_alpha: float, aux_k: int, dead_bound: int | None,
     formulation: Formulation = AUTO, compiled: bool = False,
 ) -> StepPlan:
-    """``compiled``: the penalty's kernels through ``torch.compile`` (sae.fast.penalties)."""
-    from sae.fast.penalties import compiled_kernels
-
+    """``compiled``: the penalty's kernels through ``torch.compile``."""
     reg = regularizers.get(regularizer)
     kernels = reg.kernels
     if kernels is not None and compiled:
@@ -109,6 +108,14 @@ def make_plan(
         dense_decoder=formulation.dense_decoder(device, compute_dtype),
         chunked_topk=formulation.chunked_topk(device),
     )
+
+
+@functools.cache
+def compiled_kernels(kernels: FusedKernels) -> FusedKernels:
+    """``kernels`` through ``torch.compile`` (fewer passes over (B, m); the first step of each
+    shape pays the compilation, tens of seconds). Cached: one compilation per kernel set."""
+    return FusedKernels(forward=torch.compile(kernels.forward), grad=torch.compile(kernels.grad),
+                        zero_on_support=kernels.zero_on_support)
 
 
 def _aux_columns(dead: torch.Tensor, dead_bound: int | None, n: int) -> int:
