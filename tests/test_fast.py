@@ -17,7 +17,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sae import fast
+from sae import fast, regularizers
 from sae.fast import (
     Formulation,
     active_capacity,
@@ -106,12 +106,13 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, what: str, rel: f
 
 
 def assert_same_step(model: TopKSAE, x: torch.Tensor, kwargs: dict, part: str = "total",
-                     rel: float = 2e-5, formulation: Formulation = fast.AUTO) -> tuple:
-    """Fast (in ``formulation``) and reference agree on every loss part and every parameter
-    gradient."""
+                     rel: float = 2e-5, formulation: Formulation = fast.AUTO,
+                     compiled: bool = False) -> tuple:
+    """Fast (in ``formulation``, kernels ``compiled`` or not) and reference agree on every loss
+    part and every parameter gradient."""
     ref_parts, ref_out, ref_grads = evaluate(training_loss, model, x, kwargs, part)
-    parts, out, grads = evaluate(fast_training_loss, model, x,
-                                 {**kwargs, "formulation": formulation}, part)
+    fast_kwargs = {**kwargs, "formulation": formulation, "compiled": compiled}
+    parts, out, grads = evaluate(fast_training_loss, model, x, fast_kwargs, part)
     ref_parts = type(ref_parts)(*(p.detach() for p in ref_parts))
     for name in ("total", "nmse", "auxk", "penalty"):
         assert_close(getattr(parts, name).detach(), getattr(ref_parts, name).detach(), name, rel)
@@ -239,6 +240,19 @@ def test_zero_input_and_biases(formulation):
         model.b_pre.zero_()
     x = torch.zeros(8, D)
     assert_same_step(model, x, loss_kwargs("l1l2", True, dead_mask(3)), formulation=formulation)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mask", [True, False], ids=["mask", "nomask"])
+@pytest.mark.parametrize("regularizer", ["offsupport_l1", "l1l2"])
+def test_compiled_kernels_match_reference(regularizer, mask):
+    """``compiled=True`` (train.compile): the fused kernels through torch.compile (the first
+    call compiles, ~70 s on 2 cores)."""
+    model = make_model()
+    kwargs = loss_kwargs(regularizer, mask, dead_mask(3))
+    plan = make_plan(model, unit_batch(48), dead_bound=None, compiled=True, **kwargs)
+    assert plan.kernels is not regularizers.get(regularizer).kernels
+    assert_same_step(model, unit_batch(48), kwargs, compiled=True)
 
 
 def test_strength_zero_still_reports_the_penalty():

@@ -197,3 +197,12 @@ def test_formulation_is_an_argument_not_a_setting():
     assert not auto.dense_decoder and auto.chunked_topk
     parts, _ = fast_training_loss(model, x, formulation=Formulation("dense", "plain"), **kwargs)
     assert torch.isfinite(parts.total)
+
+
+def test_the_step_benchmark_has_a_case_per_registered_regularizer(toy):
+    from sae.benchmarks import step as bench
+
+    record = bench.main(["--batch", "32", "--dim", "16", "--latents", "128", "--k", "4",
+                         "--repeats", "1", "--no-tune-allocator", "--cases", "toy_relu_l1+mask"])
+    assert [r["case"] for r in record] == ["toy_relu_l1+mask"]
+    assert record[0]["step_ms"] > 0 and record[0]["reference_step_ms"] > 0

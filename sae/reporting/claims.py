@@ -31,7 +31,7 @@ import pandas as pd
 from sae import regularizers
 from sae.reporting.aggregate import TABLE_KEYS, place
 
-# The regularized methods claims 1 and 2 compare with the baseline: every registered one.
+# The regularized methods claims 1 and 2 compare with the baseline: the registry's others.
 REGULARIZERS = tuple(name for name in regularizers.names() if name != regularizers.BASELINE)
 HELD, NOT_HELD, NOT_TESTABLE = "held", "not held", "not testable"
 GROUP_KEYS = (*TABLE_KEYS, "n_latents")
