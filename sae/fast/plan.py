@@ -44,14 +44,14 @@ class Formulation:
             torch.get_float32_matmul_precision() != "highest")
         return device == "cuda" and tensor_cores
 
-    def chunked_topk(self, device: str) -> bool:
+    def chunked_topk(self) -> bool:
         return self.topk != "plain"  # "auto": group maxima on every device
 
     def resolved(self, device: str, compute_dtype: torch.dtype | None) -> dict[str, str]:
         """What a step on ``device`` ("cpu", "cuda") under ``compute_dtype`` (autocast's, or
         None) runs: {"decoder": "sparse" | "dense", "topk": "chunks" | "plain"}."""
         return {"decoder": "dense" if self.dense_decoder(device, compute_dtype) else "sparse",
-                "topk": "chunks" if self.chunked_topk(device) else "plain"}
+                "topk": "chunks" if self.chunked_topk() else "plain"}
 
 
 AUTO = Formulation()
@@ -65,6 +65,8 @@ def resolved_formulation(device: str, compute_dtype: torch.dtype | None,
 
 @dataclass(frozen=True)
 class StepPlan:
+    """What one step computes and how; nothing in it needs a device read-out."""
+
     k: int
     regularizer: str
     # The penalty's fused kernels (compiled or not); None = no fused penalty: the step leaves
@@ -106,7 +108,7 @@ def make_plan(
         aux_cols=aux_cols, active_cols=batch * model.k if gather else n,
         compute_dtype=compute_dtype,
         dense_decoder=formulation.dense_decoder(device, compute_dtype),
-        chunked_topk=formulation.chunked_topk(device),
+        chunked_topk=formulation.chunked_topk(),
     )
 
 
