@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+import yaml
 from helpers import REPO, run_cli
 from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
@@ -25,7 +26,9 @@ from sae.cli_help import (
     fields_section,
     group_options,
     leaf_fields,
+    nested_schemas,
     registered_schemas,
+    yaml_value,
 )
 from sae.config import ExtractConfig, RootConfig
 
@@ -157,3 +160,38 @@ def test_bash_completion_of_the_console_script_offers_options_and_keys(sae_train
 def test_bash_completion_offers_nothing_for_python_dash_m(sae_train_script):
     """Hydra's bash hook only recognises `python FILE.py`; the README says to use sae-train."""
     assert _completion("python -m sae.train regularizer=", sae_train_script) == []
+
+
+# ---------------------------------------------------------------- the YAML holds values only
+
+def _schema_defaults(cls: type) -> dict[str, str]:
+    return {f.key: f.default for f in leaf_fields(cls)}
+
+
+def _repeated_defaults(values: dict, defaults: dict[str, str], prefix: str = "") -> list[str]:
+    repeated = []
+    for key, value in values.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict) and any(k.startswith(f"{dotted}.") for k in defaults):
+            repeated += _repeated_defaults(value, defaults, f"{dotted}.")
+        elif key != "name" and defaults.get(dotted) == yaml_value(value):
+            repeated.append(dotted)
+    return repeated
+
+
+def test_group_and_sweep_files_do_not_repeat_the_schema_defaults():
+    """A YAML file sets what differs from the schema (``name`` excepted: it names the option);
+    the doc of every field is the schema's, shown by --help."""
+    groups = nested_schemas(RootConfig)
+    found = []
+    for group, cls in groups.items():
+        defaults = _schema_defaults(cls)
+        for path in sorted((CONF_DIR / group).glob("*.yaml")):
+            values = yaml.safe_load(path.read_text()) or {}
+            found += [f"{path.name}: {group}.{key}" for key in _repeated_defaults(values, defaults)]
+    root_defaults = _schema_defaults(RootConfig)
+    for path in sorted((CONF_DIR / "sweep").glob("*.yaml")):
+        values = {k: v for k, v in (yaml.safe_load(path.read_text()) or {}).items()
+                  if k not in ("defaults", "hydra")}
+        found += [f"sweeps/{path.name}: {key}" for key in _repeated_defaults(values, root_defaults)]
+    assert not found, f"these values repeat the schema's defaults: {found}"
