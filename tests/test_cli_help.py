@@ -195,3 +195,35 @@ def test_group_and_sweep_files_do_not_repeat_the_schema_defaults():
                   if k not in ("defaults", "hydra")}
         found += [f"sweeps/{path.name}: {key}" for key in _repeated_defaults(values, root_defaults)]
     assert not found, f"these values repeat the schema's defaults: {found}"
+
+
+# ---------------------------------------------------------------- the README's reference
+
+def _readme_reference() -> dict[str, str]:
+    """The README's configuration table, row by group (``top level`` for the scalars)."""
+    text = (REPO / "README.md").read_text()
+    section = text.split("## Configuration reference", 1)[1].split("\n## ", 1)[0]
+    rows = {}
+    for line in section.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if line.startswith("|") and len(cells) == 3:
+            rows[cells[0].strip("`")] = line
+    return rows | {"": section}
+
+
+def test_readme_configuration_reference_matches_the_schema():
+    rows = _readme_reference()
+    groups = nested_schemas(RootConfig)
+    for group in app_groups(CONF_DIR, "train"):
+        for option in group_options(CONF_DIR, group):
+            assert f"`{option}`" in rows[group], f"README: option {group}={option} missing"
+    for group, cls in groups.items():
+        keys = {f.key.split(".", 1)[1] for f in leaf_fields(cls, f"{group}.")}
+        for variant in registered_schemas(group):
+            keys |= {f.key.split(".", 1)[1] for f in leaf_fields(variant, f"{group}.")}
+        missing = sorted(k for k in keys if f"`{k}`" not in rows[group])
+        assert not missing, f"README: keys of {group} missing: {missing}"
+    for f in leaf_fields(RootConfig, skip=frozenset(groups)):
+        assert f"`{f.key}`" in rows["top level"], f"README: top-level key {f.key} missing"
+    for f in leaf_fields(ExtractConfig, skip=frozenset(nested_schemas(ExtractConfig))):
+        assert f"`{f.key}`" in rows[""], f"README: sae-extract key {f.key} missing"
