@@ -257,23 +257,49 @@ def groups_section(conf_dir: Path, config_name: str) -> list[str]:
     return lines
 
 
+def group_schemas(schema: type) -> dict[str, list[type]]:
+    """For each field of ``schema`` that is a config group, the dataclasses that can fill it:
+    its annotated type when that is a dataclass, then those registered in Hydra's ConfigStore
+    under the field's name (e.g. one schema per dataset kind)."""
+    nested = nested_schemas(schema)
+    groups: dict[str, list[type]] = {}
+    for f in dataclasses.fields(schema):
+        found = [nested[f.name]] if f.name in nested else []
+        found += [cls for cls in registered_schemas(f.name) if cls not in found]
+        if found:
+            groups[f.name] = found
+    return groups
+
+
+def schema_sections(schema: type) -> list[tuple[str, list[FieldDoc]]]:
+    """The page's field sections: the top-level scalars, then each group's fields; a group's
+    further schemas add only the fields the earlier ones did not show."""
+    groups = group_schemas(schema)
+    sections = []
+    scalars = leaf_fields(schema, skip=frozenset(groups))
+    if scalars:
+        sections.append(("top level", scalars))
+    for name, classes in groups.items():
+        shown: set[str] = set()
+        for cls in classes:
+            rows = [f for f in leaf_fields(cls, f"{name}.") if f.key not in shown]
+            if rows:
+                variant = f"({cls.__name__}) " if cls is not classes[0] else ""
+                sections.append((f"{name}.*  {variant}{_first_doc_line(cls)}", rows))
+            shown |= {f.key for f in rows}
+    return sections
+
+
+def documented_fields(schema: type) -> list[FieldDoc]:
+    """Every field the ``--help`` page of ``schema`` lists."""
+    return [f for _, rows in schema_sections(schema) for f in rows]
+
+
 def fields_section(schema: type) -> list[str]:
     lines = ["== Fields (key=value; type = schema default, then what it means) =="]
-    nested = nested_schemas(schema)
-    scalars = leaf_fields(schema, skip=frozenset(nested))
-    if scalars:
-        lines.append("top level")
-        lines += _field_rows(scalars)
-    for name, cls in nested.items():
-        lines.append(f"{name}.*  {_first_doc_line(cls)}")
-        lines += _field_rows(leaf_fields(cls, f"{name}."))
-        shown = {f.name for f in dataclasses.fields(cls)}
-        for variant in registered_schemas(name):
-            extra = [f for f in leaf_fields(variant, f"{name}.")
-                     if f.key.split(".", 1)[1] not in shown]
-            if variant is not cls and extra:
-                lines.append(f"{name}.*  ({variant.__name__}) {_first_doc_line(variant)}")
-                lines += _field_rows(extra)
+    for title, rows in schema_sections(schema):
+        lines.append(title)
+        lines += _field_rows(rows)
     return lines
 
 

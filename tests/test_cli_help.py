@@ -10,6 +10,7 @@ import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -21,12 +22,13 @@ from sae.cli_help import (
     APPS,
     CONF_DIR,
     app_groups,
+    documented_fields,
     escape_for_hydra,
     field_docs,
     fields_section,
     group_options,
+    group_schemas,
     leaf_fields,
-    nested_schemas,
     registered_schemas,
     yaml_value,
 )
@@ -37,13 +39,13 @@ SCHEMAS = {"train": RootConfig, "extract": ExtractConfig}
 
 @pytest.mark.parametrize("app", sorted(SCHEMAS))
 def test_every_schema_field_has_a_one_line_doc(app):
-    undocumented = [f.key for f in leaf_fields(SCHEMAS[app]) if not f.doc]
+    undocumented = [f.key for f in documented_fields(SCHEMAS[app]) if not f.doc]
     assert not undocumented, f"document these fields in sae/config.py: {undocumented}"
 
 
 def _assert_page_documents(page: str, app: str) -> None:
     lines = page.splitlines()
-    for f in leaf_fields(SCHEMAS[app]):
+    for f in documented_fields(SCHEMAS[app]):
         row = [line for line in lines if line.split() and line.split()[0] == f.key]
         assert len(row) == 1, f"{f.key} not listed once in --help"
         assert f"{f.type} = {f.default}" in row[0] and row[0].rstrip().endswith(f.doc), row[0]
@@ -107,18 +109,31 @@ def test_field_docs_read_comments_sections_and_inherited_fields():
                     "toy.gamma": ("str | None", "null"), "top": ("bool", "true")}
 
 
-def test_a_schema_registered_for_a_group_gets_its_extra_fields_listed():
+@dataclass
+class _ToyAnyRoot:
+    """A root whose group field is untyped: only the registered schemas give its fields."""
+
+    toy: Any = None  # filled by a registered schema
+
+
+def test_schemas_registered_for_a_group_get_their_extra_fields_listed():
     """Per-kind schemas (e.g. one dataclass per dataset kind) registered in Hydra's
-    ConfigStore under the group's name appear with the fields they add."""
+    ConfigStore under the group's name appear with the fields they add, whether the root
+    annotates the group with a base dataclass or leaves it untyped."""
     store = ConfigStore.instance()
     store.store(group="toy", name="toy_kind_schema", node=_ToyKind)
     try:
         assert registered_schemas("toy") == [_ToyKind]
-        page = "\n".join(fields_section(_ToyRoot))
+        assert group_schemas(_ToyRoot) == {"toy": [_ToyBase, _ToyKind]}
+        assert group_schemas(_ToyAnyRoot) == {"toy": [_ToyKind]}
+        pages = ["\n".join(fields_section(root)) for root in (_ToyRoot, _ToyAnyRoot)]
+        untyped_keys = [f.key for f in documented_fields(_ToyAnyRoot)]
     finally:
         del store.repo["toy"]
-    assert "toy.delta" in page and "spread over two lines" in page
-    assert page.count("toy.alpha") == 1  # a base field is listed once
+    for page in pages:
+        assert "toy.delta" in page and "spread over two lines" in page
+        assert page.count("toy.alpha") == 1  # a base field is listed once
+    assert untyped_keys == ["toy.alpha", "toy.beta", "toy.gamma", "toy.delta"]
 
 
 def test_escaping_survives_omegaconf_and_string_template():
@@ -164,17 +179,21 @@ def test_bash_completion_offers_nothing_for_python_dash_m(sae_train_script):
 
 # ---------------------------------------------------------------- the YAML holds values only
 
-def _schema_defaults(cls: type) -> dict[str, str]:
-    return {f.key: f.default for f in leaf_fields(cls)}
+def _schema_defaults(schema: type) -> dict[str, set[str]]:
+    """Each documented key's defaults (several when per-kind schemas disagree)."""
+    defaults: dict[str, set[str]] = {}
+    for f in documented_fields(schema):
+        defaults.setdefault(f.key, set()).add(f.default)
+    return defaults
 
 
-def _repeated_defaults(values: dict, defaults: dict[str, str], prefix: str = "") -> list[str]:
+def _repeated_defaults(values: dict, defaults: dict[str, set[str]], prefix: str = "") -> list[str]:
     repeated = []
     for key, value in values.items():
         dotted = f"{prefix}{key}"
         if isinstance(value, dict) and any(k.startswith(f"{dotted}.") for k in defaults):
             repeated += _repeated_defaults(value, defaults, f"{dotted}.")
-        elif key != "name" and defaults.get(dotted) == yaml_value(value):
+        elif key != "name" and defaults.get(dotted) == {yaml_value(value)}:
             repeated.append(dotted)
     return repeated
 
@@ -182,18 +201,18 @@ def _repeated_defaults(values: dict, defaults: dict[str, str], prefix: str = "")
 def test_group_and_sweep_files_do_not_repeat_the_schema_defaults():
     """A YAML file sets what differs from the schema (``name`` excepted: it names the option);
     the doc of every field is the schema's, shown by --help."""
-    groups = nested_schemas(RootConfig)
+    defaults = _schema_defaults(RootConfig)
     found = []
-    for group, cls in groups.items():
-        defaults = _schema_defaults(cls)
+    for group in group_schemas(RootConfig):
         for path in sorted((CONF_DIR / group).glob("*.yaml")):
-            values = yaml.safe_load(path.read_text()) or {}
-            found += [f"{path.name}: {group}.{key}" for key in _repeated_defaults(values, defaults)]
-    root_defaults = _schema_defaults(RootConfig)
+            values = {k: v for k, v in (yaml.safe_load(path.read_text()) or {}).items()
+                      if k != "defaults"}
+            found += [f"{path.name}: {key}"
+                      for key in _repeated_defaults(values, defaults, f"{group}.")]
     for path in sorted((CONF_DIR / "sweep").glob("*.yaml")):
         values = {k: v for k, v in (yaml.safe_load(path.read_text()) or {}).items()
                   if k not in ("defaults", "hydra")}
-        found += [f"sweeps/{path.name}: {key}" for key in _repeated_defaults(values, root_defaults)]
+        found += [f"sweeps/{path.name}: {key}" for key in _repeated_defaults(values, defaults)]
     assert not found, f"these values repeat the schema's defaults: {found}"
 
 
@@ -213,17 +232,12 @@ def _readme_reference() -> dict[str, str]:
 
 def test_readme_configuration_reference_matches_the_schema():
     rows = _readme_reference()
-    groups = nested_schemas(RootConfig)
     for group in app_groups(CONF_DIR, "train"):
         for option in group_options(CONF_DIR, group):
             assert f"`{option}`" in rows[group], f"README: option {group}={option} missing"
-    for group, cls in groups.items():
-        keys = {f.key.split(".", 1)[1] for f in leaf_fields(cls, f"{group}.")}
-        for variant in registered_schemas(group):
-            keys |= {f.key.split(".", 1)[1] for f in leaf_fields(variant, f"{group}.")}
-        missing = sorted(k for k in keys if f"`{k}`" not in rows[group])
-        assert not missing, f"README: keys of {group} missing: {missing}"
-    for f in leaf_fields(RootConfig, skip=frozenset(groups)):
-        assert f"`{f.key}`" in rows["top level"], f"README: top-level key {f.key} missing"
-    for f in leaf_fields(ExtractConfig, skip=frozenset(nested_schemas(ExtractConfig))):
-        assert f"`{f.key}`" in rows[""], f"README: sae-extract key {f.key} missing"
+    for f in documented_fields(RootConfig):
+        group, _, key = f.key.rpartition(".")
+        row = rows[group.split(".")[0] or "top level"]
+        assert f"`{key}`" in row, f"README: key {f.key} missing from the reference table"
+    for f in documented_fields(ExtractConfig):
+        assert "." in f.key or f"`{f.key}`" in rows[""], f"README: sae-extract's {f.key} missing"
