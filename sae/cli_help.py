@@ -1,6 +1,7 @@
 """``--help`` of the Hydra apps, generated from the schema and the config tree.
 
-Each field is documented once, by the comment beside it in its dataclass (``sae/config.py``).
+Each field is documented once, by the comment beside it in its dataclass (``sae/config.py``;
+``field(metadata={"help": ...})`` is read too, for a schema that prefers it).
 This module reads those comments from the module source (``tokenize`` + ``ast``, nothing is
 imported twice or written twice), walks the registered dataclasses, lists the options of every
 config group under ``conf/`` with the first line of each option file, and stores the page as a
@@ -167,8 +168,9 @@ def leaf_fields(cls: type, prefix: str = "", skip: frozenset[str] = frozenset()
         if f.name in nested:
             rows.extend(leaf_fields(nested[f.name], f"{prefix}{f.name}."))
         else:
+            doc = f.metadata.get("help") or docs.get(f.name, "")  # metadata, if a schema uses it
             rows.append(FieldDoc(prefix + f.name, _type_name(f.type), yaml_value(_default(f)),
-                                 docs.get(f.name, "")))
+                                 doc))
     return rows
 
 

@@ -93,6 +93,13 @@ class _ToyKind(_ToyBase):
 
 
 @dataclass
+class _ToyMetadata:
+    """Docs given as field metadata instead of a comment."""
+
+    eta: int = field(default=3, metadata={"help": "from metadata"})
+
+
+@dataclass
 class _ToyRoot:
     """Root."""
 
@@ -107,6 +114,7 @@ def test_field_docs_read_comments_sections_and_inherited_fields():
     rows = {f.key: (f.type, f.default) for f in leaf_fields(_ToyRoot)}
     assert rows == {"toy.alpha": ("int", "1"), "toy.beta": ("list[int]", "[1, 2]"),
                     "toy.gamma": ("str | None", "null"), "top": ("bool", "true")}
+    assert [(f.key, f.doc) for f in leaf_fields(_ToyMetadata)] == [("eta", "from metadata")]
 
 
 @dataclass
