@@ -14,7 +14,6 @@ from typing import Any
 
 import pytest
 import yaml
-from helpers import REPO, run_cli
 from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 
@@ -33,6 +32,7 @@ from sae.cli_help import (
     yaml_value,
 )
 from sae.config import ExtractConfig, RootConfig
+from tests.helpers import REPO, run_cli
 
 SCHEMAS = {"train": RootConfig, "extract": ExtractConfig}
 
