@@ -7,7 +7,8 @@ Cross-field rules (k <= n_latents, strength >= 0, ...) live in ``__post_init__``
 composed config is turned into objects by :func:`validate` -- for a sweep, for every cell before
 any job is submitted.
 
-Every field is documented once, here, by the comment beside it. This module imports no torch.
+Every field is documented once, here, by the comment beside it (one line: ``--help`` shows it,
+read from this source by ``sae.cli_help``). This module imports no torch.
 """
 
 from __future__ import annotations
@@ -173,7 +174,7 @@ class TrainConfig:
     log_every: int = 50  # steps between logged losses (the only host synchronisation points)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     autocast_bf16: bool = False  # bf16 autocast with fp32 master weights (GPU)
-    compile: bool = False  # torch.compile the training step
+    compile: bool = False  # torch.compile only the fast path's fused penalty kernels; the step stays eager
     fast_path: bool = True  # fused sparse step (sae/fast/); false = the plain reference step
     progress: bool = True  # progress bar (plain lines when stderr is not a terminal)
 
@@ -199,7 +200,7 @@ class EvalConfig:
     k_multiples: list[float] = field(default_factory=lambda: [0.25, 0.5, 1.0, 2.0, 4.0])  # inference k / train k
     probe_m: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16, 32])  # top-m kept for probing (k is added)
     probe_max_train: int = 100_000  # probe-train samples (a seeded subsample of the train split)
-    probe_epochs: int = 30  # L-BFGS iterations of the (full-batch) logistic-regression probe
+    probe_epochs: int = 30  # L-BFGS iterations (not epochs; key kept for run ids) of the full-batch logistic probe
     probe_weight_decay: float = 1e-4  # L2 penalty of the probe
     similarity: str = "input"  # MonoScore similarity embeddings: input (the SAE's own), a backbone name (its cache of this eval split), a cache dir or an array file
     purity_top_n: int | None = None  # purity over each latent's top-N activations only; null = all
@@ -281,10 +282,14 @@ class RootConfig:
 
 
 def register_configs() -> None:
-    """Register the root schema with Hydra (called on import of the entry points)."""
+    """Register the root schema with Hydra (called on import of the entry points), then the
+    ``--help`` page generated from it (last, so that it sees every registered schema)."""
     from hydra.core.config_store import ConfigStore
 
+    from sae.cli_help import register_help
+
     ConfigStore.instance().store(name="train_schema", node=RootConfig)
+    register_help("train", RootConfig)
 
 
 def validate(cfg: DictConfig | RootConfig, schema: type = RootConfig) -> Any:

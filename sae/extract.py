@@ -26,6 +26,7 @@ import torch
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
+from sae.cli_help import register_help
 from sae.config import BackboneConfig, ConfigError, ExtractConfig, validate
 from sae.data.images import ImageFileDataset, ImageSplit, collate_skipping
 from sae.device import resolve_device
@@ -34,6 +35,7 @@ log = logging.getLogger(__name__)
 # Absolute, so the console scripts find the config tree as `python -m` does.
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 ConfigStore.instance().store(name="extract_schema", node=ExtractConfig)
+register_help("extract", ExtractConfig)
 
 AUTOCAST_DTYPE = torch.float16  # GPU compute; a batch that overflows is redone in float32
 LOG_EVERY_S = 30.0  # progress lines in a log file (stderr not a terminal): one per 30 s

@@ -80,8 +80,8 @@ def plan_cells(cells: Sequence[Sequence[str]], compose: Callable[[list[str]], Di
 
     A dry run lists cells whose data is not reachable from here (a dataset root that exists
     only on the cluster) with the problem instead of stopping; a real launch stops.
-    ``progress`` gets a line now and then: Hydra composes each cell anew (~0.35 s a cell on
-    2 cores), so the paper's 324 cells take about two minutes before anything is listed.
+    ``progress`` gets a line now and then: Hydra composes each cell anew, so a large grid
+    takes a while before anything is listed (docs/performance.md).
     """
     planned: list[Cell] = []
     first_of: dict[str, int] = {}

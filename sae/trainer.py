@@ -89,8 +89,8 @@ def batch_indices(step: int, schedule: Schedule, seed: int, device: torch.device
 
 def make_optimizer(model: TopKSAE, cfg: RootConfig) -> torch.optim.Adam:
     t = cfg.train
-    # fused: one kernel over all parameters; on 2 CPU cores the default per-tensor loop cost
-    # 0.44 of an encoder product per step, the fused one 0.12 (sae.bench step).
+    # fused: one kernel over all parameters instead of a loop over tensors, a sizeable share
+    # of a small step (docs/performance.md).
     return torch.optim.Adam(model.parameters(), lr=t.lr, eps=t.adam_eps,
                             betas=(t.adam_beta1, t.adam_beta2), fused=True)
 
@@ -98,7 +98,7 @@ def make_optimizer(model: TopKSAE, cfg: RootConfig) -> torch.optim.Adam:
 def loss_function(cfg: RootConfig):
     """The reference objective, or the fused sparse one (same values and gradients).
     ``train.compile`` runs the fast step's fused penalty kernels through torch.compile (its
-    ``compiled`` argument)."""
+    ``compiled`` argument); the rest of the step stays eager."""
     if cfg.train.fast_path:
         try:
             from sae.fast import fast_training_loss
@@ -246,8 +246,8 @@ class Trainer:
     def run(self) -> TrainState:
         if self.device.type == "cpu":
             # Adam's second moments of rarely-selected latents decay into denormal floats
-            # (< 1.2e-38), which x86 CPUs process ~100x slower; flushing them to zero halved
-            # the step time of the default synthetic run and changes no value above 1e-38.
+            # (< 1.2e-38), which x86 CPUs process far slower than normal floats
+            # (docs/performance.md); flushing them to zero changes no value above 1e-38.
             torch.set_flush_denormal(True)
         state = self.initial_state()
         total = self.schedule.total_steps
@@ -282,8 +282,9 @@ class Trainer:
     def _checkpoint_due(self, step: int, log_step: bool) -> bool:
         """Every ``checkpoint_every`` steps, and every ``checkpoint_every_s`` seconds of
         training. Time is read at log steps only, where the host has synchronised anyway. By
-        time because step times differ 100-fold between CPU and GPU: a 201 MB checkpoint takes
-        0.2-0.4 s, 8-15 % of 500 GPU steps of the paper's size (~5 ms each)."""
+        time because step times differ by orders of magnitude between CPU and GPU, so a step
+        count that suits one device checkpoints far too often or too rarely on the other
+        (docs/performance.md)."""
         t = self.cfg.train
         if t.checkpoint_every and step % t.checkpoint_every == 0:
             return True
