@@ -59,6 +59,14 @@ class BackboneConfig:
             _require(bool(self.model), "backbone.model", "is empty",
                      "give the open_clip / timm / transformers model identifier")
 
+    @property
+    def checkpoint(self) -> str:
+        """The library and public name of the weights, e.g. "transformers google/vit-large-
+        patch16-224" or "open_clip ViT-L-14 / datacomp_xl_s13b_b90k" (dry runs, method card)."""
+        tag = f" / {self.pretrained}" if self.library == "open_clip" and self.pretrained else ""
+        weights = "" if self.pretrained else " (random weights)"
+        return f"{self.library} {self.model}{tag}{weights}"
+
 
 @dataclass
 class DatasetConfig:
