@@ -295,3 +295,9 @@ def test_transformers_snapshot_directory_and_output_rules(hub):
     assert backbone.info["preprocess"]["size"] == {"height": 224, "width": 224}
     pixels = backbone.preprocess(Image.new("RGB", (50, 70)))
     assert pixels.shape == (3, 224, 224)
+
+
+def test_missing_weights_name_the_fix(hub, tmp_path):
+    """Offline with an empty cache: the error says how to fill it."""
+    with pytest.raises(RuntimeError, match="scripts/download_weights.py siglip2"):
+        load_backbone(backbone_cfg("siglip2", checkpoint_path=str(tmp_path)))
