@@ -295,6 +295,17 @@ def test_transformers_snapshot_directory_and_output_rules(hub):
     assert backbone.info["preprocess"]["size"] == {"height": 224, "width": 224}
     pixels = backbone.preprocess(Image.new("RGB", (50, 70)))
     assert pixels.shape == (3, 224, 224)
+    # pretrained: null builds the same architecture from config.json with random weights
+    from sae.backbones_hf import load_transformers
+
+    random = load_transformers(backbone_cfg("vit_l16", checkpoint_path=str(snapshot),
+                                            pretrained=None), random_init=True)
+    random.model.eval()
+    batch = pixels.unsqueeze(0)
+    with torch.inference_mode():
+        ours, theirs = random.embed(batch), backbone.embed(batch)
+    assert ours.shape == theirs.shape == (1, backbone.dim)
+    assert not torch.allclose(ours, theirs)
 
 
 def test_missing_weights_name_the_fix(hub, tmp_path):
