@@ -21,6 +21,7 @@ seeded weights, as the other libraries do.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -87,7 +88,8 @@ def load_transformers(cfg: BackboneConfig, random_init: bool) -> Backbone:
     return Backbone(model, preprocess, embed, _output_dim(embed, preprocess), info)
 
 
-def _embed_function(model: torch.nn.Module, embedding: str):
+def _embed_function(model: torch.nn.Module, embedding: str
+                    ) -> Callable[[torch.Tensor], torch.Tensor]:
     """The reference output rule: (B, 3, H, W) pixel values -> (B, d) float32."""
     if embedding == "image_features":
         def embed(images: torch.Tensor) -> torch.Tensor:
