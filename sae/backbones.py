@@ -1,12 +1,16 @@
 """Frozen vision backbones: a backbone config -> (model, preprocess transform, embed function).
 
-Two libraries, each with the embedding METHOD.md s1 names:
+Three libraries, each with the embeddings METHOD.md s1 names:
 
 - open_clip, ``embedding: image_projected``: ``model.encode_image(x)``, the projected image
   embedding (CLIP ViT-L/14: 768-d, SigLIP2 SO400M: 1152-d), not normalised here;
 - timm, ``embedding: cls_pre_logits``: ``model.forward_head(model.forward_features(x),
   pre_logits=True)``, the pooled token after the final norm, before the classifier (ViT-L/16:
-  1024-d).
+  1024-d);
+- transformers (``AutoModel`` + its ``AutoImageProcessor``, the reference code's library),
+  ``embedding: image_features``: ``model.get_image_features(pixel_values)`` (SigLIP2: pooled and
+  projected, 1152-d); ``embedding: cls_last_hidden_state``: the CLS token of
+  ``model(pixel_values).last_hidden_state`` (ViT-L/16: after the final LayerNorm, 1024-d).
 
 Weights, in order of precedence:
 
@@ -15,7 +19,10 @@ Weights, in order of precedence:
   must hold that tag's weights.
 - ``checkpoint_path`` naming a *directory*: the libraries' download cache
   (``scripts/download_weights.py`` fills it on a login node); the tag is resolved from it.
-- ``pretrained``: an open_clip tag, or ``"true"`` for timm (the tag is part of the model name).
+- ``checkpoint_path`` naming a transformers *snapshot directory* (``config.json`` in it): loaded
+  from there (``save_pretrained`` output, or ``models--org--name/snapshots/<rev>``).
+- ``pretrained``: an open_clip tag, or ``"true"`` for timm and transformers (the model name
+  names the weights); read from the Hugging Face cache, offline with ``HF_HUB_OFFLINE=1``.
 - neither: the real architecture with random weights, seeded (``RANDOM_INIT_SEED``) so that every
   process -- the train and eval splits, two array tasks -- embeds with the same network.
 """
@@ -33,7 +40,8 @@ from PIL import Image
 
 from sae.config import BackboneConfig, ConfigError
 
-EMBEDDINGS = {"open_clip": ("image_projected",), "timm": ("cls_pre_logits",)}
+EMBEDDINGS = {"open_clip": ("image_projected",), "timm": ("cls_pre_logits",),
+              "transformers": ("image_features", "cls_last_hidden_state")}
 RANDOM_INIT_SEED = 0  # random-weight variants are seeded: embeddings must not differ per process
 _FALSE_STRINGS = ("", "false", "none", "null", "0", "no")
 
@@ -105,6 +113,10 @@ def load_backbone(cfg: BackboneConfig, device: str | torch.device = "cpu") -> Ba
         torch.manual_seed(RANDOM_INIT_SEED)
         if cfg.library == "open_clip":
             backbone = _load_open_clip(cfg)
+        elif cfg.library == "transformers":
+            from sae.backbones_hf import load_transformers
+
+            backbone = load_transformers(cfg, random_init)
         else:
             backbone = _load_timm(cfg)
     backbone.model.eval().requires_grad_(False).to(device)
@@ -240,7 +252,8 @@ def library_versions() -> dict[str, str]:
     from importlib import metadata
 
     versions = {"python": ".".join(map(str, sys.version_info[:3]))}
-    for package in ("torch", "torchvision", "open_clip_torch", "timm", "numpy", "pillow"):
+    for package in ("torch", "torchvision", "open_clip_torch", "timm", "transformers", "numpy",
+                    "pillow"):
         try:
             versions[package] = metadata.version(package)
         except metadata.PackageNotFoundError:  # not installed: it took no part

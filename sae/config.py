@@ -24,7 +24,7 @@ from sae import regularizers
 
 DATASET_KINDS = ("synthetic", "digits", "files", "images")
 IMAGE_LAYOUTS = ("imagenet", "openimages", "digits_images")
-BACKBONE_LIBRARIES = ("none", "open_clip", "timm")
+BACKBONE_LIBRARIES = ("none", "open_clip", "timm", "transformers")
 
 
 class ConfigError(ValueError):
@@ -41,11 +41,11 @@ class BackboneConfig:
     """A frozen vision backbone that turns images into one embedding each (METHOD.md s1)."""
 
     name: str = "none"  # config key, e.g. clip_vitl14; "none" = the dataset already is embeddings
-    library: str = "none"  # open_clip | timm | none
-    model: str = ""  # library model identifier, e.g. "ViT-L-14" or "vit_large_patch16_224.augreg_in21k_ft_in1k"
-    pretrained: str | None = None  # open_clip pretrained tag / timm "true"; null = random weights (tests)
-    checkpoint_path: str | None = None  # local weights file, for compute nodes without network
-    embedding: str = "none"  # what is taken: image_projected (open_clip encode_image) | cls_pre_logits (timm)
+    library: str = "none"  # open_clip | timm | transformers | none
+    model: str = ""  # library model identifier, e.g. "ViT-L-14" (open_clip), "vit_large_patch16_224.augreg_in21k_ft_in1k" (timm), "google/vit-large-patch16-224" (transformers hub id)
+    pretrained: str | None = None  # open_clip pretrained tag / "true" for timm and transformers; null = random weights (tests)
+    checkpoint_path: str | None = None  # for compute nodes without network: a weights file, a Hugging Face hub cache directory, or a transformers snapshot directory (sae/backbones.py)
+    embedding: str = "none"  # what is taken: image_projected (open_clip encode_image) | cls_pre_logits (timm) | image_features (transformers get_image_features) | cls_last_hidden_state (transformers CLS of last_hidden_state)
     model_kwargs: dict[str, Any] = field(default_factory=dict)  # extra factory kwargs (small test variants)
     batch_size: int = 128  # images per forward pass during extraction
     num_workers: int = 4  # DataLoader workers decoding images
@@ -59,7 +59,15 @@ class BackboneConfig:
         _require(self.batch_size > 0, "backbone.batch_size", "must be positive", "set e.g. 128")
         if self.library != "none":
             _require(bool(self.model), "backbone.model", "is empty",
-                     "give the open_clip / timm model identifier")
+                     "give the open_clip / timm / transformers model identifier")
+
+    @property
+    def checkpoint(self) -> str:
+        """The library and public name of the weights, e.g. "transformers google/vit-large-
+        patch16-224" or "open_clip ViT-L-14 / datacomp_xl_s13b_b90k" (dry runs, method card)."""
+        tag = f" / {self.pretrained}" if self.library == "open_clip" and self.pretrained else ""
+        weights = "" if self.pretrained else " (random weights)"
+        return f"{self.library} {self.model}{tag}{weights}"
 
 
 @dataclass

@@ -26,13 +26,30 @@ CARD_FIELDS = (
 )
 
 
+# How each library turns an image (converted to RGB first) into the network's input, and what
+# each embedding rule takes (METHOD.md s1; the loaders are in sae/backbones*.py).
+PREPROCESSING = {
+    "open_clip": "open_clip's inference transform for the model and tag (resize, centre crop, "
+                 "the tag's mean / std)",
+    "timm": "timm's eval transform from the model's pretrained data config "
+            "(resolve_model_data_config + create_transform)",
+    "transformers": "the checkpoint's own AutoImageProcessor (its preprocessor_config.json)",
+}
+OUTPUTS = {
+    "image_projected": "encode_image, the projected image embedding",
+    "cls_pre_logits": "the CLS token after the final norm, before the classifier",
+    "image_features": "get_image_features(pixel_values), pooled and projected",
+    "cls_last_hidden_state": "the CLS token of last_hidden_state, after the final LayerNorm",
+}
+
+
 def _source_model(cfg: RootConfig) -> str:
     b = cfg.backbone
     if b.library == "none":
         return f"none: the dataset {cfg.dataset.name!r} is already an embedding set"
-    weights = b.pretrained or "random initialisation (no pretrained weights)"
-    return (f"{b.library} {b.model} (weights: {weights}); layer: {b.embedding} "
-            f"(one embedding per image, no patch tokens)")
+    return (f"checkpoint: {b.checkpoint}; library: {b.library}; preprocessing: RGB, then "
+            f"{PREPROCESSING.get(b.library, b.library)}; layer: {b.embedding} = "
+            f"{OUTPUTS.get(b.embedding, b.embedding)} (one embedding per image, no patch tokens)")
 
 
 def _mask_rule(cfg: RootConfig) -> str:

@@ -41,6 +41,7 @@ class Cell:
     duplicate_of: int | None = None  # index of the cell with the same run id
     result: str | None = None  # done | failed | skipped, after this launch
     problem: str | None = None  # dry run only: why this cell could not launch from here
+    checkpoint: str = ""  # the backbone option and its weights, e.g. "vit_l16: transformers ..."
 
     @property
     def to_launch(self) -> bool:
@@ -96,8 +97,11 @@ def plan_cells(cells: Sequence[Sequence[str]], compose: Callable[[list[str]], Di
         rid = run_id(cfg)
         directory = run_dir(cfg, rid)
         state = "new" if force else run_state(directory)
+        checkpoint = (f"{cfg.backbone.name}: {cfg.backbone.checkpoint}"
+                      if cfg.backbone.library != "none" else "")
         planned.append(Cell(index, list(overrides), rid, str(directory), state,
-                            duplicate_of=first_of.get(rid), problem=problem))
+                            duplicate_of=first_of.get(rid), problem=problem,
+                            checkpoint=checkpoint))
         first_of.setdefault(rid, index)
     return planned
 
@@ -131,6 +135,12 @@ def summary_line(name: str, cells: Sequence[Cell]) -> str:
             f"{states['done']} done (skipped), {states['failed']} failed (re-run), "
             f"{states['interrupted']} interrupted (resumed), {states['running']} running "
             f"elsewhere (waited for), {states['new']} new")
+
+
+def checkpoints_line(cells: Sequence[Cell]) -> str:
+    """The backbones of the grid with the weights each option names (METHOD.md s1)."""
+    names = list(dict.fromkeys(c.checkpoint for c in cells if c.checkpoint))
+    return "backbones: " + ("; ".join(names) if names else "none (embedding datasets)")
 
 
 def table(cells: Sequence[Cell]) -> str:

@@ -206,9 +206,14 @@ def test_unreadable_image_fails_with_its_path_or_is_skipped(tmp_path):
 def test_backbone_configs_carry_the_method_identifiers():
     expected = {
         "clip_vitl14": ("open_clip", "ViT-L-14", "datacomp_xl_s13b_b90k", "image_projected"),
-        "siglip2": ("open_clip", "ViT-SO400M-14-SigLIP2-378", "webli", "image_projected"),
-        "vit_l16": ("timm", "vit_large_patch16_224.augreg_in21k_ft_in1k", "true",
-                    "cls_pre_logits"),
+        "siglip2": ("transformers", "google/siglip2-so400m-patch14-384", "true",
+                    "image_features"),
+        "vit_l16": ("transformers", "google/vit-large-patch16-224", "true",
+                    "cls_last_hidden_state"),
+        "siglip2_openclip": ("open_clip", "ViT-SO400M-14-SigLIP2-378", "webli",
+                             "image_projected"),
+        "vit_l16_timm": ("timm", "vit_large_patch16_224.augreg_in21k_ft_in1k", "true",
+                         "cls_pre_logits"),
         "dinov2_vitl14": ("timm", "vit_large_patch14_dinov2.lvd142m", "true", "cls_pre_logits"),
     }
     for name, (library, _, tag, _) in expected.items():
@@ -466,7 +471,8 @@ def test_extract_configs_compose_and_validate(tmp_path, monkeypatch):
         node = compose("extract", overrides=["backbone=clip_tiny", "dataset=digits_images"])
         cfg = validate_extract(node)
         assert cfg.dataset.root == f"{tmp_path}/cache/datasets/digits_images"
-        for backbone in ("clip_vitl14", "siglip2", "vit_l16", "dinov2_vitl14", "vit_tiny"):
+        for backbone in ("clip_vitl14", "siglip2", "vit_l16", "siglip2_openclip",
+                         "vit_l16_timm", "dinov2_vitl14", "vit_tiny"):
             for dataset in ("imagenet", "openimages"):
                 validate_extract(compose("extract", overrides=[f"backbone={backbone}",
                                                                f"dataset={dataset}"]))

@@ -185,6 +185,27 @@ def test_every_claim_has_a_verdict_with_numbers(demo_report):
 
 
 @pytest.mark.slow  # shares the ~40 s demo sweep
+@pytest.mark.parametrize("backbone,expected", [
+    ("siglip2", ("checkpoint: transformers google/siglip2-so400m-patch14-384;",
+                 "library: transformers;", "own AutoImageProcessor", "get_image_features")),
+    ("vit_l16", ("checkpoint: transformers google/vit-large-patch16-224;", "AutoImageProcessor",
+                 "CLS token of last_hidden_state")),
+    ("vit_l16_timm", ("checkpoint: timm vit_large_patch16_224.augreg_in21k_ft_in1k;",
+                      "timm's eval transform", "before the classifier")),
+    ("clip_vitl14", ("checkpoint: open_clip ViT-L-14 / datacomp_xl_s13b_b90k;",
+                     "open_clip's inference transform", "encode_image")),
+    ("clip_tiny", ("checkpoint: open_clip ViT-S-32 (random weights);",)),
+])
+def test_method_card_names_checkpoint_library_and_preprocessing(backbone, expected):
+    from sae.config import RootConfig, validate
+    from tests.test_config import compose_train
+
+    cfg = validate(compose_train([f"backbone={backbone}", "dataset=digits_images"]), RootConfig)
+    source = run_card(cfg, {}, {}, "v0", "cmd")["source_model"]
+    for text in expected:
+        assert text in source, (text, source)
+
+
 def test_method_card_has_every_field_and_seed_stability(demo_report):
     out = demo_report / "report"
     card = json.loads((out / "method_card.json").read_text())

@@ -9,8 +9,8 @@ from omegaconf import OmegaConf
 
 from sae.config import ConfigError, register_configs
 from sae.runs import run_id, write_status
-from sae.sweep import Cell, SweepError, plan_cells
-from tests.helpers import run_cli, synthetic_cfg
+from sae.sweep import Cell, SweepError, checkpoints_line, plan_cells
+from tests.helpers import REPO, run_cli, synthetic_cfg
 from tests.test_config import compose_train
 
 register_configs()
@@ -51,6 +51,21 @@ def test_plan_dedupes_and_classifies(tmp_path, monkeypatch):
     assert lines == ["planning: composing and validating cell 1 of 4 (0 s)"]
     assert [c.state for c in again] == ["new", "new", "done", "failed"]
     assert [c.to_launch for c in again] == [True, False, False, True]
+
+
+def test_paper_dry_run_names_the_reference_checkpoints(tmp_path, monkeypatch):
+    """METHOD.md s1: the paper grid's backbones are the reference code's checkpoints."""
+    monkeypatch.setenv("SAE_OUTPUT_ROOT", str(tmp_path))
+    monkeypatch.delenv("IMAGENET_ROOT", raising=False)  # a dry run lists the cell anyway
+    params = OmegaConf.load(REPO / "sweeps" / "paper.yaml").hydra.sweeper.params
+    grid = [["dataset=imagenet", f"backbone={name}"] for name in params.backbone.split(",")]
+    cells = plan_cells(grid, compose_cell, dry_run=True)
+    assert checkpoints_line(cells) == (
+        "backbones: clip_vitl14: open_clip ViT-L-14 / datacomp_xl_s13b_b90k; "
+        "siglip2: transformers google/siglip2-so400m-patch14-384; "
+        "vit_l16: transformers google/vit-large-patch16-224")
+    assert checkpoints_line(plan_cells([["k=8"]], compose_cell)) == (
+        "backbones: none (embedding datasets)")
 
 
 def test_a_done_status_without_metrics_is_not_done(tmp_path, monkeypatch):
