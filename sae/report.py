@@ -2,6 +2,7 @@
 
     python -m sae.report outputs/sweeps/demo                 # writes outputs/sweeps/demo/report/
     python -m sae.report SWEEP_DIR --r2-tolerance 0.02 --small-m 1 2
+    python -m sae.report SWEEP_DIR --min-effect mono_dead0=0.02 purity_binary=0.005
     sae-report SWEEP_DIR                                      # the same, as a console script
 
 Writes into ``SWEEP_DIR/report/``::
@@ -9,7 +10,8 @@ Writes into ``SWEEP_DIR/report/``::
     runs.parquet, runs.csv     one row per cell (failed and missing ones too)
     tables.md, tables.tex      the paper's tables; tables.csv: every metric's mean/std per setting
     plots/*.png                metrics vs k, R^2 vs inference k', probe vs m, dead latents by mask
-    claims.md                  the five claims of METHOD.md s5, and the s6 reference numbers
+    claims.md                  the five claims of METHOD.md s5 (seed-paired intervals, verdicts),
+                               and the s6 reference numbers
     method_card.md / .json     the sweep's card (METHOD.md s7), seed stability filled in
     seed_stability.csv         atom stability and the spread of every metric, per setting
     notes.md                   what is missing (failed cells, one seed, no mask ablation, ...)
@@ -22,18 +24,18 @@ from __future__ import annotations
 
 import argparse
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
 
-from sae.reporting import aggregate, card, claims, collect, html, plots, render, tables
-from sae.reporting.claims import Tolerances
+from sae.reporting import aggregate, card, claims, collect, html, plots, render, stats, tables
+from sae.reporting.claims import DEFAULT_MIN_EFFECT, Tolerances
 
 
 @dataclass(frozen=True)
 class ReportOptions:
-    tolerances: Tolerances = Tolerances()
+    tolerances: Tolerances = field(default_factory=Tolerances)
     seed_stability: bool = True  # load the models and compare atoms (slow for n = 8192 grids)
 
 
@@ -100,11 +102,12 @@ def write_report(sweep_dir: Path, options: ReportOptions | None = None) -> Repor
     write_runs(runs, out)
     metrics = collect.metric_columns(runs)
     summary = aggregate.seed_summary(runs, metrics)
+    summary = stats.add_deltas(summary, aggregate.finished_runs(runs), level=tol.level)
     summary.to_csv(out / "tables.csv", index=False)
     write_text(out / "tables.md", tables.markdown_tables(summary, sweep.name))
     write_text(out / "tables.tex", tables.latex_tables(summary, sweep.name))
 
-    verdicts = claims.check_claims(summary, tol)
+    verdicts = claims.check_claims(runs, tol)
     claims_md = render.claims_markdown(sweep.name, verdicts, tol, claims.reference_rows(summary))
     write_text(out / "claims.md", claims_md)
 
@@ -134,30 +137,49 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="sae-report", description=__doc__.split("\n")[0])
     parser.add_argument("sweep_dir", type=Path, help="a sweep directory (holds cells.json)")
     parser.add_argument("--r2-tolerance", type=float, default=defaults.r2_abs,
-                        help="claim 2: max absolute R^2 drop below the baseline "
-                             "(default %(default)s)")
-    parser.add_argument("--min-gain", type=float, default=defaults.min_gain,
-                        help="claims 1, 3, 4, 5: a difference must exceed this "
-                             "(default %(default)s)")
+                        help="claim 2: non-inferiority margin, the largest absolute R^2 loss "
+                             "against the baseline (default %(default)s)")
+    parser.add_argument("--min-effect", nargs="+", default=[], metavar="METRIC=VALUE",
+                        help="minimum effect per metric (report.min_effect), overriding the "
+                             f"defaults {DEFAULT_MIN_EFFECT}")
     parser.add_argument("--small-m", type=int, nargs="+", default=list(defaults.small_m),
                         help="claim 4: the small probe budgets (default %(default)s)")
-    parser.add_argument("--min-share", type=float, default=defaults.min_share,
-                        help="share of compared settings in which a claim must hold "
-                             "(default %(default)s)")
+    parser.add_argument("--level", type=float, default=defaults.level,
+                        help="confidence level of the intervals (default %(default)s)")
     parser.add_argument("--no-seed-stability", action="store_true",
                         help="skip loading the models to compare decoder atoms between seeds")
     return parser.parse_args(argv)
 
 
+def min_effects(items: list[str]) -> dict[str, float]:
+    """``["mono_dead0=0.02"]`` -> the defaults with that one replaced."""
+    effects = dict(DEFAULT_MIN_EFFECT)
+    for item in items:
+        metric, sep, value = item.partition("=")
+        try:
+            effects[metric.strip()] = float(value)
+        except ValueError:
+            sep = ""
+        if not sep:
+            raise SystemExit(f"sae-report: --min-effect {item!r}: expected METRIC=NUMBER, "
+                             "e.g. --min-effect mono_dead0=0.02")
+    return effects
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    tol = Tolerances(args.r2_tolerance, args.min_gain, tuple(args.small_m), args.min_share)
+    tol = Tolerances(args.r2_tolerance, tuple(args.small_m), args.level,
+                     min_effects(args.min_effect))
     try:
         report = write_report(args.sweep_dir, ReportOptions(tol, not args.no_seed_stability))
     except collect.ReportError as exc:
         print(f"sae-report: {exc}", file=sys.stderr)
         return 2
     print(render.claims_table(report.claims))
+    undecided = sum(len(c.inconclusive()) for c in report.claims)
+    if undecided:
+        print(f"\n{undecided} compared settings are inconclusive: see the list at the top of "
+              f"{report.index.parent / 'claims.md'}")
     if report.notes:
         print("\nMissing pieces:\n" + "\n".join(f"- {n}" for n in report.notes))
     # Last line: the page to open (make demo ends with it).
