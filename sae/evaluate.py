@@ -384,7 +384,7 @@ def evaluate(
         inspection = _inspection(stream, eval, mono_n, cfg, out_dir, seed)
         per_latent = {"monoscore": mono_n, "firing_count": stream.firing.counts_n}
         if purity_n is not None:
-            per_latent |= {"purity_binary": purity_n.binary, "purity_weighted": purity_n.weighted}
+            per_latent |= {f"purity_{k}": v for k, v in purity_n._asdict().items() if v is not None}
         per_latent_file = _write_per_latent(out_dir, per_latent)
     finally:
         sae.train(was_training)
