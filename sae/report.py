@@ -16,6 +16,9 @@ Writes into ``SWEEP_DIR/report/``::
     seed_stability.csv         atom stability and the spread of every metric, per setting
     notes.md                   what is missing (failed cells, one seed, no mask ablation, ...)
     index.html                 all of the above on one page (relative links: opens from disk)
+    wandb/                     when the sweep's runs were tracked with W&B: a job_type=report run
+                               in the sweep's group (tables and claims as tables, plots as
+                               images; offline unless W&B is online, see sae.tracking)
 
 Missing pieces are reported, never fatal: the only error is a directory that is not a sweep.
 """
@@ -37,6 +40,7 @@ from sae.reporting.claims import DEFAULT_MIN_EFFECT, Tolerances
 class ReportOptions:
     tolerances: Tolerances = field(default_factory=Tolerances)
     seed_stability: bool = True  # load the models and compare atoms (slow for n = 8192 grids)
+    wandb: bool = True  # log a report run when the sweep's runs were tracked with W&B
 
 
 def write_text(path: Path, text: str) -> Path:
@@ -74,6 +78,44 @@ def missing_notes(runs: pd.DataFrame, summary: pd.DataFrame) -> list[str]:
         notes.append(f"{single} of {len(summary)} settings have one finished seed: no std and "
                      "no seed stability for them")
     return notes
+
+
+def wandb_logger(runs: pd.DataFrame) -> dict | None:
+    """The logger settings of the sweep's W&B-tracked runs; None when none was tracked."""
+    if "config.logger.name" not in runs:
+        return None
+    tracked = runs[runs["config.logger.name"] == "wandb"]
+    if tracked.empty:
+        return None
+    first = tracked.iloc[0]
+    settings = {key: first.get(f"config.logger.{key}")
+                for key in ("project", "entity", "mode", "probe_timeout_s")}
+    return {k: v for k, v in settings.items() if v is not None and not pd.isna(v)}
+
+
+def claims_frames(verdicts: list[claims.Claim]) -> dict[str, pd.DataFrame]:
+    """The claims and the compared settings behind them, as tables."""
+    rows = [{"claim": c.number, "statement": c.statement, "verdict": c.verdict,
+             "settings": c.summary} for c in verdicts]
+    settings = [{"claim": c.number, "setting": s.setting, "metric": s.metric, "seeds": s.seeds,
+                 "reference": s.reference, "value": s.value, "difference": s.interval.mean,
+                 "ci_low": s.interval.low, "ci_high": s.interval.high,
+                 "threshold": s.threshold, "verdict": s.verdict}
+                for c in verdicts for s in c.comparisons]
+    return {"claims": pd.DataFrame(rows), "claim_settings": pd.DataFrame(settings)}
+
+
+def log_report_run(sweep: collect.SweepRuns, runs: pd.DataFrame, summary: pd.DataFrame,
+                   verdicts: list[claims.Claim], figures: list[plots.Figure], out: Path) -> None:
+    """The sweep's W&B report run, when its runs were tracked with W&B."""
+    logger = wandb_logger(runs)
+    if logger is None:
+        return
+    from sae.tracking import log_report
+
+    tables = {"paper_tables": parquet_ready(summary), **claims_frames(verdicts)}
+    images = {f"plots/{figure.path.stem}": figure.path for figure in figures}
+    log_report(sweep.name, out, logger, tables, images)
 
 
 @dataclass
@@ -128,6 +170,8 @@ def write_report(sweep_dir: Path, options: ReportOptions | None = None) -> Repor
     page = html.PageInputs(sweep.name, out, runs, summary, verdicts, figures,
                            card_md.read_text(), claims_md, notes)
     index = write_text(out / "index.html", html.render_page(page))
+    if options.wandb:
+        log_report_run(sweep, runs, summary, verdicts, figures, out)
     return Report(index, verdicts, notes)
 
 
@@ -148,6 +192,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="confidence level of the intervals (default %(default)s)")
     parser.add_argument("--no-seed-stability", action="store_true",
                         help="skip loading the models to compare decoder atoms between seeds")
+    parser.add_argument("--no-wandb", action="store_true",
+                        help="do not log the report run to W&B (logged only when the sweep's "
+                             "runs were tracked with W&B)")
     return parser.parse_args(argv)
 
 
@@ -171,7 +218,8 @@ def main(argv: list[str] | None = None) -> int:
     tol = Tolerances(args.r2_tolerance, tuple(args.small_m), args.level,
                      min_effects(args.min_effect))
     try:
-        report = write_report(args.sweep_dir, ReportOptions(tol, not args.no_seed_stability))
+        report = write_report(args.sweep_dir, ReportOptions(tol, not args.no_seed_stability,
+                                                            not args.no_wandb))
     except collect.ReportError as exc:
         print(f"sae-report: {exc}", file=sys.stderr)
         return 2

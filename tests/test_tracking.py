@@ -38,6 +38,13 @@ def train(root: Path, *overrides: str, env: dict | None = None) -> subprocess.Co
                           env=full_env, capture_output=True, text=True, timeout=300)
 
 
+def flush_wandb() -> None:
+    """Stop this process's W&B service: its record log is complete on disk only then."""
+    import wandb
+
+    wandb.teardown()
+
+
 def offline_dir(run_dir: Path) -> Path:
     (found,) = (run_dir / "wandb").glob("offline-run-*")
     return found
@@ -121,6 +128,7 @@ def test_an_unreachable_server_costs_seconds_and_logs_offline(tmp_path, monkeypa
         tracker.summary({"r2": 0.5})
         tracker.finish()
     assert time.perf_counter() - started < 15.0
+    flush_wandb()
     assert isinstance(tracker, tracking.WandbTracker)
     assert [r.message for r in caplog.records if "unreachable" in r.message] == [
         f"W&B server {UNREACHABLE} unreachable within 3.0 s: logging offline (nothing is lost; "
@@ -134,10 +142,31 @@ def test_reachability_probe_is_bounded():
     assert time.perf_counter() - started < 3.0
 
 
+def test_the_report_logs_a_report_run_in_the_sweeps_group(sweep_root):
+    from sae.report import main
+
+    sweep_dir = sweep_root / "sweeps" / "tracked"
+    assert main([str(sweep_dir), "--no-seed-stability"]) == 0
+    flush_wandb()
+    offline = offline_dir(sweep_dir / "report")
+    record = W.run(offline)
+    assert record.job_type == "report" and record.run_group == "tracked"
+    logged = {k: v for r in W.history(offline) for k, v in r.items()}
+    for table in ("paper_tables", "claims", "claim_settings"):
+        assert logged[f"{table}._type"] == "table-file", table
+    assert logged["claims.nrows"] == 5
+    plots = {k.split(".")[0] for k, v in logged.items() if k.endswith("._type")
+             and v == "image-file"}
+    assert {"plots/metrics_vs_k_none_digits", "plots/probe_none_digits"} <= plots
+
+
 def test_sync_finds_the_offline_runs_of_a_sweep(sweep_root, capsys):
     sweep_dir = sweep_root / "sweeps" / "tracked"
     found = sync.offline_runs(sweep_dir)
-    assert {p.parent.parent for p in found} == set(run_dirs(sweep_root).values())
+    expected = {*run_dirs(sweep_root).values()}
+    if (sweep_dir / "report" / "wandb").exists():  # the report test ran first
+        expected.add(sweep_dir / "report")
+    assert {p.parent.parent for p in found} == expected
     assert sync.main([str(sweep_dir), "--dry-run"]) == 0
     out = capsys.readouterr().out
-    assert "2 offline W&B runs" in out and all(str(p) in out for p in found)
+    assert f"{len(found)} offline W&B runs" in out and all(str(p) in out for p in found)
