@@ -168,7 +168,7 @@ def write_report(sweep_dir: Path, options: ReportOptions | None = None) -> Repor
     write_text(out / "notes.md", "# Missing pieces\n\n" + "".join(f"- {n}\n" for n in notes)
                if notes else "# Missing pieces\n\nNone.\n")
     page = html.PageInputs(sweep.name, out, runs, summary, verdicts, figures,
-                           card_md.read_text(), claims_md, notes)
+                           card_md.read_text(), claims_md, notes, sweep_card)
     index = write_text(out / "index.html", html.render_page(page))
     if options.wandb:
         log_report_run(sweep, runs, summary, verdicts, figures, out)

@@ -85,9 +85,14 @@ def save(fig: plt.Figure, path: Path) -> Path:
     return path
 
 
-def _panels(n: int, width: float = 3.6, height: float = 3.0):
-    fig, axes = plt.subplots(1, n, figsize=(width * n, height), squeeze=False)
-    return fig, list(axes[0])
+def _panels(n: int, width: float = 3.6, height: float = 3.0, per_row: int = 4):
+    """``n`` panels, at most ``per_row`` in a row (the unused ones hidden)."""
+    rows, cols = -(-n // per_row), min(n, per_row)
+    fig, axes = plt.subplots(rows, cols, figsize=(width * cols, height * rows), squeeze=False)
+    flat = list(axes.flat)
+    for ax in flat[n:]:
+        ax.set_visible(False)
+    return fig, flat[:n]
 
 
 # -- metric against k ---------------------------------------------------------------------------
