@@ -437,3 +437,30 @@ def test_run_card_states_the_training_precision():
         card = run_card(synthetic_cfg(autocast_bf16=bf16), {}, {"train": 8, "eval": 2}, "v", "cmd")
         assert card["reconstruction"]["training_precision"].startswith(expected)
         assert f"training_precision: {expected}" in render_markdown(card, "run")
+
+
+def test_page_renders_the_card_as_a_table_and_links_rows_to_runs(tmp_path):
+    sweep_dir = fake_sweep(tmp_path, FULL_GRID, GOOD)
+    build_report(sweep_dir, ReportOptions(seed_stability=False))
+    page = (sweep_dir / "report" / "index.html").read_text()
+    assert "<table class='card'>" in page and "<pre>" not in page
+    assert "<th>Regularizer</th><td>" in page  # a card field is a table row, not Markdown
+    tables = page.split("<h2 id='tables'>")[1].split("<h2 id='plots'>")[0]
+    for run_dir in (tmp_path / "runs").iterdir():
+        assert f"href=\"../../../runs/{run_dir.name}/\"" in tables, run_dir.name
+    assert "Δ r2 vs baseline [95 % CI]" in tables and "mono_live" in tables
+
+
+def test_runs_evaluated_under_the_old_metric_names_are_read(tmp_path):
+    sweep_dir = fake_sweep(tmp_path, [("none", True, 0), ("l1l2", True, 0)], GOOD)
+    for metrics_file in (tmp_path / "runs").glob("*/metrics.json"):
+        metrics = json.loads(metrics_file.read_text())
+        metrics["mono_mean_dead0"] = metrics.pop("mono_dead0")
+        metrics.update(train_k=8, k_robust_r2_k16=0.5, k_robust_r2_k2=0.25, probe_ceiling=0.9)
+        metrics_file.write_text(json.dumps(metrics))
+    build_report(sweep_dir, ReportOptions(seed_stability=False))
+    runs = pd.read_csv(sweep_dir / "report" / "runs.csv")
+    assert list(runs["mono_dead0"]) == [0.3, 0.4]
+    assert list(runs["r2_at_2k"]) == [0.5, 0.5] and list(runs["r2_at_0.25k"]) == [0.25, 0.25]
+    assert list(runs["probe_raw"]) == [0.9, 0.9]
+    assert not [c for c in runs.columns if "mono_mean" in c or "k_robust_r2_k" in c]
