@@ -16,10 +16,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+
+from sae.tracking import DEFAULT_BASE_URL, reachable
+
+PROBE_TIMEOUT_S = 5.0  # before uploading: is the server there at all?
 
 
 @dataclass
@@ -80,6 +85,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.dry_run:
         print("\n".join(f"- {run}{' (synced)' if synced(run) else ''}" for run in runs))
         return 0
+    url = os.environ.get("WANDB_BASE_URL", DEFAULT_BASE_URL)
+    if runs and not reachable(url, PROBE_TIMEOUT_S):
+        print(f"sae-sync: W&B server {url} unreachable within {PROBE_TIMEOUT_S:g} s: nothing "
+              "sent (run again where the server can be reached)")
+        return 1
     results = sync_sweep(args.sweep_dir, args.again, args.timeout)
     for result in results:
         print(f"- {'ok  ' if result.ok else 'FAIL'} {result.run}: {result.detail}")

@@ -170,3 +170,11 @@ def test_sync_finds_the_offline_runs_of_a_sweep(sweep_root, capsys):
     assert sync.main([str(sweep_dir), "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert f"{len(found)} offline W&B runs" in out and all(str(p) in out for p in found)
+
+
+def test_sync_to_an_unreachable_server_fails_fast(sweep_root, monkeypatch, capsys):
+    monkeypatch.setenv("WANDB_BASE_URL", UNREACHABLE)
+    started = time.perf_counter()
+    assert sync.main([str(sweep_root / "sweeps" / "tracked")]) == 1
+    assert time.perf_counter() - started < 10.0
+    assert f"W&B server {UNREACHABLE} unreachable" in capsys.readouterr().out
