@@ -230,7 +230,8 @@ class LoggerConfig:
     name: str = "wandb"  # wandb | none
     project: str = "sae-grid"  # W&B project
     entity: str | None = None  # W&B entity (team or user); null = the account default
-    mode: str = "auto"  # auto (offline without an API key) | online | offline
+    mode: str = "auto"  # auto (offline without an API key or a reachable server) | online | offline
+    probe_timeout_s: float = 3.0  # auto: seconds to wait for the W&B server before going offline
 
     def __post_init__(self) -> None:
         _require(self.name in ("wandb", "none"), "logger.name", f"unknown logger {self.name!r}",

@@ -88,12 +88,13 @@ def run_card(cfg: RootConfig, metrics: dict[str, Any], split_sizes: dict[str, in
                            "training_precision": (
                                "bf16 autocast for the matrix products, float32 weights and Adam"
                                if cfg.train.autocast_bf16 else "float32")},
-        "monosemanticity": {"metric": "MonoSemanticity score (Pach et al. 2025), mean over all "
-                                      "latents with dead = 0",
+        "monosemanticity": {"metric": "MonoSemanticity score (Pach et al. 2025): mono_dead0 = "
+                                      "mean over all latents, dead = 0; mono_live = mean over "
+                                      "live latents",
                             "similarity_embeddings": protocols.get("similarity",
                                                                    cfg.eval.similarity),
-                            "value": _get(metrics, "mono_mean_dead0"),
-                            "mean_live": _get(metrics, "mono_mean_live")},
+                            "mono_dead0": _get(metrics, "mono_dead0"),
+                            "mono_live": _get(metrics, "mono_live")},
         "class_purity": {"method": protocols.get("purity", "max-class share over firing images"),
                          "binary": _get(metrics, "purity_binary"),
                          "weighted": _get(metrics, "purity_weighted")},

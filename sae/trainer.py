@@ -313,7 +313,9 @@ class Trainer:
                 f"regularizer.strength (now {self.cfg.regularizer.strength})")
         dead = int((state.samples_since_fired >= window).sum())
         metrics = {"loss": means[0], "nmse": means[1], "auxk": means[2], "penalty": means[3],
-                   "dead": float(dead), "dead_fraction": dead / self.model.n_latents}
+                   "dead": float(dead), "dead_fraction": dead / self.model.n_latents,
+                   "lr": self.optimizer.param_groups[0]["lr"],  # SAELens logs both of these
+                   "samples_seen": float(state.step * self.schedule.batch_size)}
         state.history.append({"step": state.step, **metrics})
         self.logger.log({f"train/{k}": v for k, v in metrics.items()}, step=state.step)
         return metrics

@@ -163,7 +163,7 @@ def test_wandb_offline_run_holds_config_and_summary(tiny_sweep):
     text = json.dumps(summary)
     assert run.name in text  # the W&B run id is the run id
     flat = json.dumps(summary)
-    for key in ("r2", "mono_mean_dead0"):
+    for key in ("r2", "mono_dead0"):
         assert key in flat
         assert f"{metrics[key]:.6g}"[:6] in flat
     config = OmegaConf.load(run / "config.yaml")

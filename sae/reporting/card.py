@@ -195,8 +195,7 @@ def sweep_card(sweep_name: str, sweep_dir: Path, runs: pd.DataFrame, stability: 
     card["inference_k_sensitivity"] = {
         "protocol": "R^2 with Top-k' at inference for k' in multiples of the training k; "
                     "per setting in the robustness plots",
-        "mean_ratio_by_regularizer": _mean_by(rows, "regularizer",
-                                              "derived.k_robustness_mean_ratio"),
+        "mean_ratio_by_regularizer": _mean_by(rows, "regularizer", "k_robustness_mean_ratio"),
         "per_run": card.get("inference_k_sensitivity") if len(cards) == 1 else "see plots",
     }
     card["code_version"] = {"runs": merge_values([c.get("code_version") for c in cards]),

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -154,11 +155,36 @@ def flatten(tree: dict[str, Any], prefix: str = "", numbers_only: bool = True
     return flat
 
 
+# Names that runs evaluated before the one-name-per-metric rename wrote (issue 16).
+LEGACY_NAMES = {"mono_mean_dead0": "mono_dead0", "mono_mean_live": "mono_live",
+                "probe_ceiling": "probe_raw"}
+LEGACY_ROBUST = re.compile(r"^k_robust_(r2|ratio)_k(\d+)$")  # keyed by the absolute k'
+
+
+def current_name(key: str, train_k: Any) -> str | None:
+    """A metric's current name; robustness keys by the absolute k' become ``r2_at_<m>k`` (None
+    when the training k is unknown)."""
+    if key in LEGACY_NAMES:
+        return LEGACY_NAMES[key]
+    robust = LEGACY_ROBUST.match(key)
+    if robust is None:
+        return key
+    if not train_k:
+        return None
+    prefix = "r2_at_" if robust.group(1) == "r2" else "r2_ratio_at_"
+    return f"{prefix}{int(robust.group(2)) / float(train_k):g}k"
+
+
 def flat_metrics(metrics: dict[str, Any] | None) -> dict[str, Any]:
     if not metrics:
         return {}
     kept = {k: v for k, v in metrics.items() if k not in SKIPPED_METRIC_KEYS}
-    return {k: v for k, v in flatten(kept).items() if v is not None}
+    flat = {}
+    for key, value in flatten(kept).items():
+        name = current_name(key, metrics.get("train_k"))
+        if value is not None and name is not None:
+            flat.setdefault(name, value)
+    return flat
 
 
 def cell_row(cell: dict[str, Any]) -> dict[str, Any]:
@@ -182,7 +208,7 @@ def cell_row(cell: dict[str, Any]) -> dict[str, Any]:
 # -- curves ---------------------------------------------------------------------------------------
 def _numeric_points(mapping: Any) -> list[tuple[float, float]]:
     """``{"2": 0.5, "4": 0.7}`` -> [(2, 0.5), (4, 0.7)]; entries with non-numeric keys or
-    values (a ``raw`` ceiling, NaN) are left out."""
+    values (a ``raw`` reference, NaN) are left out."""
     if not isinstance(mapping, dict):
         return []
     points = []
