@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from sae.config import RootConfig, to_dict
+from sae.plain import flatten
 
 log = logging.getLogger(__name__)
 
@@ -66,23 +67,11 @@ class WandbTracker:
         self._guard("log", lambda: self.run.log(metrics, step=step))
 
     def summary(self, metrics: dict[str, Any]) -> None:
-        self._guard("summary", lambda: self.run.summary.update(flatten(metrics)))
+        self._guard("summary", lambda: self.run.summary.update(flatten(metrics, sep="/")))
 
     def finish(self, failed: bool = False) -> None:
         self._guard("finish", lambda: self.run.finish(exit_code=1 if failed else 0))
         self.run = None
-
-
-def flatten(metrics: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """Nested curves become ``curves/k_robustness/32``-style keys in the W&B summary."""
-    flat: dict[str, Any] = {}
-    for key, value in metrics.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            flat.update(flatten(value, f"{name}/"))
-        else:
-            flat[name] = value
-    return flat
 
 
 def start_tracking(cfg: RootConfig, run_id: str, run_dir: Path, job_type: str = "train"):

@@ -8,7 +8,8 @@ import pytest
 from omegaconf import OmegaConf
 
 from sae.config import ConfigError, register_configs
-from sae.runs import run_id, write_status
+from sae.identity import run_id
+from sae.runs import write_status
 from sae.sweep import Cell, SweepError, plan_cells
 from tests.helpers import run_cli, synthetic_cfg
 from tests.test_config import compose_train
