@@ -2,18 +2,19 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 
 def plain(value: Any) -> Any:
     """A JSON-canonical copy: mappings (OmegaConf's included) -> dicts with sorted string keys,
-    tuples -> lists, numpy scalars -> Python numbers, other objects -> their ``str``."""
+    sequences -> lists, numpy scalars -> Python numbers, other objects -> their ``str``."""
     if isinstance(value, dict) or hasattr(value, "items"):
         return {str(k): plain(v) for k, v in sorted(value.items())}
-    if isinstance(value, list | tuple):
-        return [plain(v) for v in value]
     if value is None or isinstance(value, bool | int | float | str):
         return value
+    if isinstance(value, Sequence):  # lists, tuples, OmegaConf's ListConfig
+        return [plain(v) for v in value]
     if hasattr(value, "item"):  # numpy / pandas scalars
         return value.item()
     return str(value)

@@ -13,7 +13,6 @@ import shutil
 import subprocess
 import sys
 import time
-from io import StringIO
 from pathlib import Path
 
 import numpy as np
@@ -43,7 +42,6 @@ from sae.data.images import (
 from sae.data.similarity import find_eval_cache, resolve_similarity
 from sae.evaluate import load_similarity
 from sae.extract import validate_extract
-from sae.progress import Progress
 from sae.sweep import preflight
 from tests.fixtures_images import (
     OI_CLASSES,
@@ -492,14 +490,3 @@ def test_extract_help_needs_no_arguments():
                             text=True, timeout=120, cwd=REPO)
     assert result.returncode == 0, result.stderr
     assert "backbone: clip_tiny, clip_vitl14" in result.stdout.replace("\n", " ")
-
-
-def test_progress_lines_are_readable_in_a_log_file(monkeypatch):
-    stream = StringIO()
-    bar = Progress(10, "extract x/train", "img", every_s=0.0, stream=stream)
-    bar.update(4)
-    bar.close()
-    lines = stream.getvalue().splitlines()
-    assert "\r" not in stream.getvalue() and len(lines) == 2
-    assert lines[0].startswith("extract x/train:  40%") and "img/s" in lines[1]
-
