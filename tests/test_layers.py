@@ -34,6 +34,9 @@ NOT_IN_PURE_LAYERS = ("sae.train", "sae.trainer", "sae.losses", "sae.config", "s
                       "sae.tracking", "sae.extract", "sae.evaluate", "sae.report",
                       "sae.reporting", "hydra", "hydra_plugins", "omegaconf", "wandb",
                       "submitit")
+# The bottom of the stack: these import no other sae module than each other.
+FOUNDATION = ("sae.config", "sae.dataset_schemas", "sae.checks", "sae.identity", "sae.io",
+              "sae.plain", "sae.progress")
 TORCH_FREE = ("sae.report", "sae.identity", "sae.io", "sae.runs", "sae.config", "sae.sweep",
               "sae.data.similarity", "sae.method_card")
 TORCH = ("torch", "safetensors.torch", "torchvision", "open_clip", "timm")
@@ -174,6 +177,13 @@ def test_pure_layers_import_no_training_config_hydra_or_wandb(module):
     assert not bad, f"{module} imports {bad}: the model, regularizers and metrics stay below them"
 
 
+@pytest.mark.parametrize("module", FOUNDATION)
+def test_the_foundation_imports_only_itself(module):
+    above = sorted({i.target for i in imports_of(module)
+                    if within(i.target, ("sae",)) and not within(i.target, FOUNDATION)})
+    assert not above, f"{module} imports {above}: dependencies point down (DESIGN.md)"
+
+
 def test_only_tracking_imports_wandb_and_nothing_imports_submitit():
     wandb = sorted(m for m in sae_modules()
                    if any(within(i.target, ("wandb",)) for i in imports_of(m)))
@@ -216,6 +226,7 @@ def test_checker_finds_a_cycle_and_a_torch_import(tmp_path):
 def test_import_sae_report_leaves_torch_out():
     """The real interpreter agrees with the static check."""
     code = ("import sys, sae.report, sae.identity, sae.sweep\n"
+            "import hydra_plugins.sae_sweeper.sae_sweeper\n"
             "assert 'torch' not in sys.modules, sorted(m for m in sys.modules if 'torch' in m)")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                             cwd=REPO, timeout=120)
