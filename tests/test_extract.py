@@ -387,6 +387,7 @@ def test_interrupted_extraction_leftovers_are_not_a_cache(clip_cache, tmp_path):
     assert open_cache(path).manifest["count"] == 6
 
 
+@pytest.mark.slow  # two extraction subprocesses: ~26 s on 2 cores (--durations)
 def test_two_processes_extract_once(tmp_path, imagenet_root):
     """Two `python -m sae.extract` started together: one extracts, the other waits and reuses.
 
