@@ -39,6 +39,7 @@ import torch
 from PIL import Image
 
 from sae.config import BackboneConfig, ConfigError
+from sae.plain import plain
 
 EMBEDDINGS = {"open_clip": ("image_projected",), "timm": ("cls_pre_logits",),
               "transformers": ("image_features", "cls_last_hidden_state")}
@@ -162,7 +163,7 @@ def _load_open_clip(cfg: BackboneConfig) -> Backbone:
     def embed(images: torch.Tensor) -> torch.Tensor:
         return model.encode_image(images).float()
 
-    info = {"preprocess": _plain(model.visual.preprocess_cfg), "transform": _describe(preprocess)}
+    info = {"preprocess": plain(model.visual.preprocess_cfg), "transform": _describe(preprocess)}
     return Backbone(model, preprocess, embed, _output_dim(embed, preprocess), info)
 
 
@@ -214,7 +215,7 @@ def _load_timm(cfg: BackboneConfig) -> Backbone:
     def embed(images: torch.Tensor) -> torch.Tensor:
         return model.forward_head(model.forward_features(images), pre_logits=True).float()
 
-    info = {"preprocess": _plain(data_cfg), "transform": _describe(preprocess)}
+    info = {"preprocess": plain(data_cfg), "transform": _describe(preprocess)}
     return Backbone(model, preprocess, embed, _output_dim(embed, preprocess), info)
 
 
@@ -226,17 +227,6 @@ def _output_dim(embed: Callable[[torch.Tensor], torch.Tensor], preprocess: Calla
     if out.ndim != 2:
         raise RuntimeError(f"the backbone returned shape {tuple(out.shape)}, expected (1, d)")
     return int(out.shape[1])
-
-
-def _plain(value: Any) -> Any:
-    """JSON-friendly copy of a preprocessing config (tuples -> lists, objects -> str)."""
-    if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in sorted(value.items())}
-    if isinstance(value, list | tuple):
-        return [_plain(v) for v in value]
-    if value is None or isinstance(value, bool | int | float | str):
-        return value
-    return str(value)
 
 
 def _describe(transform: Any) -> str:

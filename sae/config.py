@@ -7,8 +7,9 @@ Cross-field rules (k <= n_latents, strength >= 0, ...) live in ``__post_init__``
 composed config is turned into objects by :func:`validate` -- for a sweep, for every cell before
 any job is submitted.
 
-Every field is documented once, here, by the comment beside it (one line: ``--help`` shows it,
-read from this source by ``sae.cli_help``). This module imports no torch.
+Every field is documented once, by the comment beside it (one line: ``--help`` shows it,
+read from the source by ``sae.cli_help``): here, and for the dataset group in
+``sae/dataset_schemas.py`` (re-exported here). This module imports no torch.
 """
 
 from __future__ import annotations
@@ -21,19 +22,19 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from sae import regularizers
+from sae.checks import ConfigError, require
+from sae.dataset_schemas import (  # noqa: F401 -- re-exported: the schemas of every group live here
+    DATASET_KINDS,
+    DATASET_SCHEMAS,
+    IMAGE_LAYOUTS,
+    DatasetConfig,
+    DigitsDatasetConfig,
+    FilesDatasetConfig,
+    ImagesDatasetConfig,
+    SyntheticDatasetConfig,
+)
 
-DATASET_KINDS = ("synthetic", "digits", "files", "images")
-IMAGE_LAYOUTS = ("imagenet", "openimages", "digits_images")
 BACKBONE_LIBRARIES = ("none", "open_clip", "timm", "transformers")
-
-
-class ConfigError(ValueError):
-    """A config value is invalid. The message names the field, the problem and the fix."""
-
-
-def _require(ok: bool, field_name: str, problem: str, fix: str) -> None:
-    if not ok:
-        raise ConfigError(f"{field_name}: {problem}. Fix: {fix}")
 
 
 @dataclass
@@ -52,14 +53,14 @@ class BackboneConfig:
     storage_dtype: str = "float16"  # dtype of the cached array: float16 | float32
 
     def __post_init__(self) -> None:
-        _require(self.library in BACKBONE_LIBRARIES, "backbone.library",
+        require(self.library in BACKBONE_LIBRARIES, "backbone.library",
                  f"unknown library {self.library!r}", f"use one of {BACKBONE_LIBRARIES}")
-        _require(self.storage_dtype in ("float16", "float32"), "backbone.storage_dtype",
+        require(self.storage_dtype in ("float16", "float32"), "backbone.storage_dtype",
                  f"{self.storage_dtype!r} is not supported", "use float16 or float32")
-        _require(self.batch_size > 0, "backbone.batch_size", "must be positive", "set e.g. 128")
+        require(self.batch_size > 0, "backbone.batch_size", "must be positive", "set e.g. 128")
         if self.library != "none":
-            _require(bool(self.model), "backbone.model", "is empty",
-                     "give the open_clip / timm / transformers model identifier")
+            require(bool(self.model), "backbone.model", "is empty",
+                    "give the open_clip / timm / transformers model identifier")
 
     @property
     def checkpoint(self) -> str:
@@ -68,64 +69,6 @@ class BackboneConfig:
         tag = f" / {self.pretrained}" if self.library == "open_clip" and self.pretrained else ""
         weights = "" if self.pretrained else " (random weights)"
         return f"{self.library} {self.model}{tag}{weights}"
-
-
-@dataclass
-class DatasetConfig:
-    """Where the embeddings come from. One flat schema; ``kind`` says which fields apply."""
-
-    name: str = MISSING  # config key: synthetic | digits | files | imagenet | openimages | digits_images
-    kind: str = MISSING  # synthetic | digits | files | images (images need a backbone)
-    multi_label: bool = False  # labels are (N, C) multi-hot instead of (N,) class ids
-    normalize: bool = True  # L2-normalise every embedding to unit norm (MonoLoss convention)
-    eval_fraction: float = 0.2  # digits: fraction held out (stratified) as the evaluation split
-    min_pixel_coverage: float = 0.05  # digits: keep pixels inked in >= this fraction of images
-    split_seed: int = 0  # seed of the train/eval split of datasets without an official one
-    # -- synthetic: a planted sparse dictionary (recovery is measurable) --
-    dim: int = 64  # embedding dimension d
-    n_atoms: int = 256  # planted dictionary size
-    atoms_per_sample: int = 4  # planted atoms active in each sample
-    n_classes: int = 8  # classes; each class prefers its own block of atoms
-    class_affinity: float = 0.8  # probability that an atom is drawn from the sample's class block
-    noise: float = 0.01  # std of isotropic Gaussian noise added before normalisation
-    n_train: int = 8192  # samples in the train split
-    n_eval: int = 2048  # samples in the evaluation split
-    data_seed: int = 0  # seed of the planted dictionary and the samples
-    # -- files: user-supplied embeddings (.npy or .safetensors) --
-    train_path: str | None = None  # (N, d) embeddings of the train split
-    eval_path: str | None = None  # (N, d) embeddings of the evaluation split; null = hold out eval_fraction
-    train_labels: str | None = None  # optional labels of the train split (.npy)
-    eval_labels: str | None = None  # optional labels of the evaluation split (.npy)
-    # -- images: real image datasets, embedded by the backbone into the cache --
-    root: str | None = None  # dataset root directory (from an environment variable in conf/dataset)
-    train_split: str = "train"  # split name that trains the SAE
-    eval_split: str = "val"  # split name that evaluates it
-    max_per_split: int | None = None  # keep at most this many images per split (smoke tests)
-    on_unreadable: str = "fail"  # an undecodable image: fail (naming its path) | skip (and count it)
-    layout: str = "imagenet"  # images on disk: imagenet (<split>/<class>/*) | openimages | digits_images (written once under root)
-
-    def __post_init__(self) -> None:
-        if MISSING in (self.name, self.kind):  # the bare schema, before a group fills it
-            return
-        _require(self.kind in DATASET_KINDS, "dataset.kind", f"unknown kind {self.kind!r}",
-                 f"use one of {DATASET_KINDS}")
-        _require(0.0 < self.eval_fraction < 1.0, "dataset.eval_fraction",
-                 f"{self.eval_fraction} is outside (0, 1)", "use e.g. 0.2")
-        _require(self.on_unreadable in ("fail", "skip"), "dataset.on_unreadable",
-                 f"{self.on_unreadable!r} is not an option", "use fail or skip")
-        if self.kind == "synthetic":
-            for name in ("dim", "n_atoms", "atoms_per_sample", "n_classes", "n_train", "n_eval"):
-                _require(getattr(self, name) > 0, f"dataset.{name}", "must be positive",
-                         "set a positive integer")
-            _require(self.atoms_per_sample <= self.n_atoms, "dataset.atoms_per_sample",
-                     "exceeds n_atoms", "lower atoms_per_sample or raise n_atoms")
-            _require(self.noise >= 0, "dataset.noise", "is negative", "use noise >= 0")
-        if self.kind == "images":
-            _require(self.layout in IMAGE_LAYOUTS, "dataset.layout",
-                     f"unknown layout {self.layout!r}", f"use one of {IMAGE_LAYOUTS}")
-        if self.kind == "files":
-            _require(bool(self.train_path), "dataset.train_path", "is not set",
-                     "point it to a .npy or .safetensors file of shape (N, d)")
 
 
 @dataclass
@@ -141,11 +84,11 @@ class SAEConfig:
     dead_window_max_epochs: float = 2.0  # ...capped at this many epochs of a small dataset
 
     def __post_init__(self) -> None:
-        _require(self.n_latents > 0, "sae.n_latents", "must be positive", "use e.g. 8192")
-        _require(self.aux_alpha >= 0, "sae.aux_alpha", "is negative", "use 1/32 or 0")
-        _require(self.aux_k is None or self.aux_k > 0, "sae.aux_k", "must be positive or null",
+        require(self.n_latents > 0, "sae.n_latents", "must be positive", "use e.g. 8192")
+        require(self.aux_alpha >= 0, "sae.aux_alpha", "is negative", "use 1/32 or 0")
+        require(self.aux_k is None or self.aux_k > 0, "sae.aux_k", "must be positive or null",
                  "use null for min(d // 2, n_latents)")
-        _require(self.dead_window_samples > 0 and self.dead_window_max_epochs > 0,
+        require(self.dead_window_samples > 0 and self.dead_window_max_epochs > 0,
                  "sae.dead_window_samples", "must be positive", "use e.g. 10000000")
 
 
@@ -158,12 +101,12 @@ class RegularizerConfig:
     eps: float = 1e-8  # l1l2: added to the L2 norm so an all-zero code has ratio 0
 
     def __post_init__(self) -> None:
-        _require(self.name in regularizers.names(), "regularizer.name",
-                 f"unknown regularizer {self.name!r}",
-                 f"use one of {regularizers.names()} (regularizer=<name> on the command line)")
-        _require(math.isfinite(self.strength) and self.strength >= 0, "regularizer.strength",
+        require(self.name in regularizers.names(), "regularizer.name",
+                f"unknown regularizer {self.name!r}",
+                f"use one of {regularizers.names()} (regularizer=<name> on the command line)")
+        require(math.isfinite(self.strength) and self.strength >= 0, "regularizer.strength",
                  f"{self.strength} is not a finite value >= 0", "use e.g. regularizer.strength=0.01")
-        _require(self.eps > 0, "regularizer.eps", "must be positive", "use 1e-8")
+        require(self.eps > 0, "regularizer.eps", "must be positive", "use 1e-8")
 
 
 @dataclass
@@ -187,15 +130,15 @@ class TrainConfig:
     progress: bool = True  # progress bar (plain lines when stderr is not a terminal)
 
     def __post_init__(self) -> None:
-        _require(self.batch_size > 0, "train.batch_size", "must be positive", "use e.g. 2048")
-        _require(math.isfinite(self.lr) and self.lr > 0, "train.lr", f"{self.lr} is not > 0",
+        require(self.batch_size > 0, "train.batch_size", "must be positive", "use e.g. 2048")
+        require(math.isfinite(self.lr) and self.lr > 0, "train.lr", f"{self.lr} is not > 0",
                  "use e.g. 1e-4")
-        _require(self.epochs > 0, "train.epochs", "must be positive", "use e.g. 50")
-        _require(self.max_steps is None or self.max_steps > 0, "train.max_steps",
+        require(self.epochs > 0, "train.epochs", "must be positive", "use e.g. 50")
+        require(self.max_steps is None or self.max_steps > 0, "train.max_steps",
                  "must be positive or null", "use null to train for train.epochs")
-        _require(self.checkpoint_every >= 0 and self.log_every > 0, "train.checkpoint_every",
+        require(self.checkpoint_every >= 0 and self.log_every > 0, "train.checkpoint_every",
                  "must be >= 0 (log_every > 0)", "use e.g. 500 and 50")
-        _require(math.isfinite(self.checkpoint_every_s) and self.checkpoint_every_s >= 0,
+        require(math.isfinite(self.checkpoint_every_s) and self.checkpoint_every_s >= 0,
                  "train.checkpoint_every_s", f"{self.checkpoint_every_s} is not >= 0",
                  "use e.g. 300 (0 = by steps only)")
 
@@ -210,17 +153,43 @@ class EvalConfig:
     probe_max_train: int = 100_000  # probe-train samples (a seeded subsample of the train split)
     probe_epochs: int = 30  # L-BFGS iterations (not epochs; key kept for run ids) of the full-batch logistic probe
     probe_weight_decay: float = 1e-4  # L2 penalty of the probe
-    similarity: str = "input"  # MonoScore similarity embeddings: input (the SAE's own), a backbone name (its cache of this eval split), a cache dir or an array file
+    similarity: str = "input"  # MonoScore similarity embeddings: input (the SAE's own) | backbone:NAME (its cache of this eval split) | cache:DIR | file:PATH (.npy / .safetensors)
     purity_top_n: int | None = None  # purity over each latent's top-N activations only; null = all
     inspect_latents: int = 12  # latents per selection rule on the contact sheets
     inspect_top_images: int = 16  # top-activating images per latent
 
     def __post_init__(self) -> None:
-        _require(self.chunk_size > 0, "eval.chunk_size", "must be positive", "use e.g. 8192")
-        _require(all(m > 0 for m in self.k_multiples), "eval.k_multiples",
+        require(self.chunk_size > 0, "eval.chunk_size", "must be positive", "use e.g. 8192")
+        parse_similarity(self.similarity)
+        require(all(m > 0 for m in self.k_multiples), "eval.k_multiples",
                  "holds a non-positive multiple", "use positive multiples such as [0.5, 1, 2]")
-        _require(all(m > 0 for m in self.probe_m), "eval.probe_m", "holds a non-positive m",
+        require(all(m > 0 for m in self.probe_m), "eval.probe_m", "holds a non-positive m",
                  "use positive budgets such as [1, 2, 4]")
+
+
+SIMILARITY_KINDS = ("input", "backbone", "cache", "file")
+
+
+@dataclass(frozen=True)
+class Similarity:
+    """``eval.similarity`` parsed: its kind, and the backbone name, directory or file."""
+
+    kind: str  # one of SIMILARITY_KINDS
+    target: str = ""  # "" for input
+
+    def __str__(self) -> str:
+        return self.kind if self.kind == "input" else f"{self.kind}:{self.target}"
+
+
+def parse_similarity(value: str) -> Similarity:
+    """``input`` or ``<kind>:<target>``; anything else fails naming the forms."""
+    if value == "input":
+        return Similarity("input")
+    kind, sep, target = value.partition(":")
+    require(bool(sep) and kind in SIMILARITY_KINDS[1:] and bool(target), "eval.similarity",
+             f"{value!r} does not name its kind",
+             "use input, backbone:NAME, cache:DIR or file:PATH (e.g. backbone:dinov2_vitl14)")
+    return Similarity(kind, target)
 
 
 @dataclass
@@ -234,9 +203,9 @@ class LoggerConfig:
     probe_timeout_s: float = 3.0  # auto: seconds to wait for the W&B server before going offline
 
     def __post_init__(self) -> None:
-        _require(self.name in ("wandb", "none"), "logger.name", f"unknown logger {self.name!r}",
+        require(self.name in ("wandb", "none"), "logger.name", f"unknown logger {self.name!r}",
                  "use logger=wandb or logger=none")
-        _require(self.mode in ("auto", "online", "offline"), "logger.mode",
+        require(self.mode in ("auto", "online", "offline"), "logger.mode",
                  f"unknown mode {self.mode!r}", "use auto, online or offline")
 
 
@@ -270,35 +239,41 @@ class RootConfig:
     force: bool = False  # re-run a cell even when its status is done
 
     def __post_init__(self) -> None:
-        _require(self.k > 0, "k", f"{self.k} is not positive", "use a budget such as k=32")
-        _require(self.k <= self.sae.n_latents, "k",
+        require(self.k > 0, "k", f"{self.k} is not positive", "use a budget such as k=32")
+        require(self.k <= self.sae.n_latents, "k",
                  f"{self.k} exceeds sae.n_latents={self.sae.n_latents}",
                  "lower k or raise sae.n_latents")
         if self.dataset.kind == MISSING:
             return
         if self.dataset.kind == "images":
-            _require(self.backbone.library != "none", "backbone",
+            require(self.backbone.library != "none", "backbone",
                      f"dataset {self.dataset.name!r} holds images and needs a backbone",
                      "add backbone=clip_vitl14 (or another conf/backbone option)")
         else:
-            _require(self.backbone.library == "none", "backbone",
+            require(self.backbone.library == "none", "backbone",
                      f"dataset {self.dataset.name!r} already holds embeddings",
                      "use backbone=none with this dataset")
         if self.regularizer.name != "none":
-            _require(self.regularizer.strength > 0, "regularizer.strength",
+            require(self.regularizer.strength > 0, "regularizer.strength",
                      f"is 0 with regularizer {self.regularizer.name!r}",
                      "set a positive strength or use regularizer=none")
 
 
 def register_configs() -> None:
-    """Register the root schema with Hydra (called on import of the entry points), then the
-    ``--help`` page generated from it (last, so that it sees every registered schema)."""
+    """Register the root schemas, one ``dataset/<kind>_schema`` per dataset kind (which the
+    conf/dataset YAML files extend), and then the ``--help`` pages generated from them (last, so
+    that they see every registered schema), with Hydra; called on import of the entry points."""
     from hydra.core.config_store import ConfigStore
 
     from sae.cli_help import register_help
 
-    ConfigStore.instance().store(name="train_schema", node=RootConfig)
+    store = ConfigStore.instance()
+    store.store(name="train_schema", node=RootConfig)
+    store.store(name="extract_schema", node=ExtractConfig)
+    for kind, dataset_schema in DATASET_SCHEMAS.items():
+        store.store(group="dataset", name=f"{kind}_schema", node=dataset_schema)
     register_help("train", RootConfig)
+    register_help("extract", ExtractConfig)
 
 
 def validate(cfg: DictConfig | RootConfig, schema: type = RootConfig) -> Any:
@@ -313,6 +288,7 @@ def validate(cfg: DictConfig | RootConfig, schema: type = RootConfig) -> Any:
     OmegaConf.set_struct(node, False)
     node.pop("hydra", None)  # Hydra's own node, present in composed configs
     try:
+        _type_dataset(node)
         obj = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), node))
     except ConfigError:
         raise
@@ -322,6 +298,15 @@ def validate(cfg: DictConfig | RootConfig, schema: type = RootConfig) -> Any:
         raise ConfigError(str(exc)) from exc
     assert isinstance(obj, schema)
     return obj
+
+
+def _type_dataset(node: DictConfig) -> None:
+    """Give ``node.dataset`` the schema of its kind (a composed config already has it; a plain
+    one, e.g. built in a notebook, gets it here)."""
+    kind = OmegaConf.select(node, "dataset.kind", default=None, throw_on_missing=False)
+    schema = DATASET_SCHEMAS.get(kind) if isinstance(kind, str) else None
+    if schema is not None and OmegaConf.get_type(node.dataset) is not schema:
+        node.dataset = OmegaConf.merge(OmegaConf.structured(schema), node.dataset)
 
 
 def to_dict(cfg: RootConfig) -> dict[str, Any]:
@@ -341,13 +326,13 @@ class ExtractConfig:
     progress: bool = True  # progress bar (plain lines when stderr is not a terminal)
 
     def __post_init__(self) -> None:
-        _require(self.split in ("train", "eval", "both"), "split", f"unknown split {self.split!r}",
+        require(self.split in ("train", "eval", "both"), "split", f"unknown split {self.split!r}",
                  "use split=train, split=eval or split=both")
         if self.dataset.kind == MISSING:  # the bare schema, before a group fills it
             return
-        _require(self.dataset.kind == "images", "dataset",
+        require(self.dataset.kind == "images", "dataset",
                  f"dataset {self.dataset.name!r} already holds embeddings (kind "
                  f"{self.dataset.kind!r}); there is nothing to extract",
                  "use an image dataset: imagenet, openimages or digits_images")
-        _require(self.backbone.library != "none", "backbone", "is none",
+        require(self.backbone.library != "none", "backbone", "is none",
                  "add backbone=clip_vitl14 (or another conf/backbone option)")

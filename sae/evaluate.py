@@ -25,8 +25,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from sae.config import EvalConfig
-from sae.data.cache import is_similarity_name, open_cache
+from sae.config import EvalConfig, parse_similarity
+from sae.data.cache import open_cache
 from sae.data.types import EmbeddingSet
 from sae.inspect import inspect_latents
 from sae.metrics import (
@@ -120,34 +120,39 @@ def load_similarity(cfg: EvalConfig, eval_set: EmbeddingSet,
     """The MonoScore similarity embeddings (one row per evaluation sample) and their protocol.
 
     ``similarity_x`` given by the caller wins; else ``cfg.similarity``: ``input`` (the SAE's
-    own input embeddings, MonoLoss's default), a cache directory (the embeddings of the same
-    images by another backbone; ``resolve_similarity`` turns a backbone name into one), or a
-    path to a ``.npy`` (memory-mapped) or ``.safetensors`` (single tensor) array aligned with
-    the evaluation split.
+    own input embeddings, MonoLoss's default), ``cache:DIR`` (the embeddings of the same
+    images by another backbone; ``sae.data.similarity.resolve_similarity`` turns
+    ``backbone:NAME`` into one), or ``file:PATH``, a ``.npy`` (memory-mapped) or
+    ``.safetensors`` (single tensor) array aligned with the evaluation split.
     """
+    similarity = parse_similarity(cfg.similarity)
     if similarity_x is not None:
         source, array = "embeddings given by the caller", similarity_x
-    elif cfg.similarity == "input":
+    elif similarity.kind == "input":
         return eval_set.x, "input: the SAE's own input embeddings (MonoLoss), cosine similarity"
-    elif is_similarity_name(cfg.similarity):
+    elif similarity.kind == "backbone":
         raise ValueError(f"eval.similarity={cfg.similarity!r} names a backbone; resolve it to "
-                         "its cache first (sae.data.cache.resolve_similarity)")
+                         "its cache first (sae.data.similarity.resolve_similarity)")
+    elif similarity.kind == "cache":
+        array, source = _similarity_cache(Path(similarity.target), eval_set)
     else:
-        array, source = _similarity_file(Path(cfg.similarity), eval_set)
+        array, source = _similarity_file(Path(similarity.target))
     if array.shape[0] != eval_set.n:
         raise ValueError(f"similarity embeddings have {array.shape[0]} rows for {eval_set.n} "
                          "evaluation samples. Fix: embed the same evaluation split, same order")
     return array, f"{source}, cosine similarity"
 
 
-def _similarity_file(path: Path, eval_set: EmbeddingSet) -> tuple[Any, str]:
-    if path.is_dir():
-        cached = open_cache(path, verify_checksums=False)  # sizes and shapes still checked
-        if eval_set.ids is not None and cached.ids != eval_set.ids:
-            raise ValueError(f"similarity cache {path} holds other images, or the same in another "
-                             "order, than the evaluation split. Fix: extract the same dataset "
-                             "and split (same dataset.max_per_split and split_seed)")
-        return cached.embeddings, f"cache {path} ({cached.manifest['backbone'].get('model')})"
+def _similarity_cache(path: Path, eval_set: EmbeddingSet) -> tuple[Any, str]:
+    cached = open_cache(path, verify_checksums=False)  # sizes and shapes still checked
+    if eval_set.ids is not None and cached.ids != eval_set.ids:
+        raise ValueError(f"similarity cache {path} holds other images, or the same in another "
+                         "order, than the evaluation split. Fix: extract the same dataset "
+                         "and split (same dataset.max_per_split and split_seed)")
+    return cached.embeddings, f"cache {path} ({cached.manifest['backbone'].get('model')})"
+
+
+def _similarity_file(path: Path) -> tuple[Any, str]:
     if path.suffix == ".npy":
         return np.load(path, mmap_mode="r"), f"file {path}"
     if path.suffix == ".safetensors":
@@ -157,9 +162,8 @@ def _similarity_file(path: Path, eval_set: EmbeddingSet) -> tuple[Any, str]:
         if len(tensors) != 1:
             raise ValueError(f"{path} holds {len(tensors)} tensors. Fix: save one (N, d) array")
         return next(iter(tensors.values())), f"file {path}"
-    raise ValueError(f"eval.similarity={str(path)!r} is neither 'input', a backbone name, a cache "
-                     "directory nor a .npy / .safetensors file. Fix: point it to an (N_eval, d) "
-                     "array file, or name a backbone whose eval-split cache exists")
+    raise ValueError(f"eval.similarity=file:{path}: neither .npy nor .safetensors. Fix: point it "
+                     "to an (N_eval, d) array file in one of these formats")
 
 
 def _chunk_rows(array: Any, start: int, stop: int) -> torch.Tensor:
@@ -338,12 +342,9 @@ PER_LATENT_FILE = "latent_metrics.safetensors"
 
 def _write_per_latent(out_dir: Path, arrays: dict[str, torch.Tensor]) -> str:
     """Per-latent arrays (n,) for the report's distributions; written atomically."""
-    from safetensors.torch import save_file
+    from sae.io import save_tensor_file
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    partial = out_dir / (PER_LATENT_FILE + ".partial")
-    save_file({k: v.detach().cpu().contiguous() for k, v in arrays.items()}, str(partial))
-    partial.replace(out_dir / PER_LATENT_FILE)
+    save_tensor_file(out_dir / PER_LATENT_FILE, arrays)
     return PER_LATENT_FILE
 
 

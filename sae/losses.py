@@ -1,7 +1,7 @@
 """The training objective of METHOD.md s2:  L = NMSE + alpha * AuxK + lambda * R.
 
 NMSE is normalised by the batch's total variance (mean_i ||x_i - mean(x)||^2), the convention
-of Gao et al. 2024; the method card states it. ``training_loss`` is the plain reference
+of Gao et al. 2024; the method card states it (``sae.method_card.NMSE_CONVENTION``). ``training_loss`` is the plain reference
 implementation; the fast path in ``sae.fast`` must match it (tests/test_fast.py).
 """
 
@@ -14,8 +14,6 @@ import torch.nn.functional as F
 
 from sae import regularizers
 from sae.model import ForwardOutput, TopKSAE
-
-NMSE_CONVENTION = "batch: sum_i ||x_hat_i - x_i||^2 / sum_i ||x_i - mean_batch(x)||^2"
 
 
 class LossParts(NamedTuple):

@@ -10,8 +10,9 @@ from __future__ import annotations
 from typing import Any
 
 from sae.config import RootConfig
-from sae.losses import NMSE_CONVENTION
 
+# How training's NMSE is normalised (sae.losses.nmse), stated on every card.
+NMSE_CONVENTION = "batch: sum_i ||x_hat_i - x_i||^2 / sum_i ||x_i - mean_batch(x)||^2"
 # How every card asks to be read (METHOD.md s7: claims worded in proportion).
 PROPORTION_NOTE = (
     "Read these numbers as: under these conditions (backbone, data, budget, regularizer, mask, "
@@ -111,14 +112,40 @@ def run_card(cfg: RootConfig, metrics: dict[str, Any], split_sizes: dict[str, in
 
 
 def render_markdown(card: dict[str, Any], title: str) -> str:
+    """A run's or a sweep's card as Markdown: ``CARD_FIELDS`` in order, then any other field."""
     lines = [f"# Method card: {title}", ""]
-    for key in CARD_FIELDS:
+    for key in [*CARD_FIELDS, *(k for k in card if k not in CARD_FIELDS)]:
         value = card.get(key)
         label = key.replace("_", " ").capitalize()
-        if isinstance(value, dict):
-            lines.append(f"- **{label}**:")
-            lines.extend(f"  - {k}: {v}" for k, v in value.items())
+        if isinstance(value, dict | list) and value:
+            lines += [f"- **{label}**:", *_render_value(value, 1)]
         else:
             lines.append(f"- **{label}**: {value}")
     lines += ["", PROPORTION_NOTE, ""]
     return "\n".join(lines)
+
+
+def _render_value(value: Any, indent: int) -> list[str]:
+    """Nested Markdown bullets; a small dict of plain values stays on one line."""
+    pad = "  " * indent
+    if isinstance(value, dict):
+        lines = []
+        for key, item in value.items():
+            if _flat_dict(item) and item:
+                lines.append(f"{pad}- {key}: {_inline(item)}")
+            elif isinstance(item, dict | list) and item:
+                lines += [f"{pad}- {key}:", *_render_value(item, indent + 1)]
+            else:
+                lines.append(f"{pad}- {key}: {item}")
+        return lines
+    if isinstance(value, list):
+        return [f"{pad}- {_inline(item) if _flat_dict(item) else item}" for item in value]
+    return [f"{pad}{value}"]
+
+
+def _flat_dict(value: Any) -> bool:
+    return isinstance(value, dict) and all(not isinstance(v, dict | list) for v in value.values())
+
+
+def _inline(value: dict[str, Any]) -> str:
+    return ", ".join(f"{k} {v}" for k, v in value.items())

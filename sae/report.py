@@ -32,6 +32,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from sae.method_card import render_markdown
 from sae.reporting import aggregate, card, claims, collect, html, plots, render, stats, tables
 from sae.reporting.claims import DEFAULT_MIN_EFFECT, Tolerances
 
@@ -44,7 +45,7 @@ class ReportOptions:
 
 
 def write_text(path: Path, text: str) -> Path:
-    from sae.runs import atomic_write_text
+    from sae.io import atomic_write_text
 
     atomic_write_text(path, text)
     return path
@@ -132,7 +133,7 @@ def build_report(sweep_dir: Path, options: ReportOptions | None = None) -> Path:
 
 def write_report(sweep_dir: Path, options: ReportOptions | None = None) -> Report:
     """:func:`build_report`, returning the verdicts and notes as well (for the CLI)."""
-    from sae.runs import atomic_write_json, code_version
+    from sae.io import atomic_write_json, code_version
 
     options = options or ReportOptions()
     tol = options.tolerances
@@ -162,7 +163,7 @@ def write_report(sweep_dir: Path, options: ReportOptions | None = None) -> Repor
         card.stability_field(stability, metrics, options.seed_stability), verdicts,
         code_version(), sweep.multirun)
     atomic_write_json(out / "method_card.json", sweep_card)
-    card_md = write_text(out / "method_card.md", card.card_markdown(sweep_card, sweep.name))
+    card_md = write_text(out / "method_card.md", render_markdown(sweep_card, f"sweep `{sweep.name}`"))
 
     notes = missing_notes(sweep.runs, summary) + plot_notes
     write_text(out / "notes.md", "# Missing pieces\n\n" + "".join(f"- {n}\n" for n in notes)

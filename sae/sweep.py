@@ -21,8 +21,10 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from sae.config import ConfigError, RootConfig, validate
-from sae.data.cache import CacheError, resolve_similarity
-from sae.runs import run_dir, run_id, run_state
+from sae.data.errors import CacheError
+from sae.data.similarity import resolve_similarity
+from sae.identity import run_id
+from sae.runs import run_dir, run_state
 
 PROGRESS_EVERY = 50  # cells between progress lines while planning
 
@@ -69,9 +71,9 @@ def preflight(cfg: RootConfig) -> None:
         similarity = resolve_similarity(cfg)
     except CacheError as exc:
         raise ConfigError(str(exc)) from None
-    if similarity != "input" and not Path(similarity).exists():
-        raise ConfigError(f"eval.similarity: {similarity} does not exist. Fix: check the path, "
-                          "or use input or a backbone name")
+    if similarity.kind != "input" and not Path(similarity.target).exists():
+        raise ConfigError(f"eval.similarity: {similarity.target} does not exist. Fix: check the "
+                          "path, or use input or backbone:NAME")
 
 
 def plan_cells(cells: Sequence[Sequence[str]], compose: Callable[[list[str]], DictConfig],

@@ -36,6 +36,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 from sae.config import RootConfig, to_dict
+from sae.plain import flatten
 
 log = logging.getLogger(__name__)
 
@@ -116,17 +117,11 @@ def wandb_mode(cfg_mode: str, probe_timeout_s: float = 3.0) -> str:
 
 
 # -- the run's tracker ----------------------------------------------------------------------------
-def flatten(metrics: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+def summary_values(metrics: dict[str, Any]) -> dict[str, Any]:
     """Numeric leaves under their metrics.json names (``train.steps``); text and lists (the
     protocols, the training curve, which is in the history) are left out."""
-    flat: dict[str, Any] = {}
-    for key, value in metrics.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            flat.update(flatten(value, f"{name}."))
-        elif isinstance(value, bool | int | float) or value is None:
-            flat[name] = value
-    return flat
+    return {name: value for name, value in flatten(metrics).items()
+            if isinstance(value, bool | int | float) or value is None}
 
 
 class WandbTracker:
@@ -148,7 +143,7 @@ class WandbTracker:
     def summary(self, metrics: dict[str, Any]) -> None:
         """The final metrics, then the run's outputs (each optional: a missing piece is skipped
         with a warning, the others are still logged)."""
-        self._guard("summary", lambda: self.run.summary.update(flatten(metrics)))
+        self._guard("summary", lambda: self.run.summary.update(summary_values(metrics)))
         if self.run is None or self.run_dir is None:
             return
         for what, log_output in OUTPUTS.items():

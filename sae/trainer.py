@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import logging
 import math
-import sys
 import time
 from dataclasses import dataclass, field
 from functools import partial
@@ -29,6 +28,7 @@ import torch
 
 from sae.losses import training_loss
 from sae.model import TopKSAE
+from sae.progress import Progress
 from sae.regularizers import batch_active
 
 # This module imports with torch alone (the config and the run directory only in annotations
@@ -154,14 +154,14 @@ def save_checkpoint(path: Path, model: TopKSAE, optimizer: torch.optim.Optimizer
     meta = {"kind": "training_checkpoint", "step": state.step, "spec": model.spec(),
             "param_groups": opt_state["param_groups"], "history": state.history,
             "config": config}
-    from sae.runs import save_tensors
+    from sae.io import save_tensors
 
     save_tensors(path, tensors, meta)
 
 
 def load_checkpoint(path: Path, model: TopKSAE, optimizer: torch.optim.Optimizer,
                     device: torch.device) -> TrainState:
-    from sae.runs import load_tensors
+    from sae.io import load_tensors
 
     tensors, meta = load_tensors(path, device)
     model.load_state_dict({k[len("model."):]: v for k, v in tensors.items()
@@ -177,35 +177,11 @@ def load_checkpoint(path: Path, model: TopKSAE, optimizer: torch.optim.Optimizer
     return TrainState(meta["step"], tensors["samples_since_fired"], list(meta["history"]))
 
 
-# -- progress ---------------------------------------------------------------------------------
-class Progress:
-    """A tqdm bar on a terminal; in a log file, one plain line per logged point."""
-
-    def __init__(self, total: int, initial: int, enabled: bool) -> None:
-        self.total, self.enabled = total, enabled
-        self.tty = enabled and sys.stderr.isatty()
-        self.started, self.start_step = time.perf_counter(), initial
-        self.bar = None
-        if self.tty:
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True)
-
-    def update(self, step: int, metrics: dict[str, float] | None = None) -> None:
-        if self.bar is not None:
-            self.bar.n = step
-            if metrics:
-                self.bar.set_postfix(loss=f"{metrics['loss']:.4f}", dead=metrics["dead"])
-            self.bar.refresh()
-        elif self.enabled and metrics is not None:
-            rate = (step - self.start_step) / max(time.perf_counter() - self.started, 1e-9)
-            print(f"step {step}/{self.total} ({100 * step / self.total:.0f}%) "
-                  f"loss {metrics['loss']:.4f} nmse {metrics['nmse']:.4f} "
-                  f"dead {metrics['dead']:.0f} | {rate:.1f} steps/s", file=sys.stderr, flush=True)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
+def progress_line(progress: Progress, step: int, metrics: dict[str, float]) -> str:
+    """The plain line of a logged step, for log files."""
+    return (f"step {step}/{progress.total} ({100 * step / progress.total:.0f}%) "
+            f"loss {metrics['loss']:.4f} nmse {metrics['nmse']:.4f} "
+            f"dead {metrics['dead']:.0f} | {progress.rate():.1f} steps/s")
 
 
 # -- the loop -----------------------------------------------------------------------------------
@@ -251,7 +227,8 @@ class Trainer:
             torch.set_flush_denormal(True)
         state = self.initial_state()
         total = self.schedule.total_steps
-        progress = Progress(total, state.step, self.cfg.train.progress)
+        progress = Progress(total, "", "step", initial=state.step,
+                            enabled=self.cfg.train.progress, final_line=False)
         perm_cache: dict[int, torch.Tensor] = {}
         window = self.schedule.dead_window
         accumulated: list[torch.Tensor] = []
@@ -266,11 +243,13 @@ class Trainer:
                 at_end = state.step == total
                 log_step = state.step % self.cfg.train.log_every == 0 or at_end
                 if log_step:
-                    progress.update(state.step, self._log(state, accumulated, window))
+                    metrics = self._log(state, accumulated, window)
+                    progress.goto(state.step, loss=f"{metrics['loss']:.4f}", dead=metrics["dead"])
+                    progress.note(progress_line(progress, state.step, metrics))
                     self.dead_bound = None  # read afresh by the next step's step_kwargs
                     accumulated = []
                 elif progress.tty:
-                    progress.update(state.step)
+                    progress.goto(state.step)
                 if at_end or self._checkpoint_due(state.step, log_step):
                     save_checkpoint(self.checkpoint_path, self.model, self.optimizer, state,
                                     self.config_for_checkpoint)

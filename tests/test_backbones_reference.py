@@ -37,8 +37,8 @@ from safetensors.torch import save_file
 
 from sae.backbones import load_backbone
 from sae.config import BackboneConfig
+from sae.data.embedding import embed_split
 from sae.data.images import ImageSplit
-from sae.extract import embed_split
 
 CONF = Path(__file__).resolve().parent.parent / "conf"
 REVISION = "0123456789abcdef0123456789abcdef01234567"  # any 40-hex commit id

@@ -174,7 +174,7 @@ def test_similarity_embeddings_from_a_file(tmp_path):
     other = torch.randn(60, 5, generator=torch.Generator().manual_seed(0))
     path = tmp_path / "dino.npy"
     np.save(path, other.numpy())
-    from_file = _run(tmp_path, train, evaluation, cfg=_cfg(similarity=str(path)))
+    from_file = _run(tmp_path, train, evaluation, cfg=_cfg(similarity=f"file:{path}"))
     given = _run(tmp_path, train, evaluation, similarity_x=other)
     own = _run(tmp_path, train, evaluation)
     assert from_file["mono_live"] == pytest.approx(given["mono_live"], abs=1e-12)

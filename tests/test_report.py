@@ -29,13 +29,14 @@ import pytest
 import torch
 import yaml
 
+from sae.io import atomic_write_json
 from sae.method_card import CARD_FIELDS, render_markdown, run_card
 from sae.metrics import seed_stability
-from sae.model import TopKSAE
+from sae.model import TopKSAE, load_model, save_model
 from sae.report import ReportOptions, build_report, main
 from sae.reporting.aggregate import TABLE_METRICS
 from sae.reporting.claims import HELD, NOT_HELD, NOT_TESTED, UNDECIDED, Tolerances, check_claims
-from sae.runs import atomic_write_json, load_model, save_model, write_status
+from sae.runs import write_status
 from tests.helpers import run_cli
 
 VERDICTS = (HELD, NOT_HELD, UNDECIDED, NOT_TESTED)

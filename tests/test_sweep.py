@@ -8,7 +8,8 @@ import pytest
 from omegaconf import OmegaConf
 
 from sae.config import ConfigError, register_configs
-from sae.runs import run_id, write_status
+from sae.identity import run_id
+from sae.runs import write_status
 from sae.sweep import Cell, SweepError, checkpoints_line, plan_cells
 from tests.helpers import REPO, run_cli, synthetic_cfg
 from tests.test_config import compose_train
@@ -106,6 +107,7 @@ def tiny_sweep(tmp_path_factory):
     return root, first
 
 
+@pytest.mark.slow  # a subprocess sweep: > 20 s on 2 cores (--durations)
 def test_demo_sweep_runs_every_cell_once(tiny_sweep):
     root, first = tiny_sweep
     assert "6 cells -> 5 unique runs (1 duplicates" in first.stdout
@@ -124,6 +126,7 @@ def test_demo_sweep_runs_every_cell_once(tiny_sweep):
         assert {"r2", "nmse", "l0", "dead_count"} <= set(metrics)
 
 
+@pytest.mark.slow  # a subprocess sweep: > 20 s on 2 cores (--durations)
 def test_relaunch_skips_done_cells(tiny_sweep):
     root, _ = tiny_sweep
     again = sweep(root)
@@ -155,6 +158,7 @@ def wandb_summary(run_dir: Path) -> dict:
     return json.loads(out.stdout)
 
 
+@pytest.mark.slow  # a subprocess sweep: > 20 s on 2 cores (--durations)
 def test_wandb_offline_run_holds_config_and_summary(tiny_sweep):
     root, _ = tiny_sweep
     run = next(r for r in (root / "runs").iterdir() if "l1l2-mask" in r.name)
@@ -170,6 +174,7 @@ def test_wandb_offline_run_holds_config_and_summary(tiny_sweep):
     assert config.regularizer.name == "l1l2" and str(config.regularizer.strength) in flat
 
 
+@pytest.mark.slow  # a subprocess sweep: > 20 s on 2 cores (--durations)
 def test_failing_cell_ends_failed_and_the_others_complete(tmp_path):
     # lr=1e30 diverges; the sweep exits non-zero after running both cells.
     result = sweep(tmp_path, "regularizer=none", "train.lr=1e30,1e-3", "train.log_every=2",

@@ -56,7 +56,7 @@ class SaeSweeper(BasicSweeper):
 
     def sweep(self, arguments: list[str]) -> Any:
         from sae import sweep as planning
-        from sae.runs import atomic_write_json
+        from sae.io import atomic_write_json
 
         name = self.config.sweep_name
         sweep_dir = Path(self.config.hydra.sweep.dir)

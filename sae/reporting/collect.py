@@ -25,6 +25,8 @@ from typing import Any
 import pandas as pd
 import yaml
 
+from sae.plain import flatten
+
 AXES = ("backbone", "dataset", "k", "regularizer", "strength", "mask", "seed", "n_latents")
 CELL_COLUMNS = ("cell", "overrides", "duplicate_of", "run_id", "run_dir", "status", "reason")
 # Metric sub-trees that are descriptions or long per-step lists, not numbers to compare.
@@ -139,16 +141,12 @@ def run_status(run_dir: Path) -> tuple[str, str | None]:
     return state, reason
 
 
-def flatten(tree: dict[str, Any], prefix: str = "", numbers_only: bool = True
-            ) -> dict[str, Any]:
+def flat_values(tree: dict[str, Any], numbers_only: bool = True) -> dict[str, Any]:
     """Nested dict -> ``{"a.b.c": leaf}``. Lists are kept only as JSON text, and only when
     ``numbers_only`` is off (config values); with it, leaves must be numbers or bools."""
     flat: dict[str, Any] = {}
-    for key, value in tree.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            flat.update(flatten(value, f"{name}.", numbers_only))
-        elif isinstance(value, bool | int | float) or value is None:
+    for name, value in flatten(tree).items():
+        if isinstance(value, bool | int | float) or value is None:
             flat[name] = value
         elif not numbers_only:
             flat[name] = json.dumps(value) if isinstance(value, list) else str(value)
@@ -201,7 +199,7 @@ def cell_row(cell: dict[str, Any]) -> dict[str, Any]:
         **flat_metrics(metrics),
     }
     if config:
-        row.update({f"config.{k}": v for k, v in flatten(config, numbers_only=False).items()})
+        row.update({f"config.{k}": v for k, v in flat_values(config, numbers_only=False).items()})
     return row
 
 
