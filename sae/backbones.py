@@ -30,14 +30,12 @@ Weights, in order of precedence:
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from PIL import Image
 
+from sae.backbone_base import Backbone, output_dim
 from sae.config import BackboneConfig, ConfigError
 from sae.plain import plain
 
@@ -45,17 +43,6 @@ EMBEDDINGS = {"open_clip": ("image_projected",), "timm": ("cls_pre_logits",),
               "transformers": ("image_features", "cls_last_hidden_state")}
 RANDOM_INIT_SEED = 0  # random-weight variants are seeded: embeddings must not differ per process
 _FALSE_STRINGS = ("", "false", "none", "null", "0", "no")
-
-
-@dataclass
-class Backbone:
-    """A loaded backbone, ready to embed preprocessed image batches."""
-
-    model: torch.nn.Module
-    preprocess: Callable[[Image.Image], torch.Tensor]  # PIL image -> (3, H, W) float tensor
-    embed: Callable[[torch.Tensor], torch.Tensor]  # (B, 3, H, W) -> (B, d) float32
-    dim: int  # embedding dimension d
-    info: dict[str, Any] = field(default_factory=dict)  # preprocessing and weights, for the manifest
 
 
 def pretrained_flag(value: str | bool | None) -> bool:
@@ -164,7 +151,7 @@ def _load_open_clip(cfg: BackboneConfig) -> Backbone:
         return model.encode_image(images).float()
 
     info = {"preprocess": plain(model.visual.preprocess_cfg), "transform": _describe(preprocess)}
-    return Backbone(model, preprocess, embed, _output_dim(embed, preprocess), info)
+    return Backbone(model, preprocess, embed, output_dim(embed, preprocess), info)
 
 
 def _open_clip_tag_preprocess(model_name: str, tag: str) -> dict[str, Any]:
@@ -216,17 +203,7 @@ def _load_timm(cfg: BackboneConfig) -> Backbone:
         return model.forward_head(model.forward_features(images), pre_logits=True).float()
 
     info = {"preprocess": plain(data_cfg), "transform": _describe(preprocess)}
-    return Backbone(model, preprocess, embed, _output_dim(embed, preprocess), info)
-
-
-def _output_dim(embed: Callable[[torch.Tensor], torch.Tensor], preprocess: Callable) -> int:
-    """The embedding dimension, from one forward pass of a blank image."""
-    image = Image.new("RGB", (32, 32))
-    with torch.inference_mode():
-        out = embed(preprocess(image).unsqueeze(0))
-    if out.ndim != 2:
-        raise RuntimeError(f"the backbone returned shape {tuple(out.shape)}, expected (1, d)")
-    return int(out.shape[1])
+    return Backbone(model, preprocess, embed, output_dim(embed, preprocess), info)
 
 
 def _describe(transform: Any) -> str:

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from sae.backbones import Backbone, _output_dim
+from sae.backbone_base import Backbone, output_dim
 from sae.config import BackboneConfig
 from sae.plain import plain
 
@@ -86,7 +86,7 @@ def load_transformers(cfg: BackboneConfig, random_init: bool) -> Backbone:
     preprocess = ProcessorTransform(processor)
     info = {"preprocess": plain(processor.to_dict()), "transform": type(processor).__name__,
             "source": source if source != cfg.model else f"hub:{cfg.model}"}
-    return Backbone(model, preprocess, embed, _output_dim(embed, preprocess), info)
+    return Backbone(model, preprocess, embed, output_dim(embed, preprocess), info)
 
 
 def _embed_function(model: torch.nn.Module, embedding: str

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from sae import sync, tracking
-from sae.tracking import NOT_APPLICABLE, flatten, start_tracking
+from sae.tracking import NOT_APPLICABLE, start_tracking, summary_values
 from tests import wandb_records as W
 from tests.helpers import REPO, synthetic_cfg
 
@@ -81,7 +81,7 @@ def test_summary_holds_every_metric_of_metrics_json(sweep_root):
     run_dir = run_dirs(sweep_root)["l1l2"]
     metrics = json.loads((run_dir / "metrics.json").read_text())
     summary = W.summary(offline_dir(run_dir))
-    expected = flatten(metrics)
+    expected = summary_values(metrics)
     assert {"r2", "mono_live", "mono_dead0", "r2_at_2k", "k_robustness_mean_ratio",
             "probe_small_m_mean", "probe_raw"} <= expected.keys()
     for key, value in expected.items():

@@ -178,7 +178,7 @@ def flat_metrics(metrics: dict[str, Any] | None) -> dict[str, Any]:
         return {}
     kept = {k: v for k, v in metrics.items() if k not in SKIPPED_METRIC_KEYS}
     flat = {}
-    for key, value in flatten(kept).items():
+    for key, value in flat_values(kept).items():
         name = current_name(key, metrics.get("train_k"))
         if value is not None and name is not None:
             flat.setdefault(name, value)
