@@ -39,7 +39,9 @@ class Cell:
     run_dir: str
     state: str  # new | running | interrupted | done | failed, before this launch
     duplicate_of: int | None = None  # index of the cell with the same run id
-    result: str | None = None  # done | failed | skipped, after this launch
+    # after this launch: done | failed | cancelled | timeout | node_fail | skipped
+    result: str | None = None
+    reason: str | None = None  # why the launched cell is not done (its error, the task's end)
     problem: str | None = None  # dry run only: why this cell could not launch from here
 
     @property
@@ -144,6 +146,43 @@ def table(cells: Sequence[Cell]) -> str:
         if c.problem:
             lines.append(f"      ! {c.problem}")
     return "\n".join(lines)
+
+
+# How a scheduler ended a task that returned no result (SLURM's sacct states; submitit's local
+# executor says INTERRUPTED for a process killed by a signal). Anything else counts as failed.
+SCHEDULER_ENDS = {"CANCELLED": "cancelled", "INTERRUPTED": "cancelled", "TIMEOUT": "timeout",
+                  "DEADLINE": "timeout", "NODE_FAIL": "node_fail", "PREEMPTED": "cancelled"}
+OUTCOMES = ("done", "failed", "cancelled", "timeout", "node_fail")
+
+
+def scheduler_end(state: str) -> str:
+    """``CANCELLED by 1000`` -> ``cancelled``; OUT_OF_MEMORY, FAILED, ... -> ``failed``."""
+    word = state.split()[0].upper() if state.strip() else ""
+    return SCHEDULER_ENDS.get(word, "failed")
+
+
+def outcome_summary(name: str, cells: Sequence[Cell], sweep_dir: Path | str) -> str:
+    """``sweep NAME: 3 done, 1 failed (FloatingPointError x1), 1 cancelled, ...``"""
+    launched = [c for c in cells if c.result != "skipped" and c.result is not None]
+    counts = Counter(c.result for c in launched)
+    reasons = Counter(_reason_kind(c.reason) for c in launched if c.result == "failed")
+    parts = [f"{counts['done']} done",
+             f"{counts['failed']} failed" + (
+                 " (" + ", ".join(f"{k} x{n}" for k, n in reasons.most_common()) + ")"
+                 if reasons else ""),
+             f"{counts['cancelled']} cancelled"]
+    parts += [f"{counts[o]} {o}" for o in ("timeout", "node_fail") if counts[o]]
+    parts.append(f"{len(cells) - len(launched)} skipped")
+    return (f"sweep {name}: " + ", ".join(parts)
+            + f"; plan and results in {sweep_dir}/cells.json")
+
+
+def _reason_kind(reason: str | None) -> str:
+    """The short name of a failure: the exception type or the scheduler state."""
+    if not reason:
+        return "unknown"
+    head = reason.split(":", 1)[0].strip()
+    return head if head and " " not in head else reason[:40]
 
 
 def cells_record(name: str, cells: Sequence[Cell]) -> dict:
