@@ -49,7 +49,8 @@ NON_SEMANTIC_KEYS = {
     "backbone.batch_size", "backbone.num_workers", "backbone.checkpoint_path",
     "dataset.root", "dataset.on_unreadable",
 }
-STATES = ("running", "done", "failed")
+# preempted / interrupted: stopped by a signal after a checkpoint (sae.preemption), resumable.
+STATES = ("running", "done", "failed", "preempted", "interrupted")
 
 
 # -- identity -----------------------------------------------------------------------------------
@@ -171,6 +172,8 @@ def run_state(directory: Path) -> str:
     if state == "done" and not (directory / "metrics.json").exists():
         return "failed"
     if state == "running" and not run_lock_held(directory):
+        return "interrupted"
+    if state == "preempted":
         return "interrupted"
     return state
 

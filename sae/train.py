@@ -30,6 +30,7 @@ from sae.data import EmbeddingSet, load_splits
 from sae.device import resolve_device
 from sae.method_card import render_markdown, run_card
 from sae.model import TopKSAE
+from sae.preemption import Interrupted, StopRequest, redeliver, stop_signals
 from sae.runs import (
     atomic_write_json,
     atomic_write_text,
@@ -86,21 +87,37 @@ def _execute(cfg: RootConfig, rid: str, directory: Path, command: str) -> dict[s
     atomic_write_json(directory / "identity.json", semantic_config(cfg))
     write_status(directory, "running", command=command)
     tracker = start_tracking(cfg, rid, directory)
-    try:
-        metrics = train_and_evaluate(cfg, directory, tracker, command)
-    except Exception as exc:
-        reason = f"{type(exc).__name__}: {exc}"
-        write_status(directory, "failed", reason, command=command)
-        tracker.finish(failed=True)
-        log.error("run %s failed: %s", rid, reason)
-        if is_multirun():  # let the sweep go on; the sweeper reports the failure
-            return {"run_id": rid, "state": "failed", "reason": reason, "run_dir": str(directory)}
-        raise
+    stopped: Interrupted | None = None
+    with stop_signals() as stop:
+        try:
+            metrics = train_and_evaluate(cfg, directory, tracker, command, stop)
+        except Interrupted as exc:
+            stopped = exc
+        except Exception as exc:
+            reason = f"{type(exc).__name__}: {exc}"
+            write_status(directory, "failed", reason, command=command)
+            tracker.finish(failed=True)
+            log.error("run %s failed: %s", rid, reason)
+            if is_multirun():  # let the sweep go on; the sweeper reports the failure
+                return {"run_id": rid, "state": "failed", "reason": reason,
+                        "run_dir": str(directory)}
+            raise
+    if stopped is not None:
+        _record_stop(directory, rid, tracker, command, stopped)
+        redeliver(stopped.signum)  # exits: submitit requeues on USR2, SIGTERM ends the process
     tracker.summary(metrics)
     tracker.finish()
     write_status(directory, "done", command=command)
     log.info("run %s done: %s", rid, directory)
     return {"run_id": rid, "state": "done", "reason": None, "run_dir": str(directory)}
+
+
+def _record_stop(directory: Path, rid: str, tracker, command: str, stop: Interrupted) -> None:
+    write_status(directory, stop.state, str(stop), command=command, signal=stop.signal_name,
+                 step=stop.step)
+    tracker.finish(failed=True)
+    log.warning("run %s %s: %s; a re-launch resumes from step %d", rid, stop.state, stop,
+                stop.step)
 
 
 def build_model(cfg: RootConfig, dim: int, device: torch.device) -> TopKSAE:
@@ -109,7 +126,8 @@ def build_model(cfg: RootConfig, dim: int, device: torch.device) -> TopKSAE:
                    layernorm=cfg.sae.layernorm).to(device)
 
 
-def train_and_evaluate(cfg: RootConfig, directory: Path, tracker, command: str) -> dict:
+def train_and_evaluate(cfg: RootConfig, directory: Path, tracker, command: str,
+                       stop: StopRequest | None = None) -> dict:
     from sae.data.cache import resolve_similarity
     from sae.evaluate import evaluate
 
@@ -122,7 +140,7 @@ def train_and_evaluate(cfg: RootConfig, directory: Path, tracker, command: str) 
     model = build_model(cfg, train_set.dim, device)
     config = to_dict(cfg)
     trainer = Trainer(cfg, model, train_set.x.to(device),
-                      directory / "checkpoints" / "last.safetensors", tracker, config)
+                      directory / "checkpoints" / "last.safetensors", tracker, config, stop)
     state = trainer.run()
     train_seconds = time.perf_counter() - started
     save_model(model, directory / "model.safetensors", config, step=state.step)

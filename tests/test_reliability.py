@@ -1,0 +1,78 @@
+"""Reliability of one cell (issue 13): stop signals, locks, labels, output roots, threads."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.helpers import REPO
+
+# A small cell that trains long enough to be signalled between checkpoints.
+CELL = ["dataset=synthetic", "sae=tiny", "sae.n_latents=64", "logger=none",
+        "train.batch_size=256", "train.epochs=1000", "dataset.n_train=2048",
+        "dataset.n_eval=512", "eval.probe_max_train=512", "eval.probe_epochs=2", "k=8",
+        "train.max_steps=3000", "train.checkpoint_every=100", "train.log_every=50",
+        "train.progress=false"]
+
+
+def cell_env(root: Path, **extra: str) -> dict[str, str]:
+    return {**os.environ, "SAE_OUTPUT_ROOT": str(root), "OMP_NUM_THREADS": "1",
+            "MKL_NUM_THREADS": "1", "WANDB_MODE": "disabled", "PYTHONPATH": str(REPO), **extra}
+
+
+def train_cmd(*overrides: str) -> list[str]:
+    return [sys.executable, "-m", "sae.train", *CELL, *overrides]
+
+
+def only_run_dir(root: Path) -> Path:
+    runs = list((root / "runs").glob("*/identity.json"))
+    return runs[0].parent if runs else None
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR2], ids=["SIGTERM", "SIGUSR2"])
+def test_a_stop_signal_checkpoints_records_and_resumes_exactly(tmp_path, sig):
+    root, reference_root = tmp_path / "signalled", tmp_path / "reference"
+    proc = subprocess.Popen(train_cmd(), cwd=REPO, env=cell_env(root), text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 120
+        while (run_dir := only_run_dir(root)) is None or \
+                not (run_dir / "checkpoints" / "last.json").exists():
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()
+            time.sleep(0.05)
+        proc.send_signal(sig)
+        signalled = time.monotonic()
+        output, _ = proc.communicate(timeout=30)
+        seconds_to_exit = time.monotonic() - signalled
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert seconds_to_exit < 5, output
+    assert proc.returncode != 0
+    status = json.loads((run_dir / "status.json").read_text())
+    expected = "preempted" if sig == signal.SIGUSR2 else "interrupted"
+    assert (status["state"], status["signal"]) == (expected, sig.name), status
+    step = json.loads((run_dir / "checkpoints" / "last.json").read_text())["step"]
+    assert status["step"] == step and 0 < step < 3000, (status, step)
+    assert f"at step {step}" in status["reason"]
+    # The re-launch resumes from that checkpoint and ends where an uninterrupted run ends.
+    subprocess.run(train_cmd(), cwd=REPO, env=cell_env(root), check=True, capture_output=True,
+                   timeout=300)
+    subprocess.run(train_cmd(), cwd=REPO, env=cell_env(reference_root), check=True,
+                   capture_output=True, timeout=300)
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["train"]["resumed_from_step"] == step
+    reference = load_file(only_run_dir(reference_root) / "model.safetensors")
+    resumed = load_file(run_dir / "model.safetensors")
+    assert reference.keys() == resumed.keys()
+    for name in reference:
+        assert torch.equal(reference[name], resumed[name]), name
