@@ -28,6 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 from sae.config import RootConfig, register_configs, to_dict, validate
 from sae.data import EmbeddingSet, load_splits
 from sae.device import resolve_device
+from sae.locking import hold_run_lock
 from sae.method_card import render_markdown, run_card
 from sae.model import TopKSAE
 from sae.preemption import Interrupted, StopRequest, redeliver, stop_signals
@@ -37,7 +38,6 @@ from sae.runs import (
     code_version,
     run_dir,
     run_id,
-    run_lock,
     run_state,
     save_model,
     semantic_config,
@@ -74,7 +74,7 @@ def run_cell(cfg_node: DictConfig | RootConfig, command: str | None = None) -> d
     rid, directory = run_id(cfg), run_dir(cfg)
     directory.mkdir(parents=True, exist_ok=True)
     # One process per cell at a time: a second launch of the same cell waits here, then skips.
-    with run_lock(directory):
+    with hold_run_lock(directory, cfg.run.lock_timeout_s):
         if run_state(directory) == "done" and not cfg.force:
             log.info("run %s is already done (%s); skipping", rid, directory)
             return {"run_id": rid, "state": "skipped", "reason": "already done",

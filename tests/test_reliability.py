@@ -76,3 +76,25 @@ def test_a_stop_signal_checkpoints_records_and_resumes_exactly(tmp_path, sig):
     assert reference.keys() == resumed.keys()
     for name in reference:
         assert torch.equal(reference[name], resumed[name]), name
+
+
+def test_a_locked_run_says_whose_lock_and_gives_up_after_lock_timeout(tmp_path, monkeypatch):
+    from sae.config import validate
+    from sae.runs import run_dir, run_lock, write_status
+    from tests.test_config import compose_train
+
+    monkeypatch.setenv("SAE_OUTPUT_ROOT", str(tmp_path))
+    directory = run_dir(validate(compose_train(CELL)))
+    directory.mkdir(parents=True)
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    write_status(directory, "running")  # as the lock's holder would have
+    with run_lock(directory):
+        started = time.monotonic()
+        result = subprocess.run(train_cmd("run.lock_timeout_s=2"), cwd=REPO, text=True,
+                                env=cell_env(tmp_path), capture_output=True, timeout=120)
+        waited = time.monotonic() - started
+    output = result.stdout + result.stderr
+    assert result.returncode != 0 and waited < 60, output
+    owner = f"locked by host {os.uname().nodename} pid {os.getpid()} (SLURM job 4242) since"
+    assert owner in output and "waiting at most 2 s" in output, output
+    assert "still locked" in output and "run.lock_timeout_s" in output, output
