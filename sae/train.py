@@ -166,10 +166,23 @@ def check_dims(train_set: EmbeddingSet, eval_set: EmbeddingSet) -> None:
                          " Fix: embed both splits with the same backbone")
 
 
+def split_sizes(train_set: EmbeddingSet, eval_set: EmbeddingSet) -> dict[str, int | None]:
+    """Samples per split, and how many carry no label (None: the split has no labels)."""
+    return {"train_samples": train_set.n, "eval_samples": eval_set.n, "dim": train_set.dim,
+            "train_unlabelled": unlabelled_count(train_set.labels),
+            "eval_unlabelled": unlabelled_count(eval_set.labels)}
+
+
+def unlabelled_count(labels: torch.Tensor | None) -> int | None:
+    """Rows with a negative class id, or an all-false multi-hot row."""
+    if labels is None:
+        return None
+    return int((labels < 0).sum()) if labels.ndim == 1 else int((~labels.any(dim=1)).sum())
+
+
 def write_card(cfg: RootConfig, metrics: dict, train_set: EmbeddingSet, eval_set: EmbeddingSet,
                directory: Path, command: str) -> None:
-    sizes = {"train_samples": train_set.n, "eval_samples": eval_set.n, "dim": train_set.dim}
-    card = run_card(cfg, metrics, sizes, code_version(), command)
+    card = run_card(cfg, metrics, split_sizes(train_set, eval_set), code_version(), command)
     atomic_write_json(directory / "method_card.json", card)
     atomic_write_text(directory / "method_card.md", render_markdown(card, directory.name))
 

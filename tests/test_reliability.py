@@ -98,3 +98,86 @@ def test_a_locked_run_says_whose_lock_and_gives_up_after_lock_timeout(tmp_path, 
     owner = f"locked by host {os.uname().nodename} pid {os.getpid()} (SLURM job 4242) since"
     assert owner in output and "waiting at most 2 s" in output, output
     assert "still locked" in output and "run.lock_timeout_s" in output, output
+
+
+# -- labels (issue 13 item 6) ----------------------------------------------------------------------
+def labelled_files(tmp_path: Path, labels, class_names: list[str] | None = None):
+    """A files dataset of 12 embeddings with ``labels`` (saved as .npy), no held-out split."""
+    import numpy as np
+
+    from sae.data import load_splits
+    from tests.test_config import files_cfg
+
+    x = np.random.default_rng(0).normal(size=(12, 4)).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    np.save(tmp_path / "xe.npy", x)
+    label_path = tmp_path / "y.npy"
+    if isinstance(labels, bytes):
+        label_path.write_bytes(labels)
+    else:
+        np.save(label_path, labels, allow_pickle=True)
+    extra = {}
+    if class_names is not None:
+        (tmp_path / "classes.txt").write_text("\n".join(class_names) + "\n")
+        extra["class_names"] = str(tmp_path / "classes.txt")
+    return load_splits(files_cfg(tmp_path, train_path=tmp_path / "x.npy",
+                                 eval_path=tmp_path / "xe.npy", train_labels=label_path,
+                                 **extra))
+
+
+def test_integral_float_labels_are_class_ids(tmp_path):
+    import numpy as np
+
+    train, _ = labelled_files(tmp_path, np.array([0, 1, 2, -1] * 3, dtype=np.float64))
+    assert train.labels.dtype == torch.int64
+    assert train.labels.tolist() == [0, 1, 2, -1] * 3
+
+
+def test_other_float_labels_are_refused_naming_the_row(tmp_path):
+    import numpy as np
+
+    from sae.data import DataError
+
+    labels = np.arange(12, dtype=np.float32)
+    labels[5] = 2.5
+    with pytest.raises(DataError, match=r"row 5 .*2\.5.*Fix"):
+        labelled_files(tmp_path, labels)
+    labels[5] = np.nan
+    with pytest.raises(DataError, match=r"row 5"):
+        labelled_files(tmp_path, labels)
+
+
+def test_negative_ids_are_unlabelled_and_counted_in_the_card(tmp_path):
+    import numpy as np
+
+    from sae.train import split_sizes
+
+    train, held = labelled_files(tmp_path, np.array([0, 1, -1, -3] * 3))
+    sizes = split_sizes(train, held)
+    assert sizes["train_unlabelled"] == 6 and sizes["eval_unlabelled"] is None
+
+
+def test_string_labels_need_the_class_list(tmp_path):
+    import numpy as np
+
+    from sae.data import DataError
+
+    names = np.array(["cat", "dog", "cat", "bird"] * 3)
+    with pytest.raises(DataError, match=r"strings.*Fix: .*dataset\.class_names"):
+        labelled_files(tmp_path, names)
+    train, _ = labelled_files(tmp_path, names, class_names=["bird", "cat", "dog"])
+    assert train.labels.tolist() == [1, 2, 1, 0] * 3
+    assert train.class_names == ["bird", "cat", "dog"]
+    with pytest.raises(DataError, match=r"row 1 .*'dog'.* not in .*classes\.txt"):
+        labelled_files(tmp_path, names, class_names=["bird", "cat"])
+
+
+def test_object_and_garbage_label_files_are_refused_as_such(tmp_path):
+    import numpy as np
+
+    from sae.data import DataError
+
+    with pytest.raises(DataError, match=r"Python objects \(dtype object\)"):
+        labelled_files(tmp_path, np.array([{"a": 1}] * 12, dtype=object))
+    with pytest.raises(DataError, match=r"not a \.npy array file"):
+        labelled_files(tmp_path, b"garbage, not numpy")
