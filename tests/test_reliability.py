@@ -181,3 +181,86 @@ def test_object_and_garbage_label_files_are_refused_as_such(tmp_path):
         labelled_files(tmp_path, np.array([{"a": 1}] * 12, dtype=object))
     with pytest.raises(DataError, match=r"not a \.npy array file"):
         labelled_files(tmp_path, b"garbage, not numpy")
+
+
+# -- errors before anything runs (issue 13 item 7, issue 16) -------------------------------------
+TINY = ["sae=tiny", "logger=none", "train.max_steps=4", "dataset.n_train=300",
+        "dataset.n_eval=100", "eval.probe_epochs=1", "train.progress=false"]
+
+
+def cli(root: Path, *args: str, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "sae.train", *args], cwd=REPO, text=True,
+                          env=cell_env(root, **{"HYDRA_FULL_ERROR": "0", **env}), capture_output=True,
+                          timeout=300)
+
+
+def one_line_error(result: subprocess.CompletedProcess) -> str:
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    return lines[0]
+
+
+def unusable_roots(tmp_path: Path) -> list[Path]:
+    a_file = tmp_path / "a_file"
+    a_file.write_text("not a directory")
+    return [a_file, a_file / "below", Path("/proc/sae-outputs")]
+
+
+@pytest.mark.parametrize("multirun", [False, True], ids=["single", "sweep"])
+def test_an_unusable_output_root_is_one_line_naming_the_path(tmp_path, multirun):
+    for root in unusable_roots(tmp_path):
+        grid = ["-m", "k=4,8"] if multirun else []
+        line = one_line_error(cli(root, *grid, *TINY))
+        assert str(root) in line and "Fix: set SAE_OUTPUT_ROOT" in line, line
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes in read-only directories")
+def test_a_read_only_output_root_is_refused(tmp_path):
+    read_only = tmp_path / "ro"
+    read_only.mkdir(mode=0o555)
+    line = one_line_error(cli(read_only / "out", *TINY))
+    assert str(read_only) in line
+
+
+def test_a_config_error_is_one_line_unless_hydra_full_error(tmp_path):
+    line = one_line_error(cli(tmp_path, "k=100000", *TINY))
+    assert line.startswith("error: k: 100000 exceeds sae.n_latents=512") and "Fix:" in line
+    full = cli(tmp_path, "k=100000", *TINY, HYDRA_FULL_ERROR="1")
+    assert full.returncode != 0 and "Traceback" in full.stderr
+    # No Hydra folder was made for the refused run.
+    assert not (tmp_path / "sweeps" / "single").exists() or \
+        not any((tmp_path / "sweeps" / "single").iterdir())
+
+
+def test_dry_run_without_multirun_lists_the_cell_and_runs_nothing(tmp_path):
+    result = cli(tmp_path, "dry_run=true", *TINY)
+    assert result.returncode == 0, result.stderr
+    assert "1 cells -> 1 unique runs" in result.stdout and "synthetic-k64-" in result.stdout
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "sweeps").exists()
+
+
+def test_a_failed_single_run_leaves_no_hydra_folder(tmp_path):
+    result = cli(tmp_path, "train.lr=1e30", "train.log_every=2", "k=8", *TINY)
+    assert result.returncode != 0
+    single = tmp_path / "sweeps" / "single"
+    assert not single.exists() or list(single.iterdir()) == []
+    (run,) = (tmp_path / "runs").iterdir()  # the run directory keeps the reason
+    assert json.loads((run / "status.json").read_text())["state"] == "failed"
+
+
+def test_dry_run_of_a_sweep_ends_with_a_grouped_problem_summary(tmp_path):
+    grid = ["-m", "dataset=imagenet", "backbone=clip_vitl14", "k=4,8", "seed=0,1",
+            "dry_run=true", "sae=tiny"]
+    unset = cli(tmp_path, *grid, IMAGENET_ROOT="", SAE_WEIGHTS_DIR="")
+    assert unset.returncode == 0, unset.stderr
+    assert unset.stdout.count("dataset.root: is empty or not set") == 1, unset.stdout
+    assert "4 cells: dataset.root: is empty or not set" in unset.stdout
+    assert "4 cells: backbone.checkpoint_path" in unset.stdout and "SAE_WEIGHTS_DIR" in \
+        unset.stdout
+    empty = tmp_path / "imagenet"
+    empty.mkdir()
+    found = cli(tmp_path, *grid, IMAGENET_ROOT=str(empty))
+    assert f"4 cells: dataset.root: {empty} has no 'train' split directory" in found.stdout, \
+        found.stdout

@@ -55,6 +55,12 @@ class SaeSweeper(BasicSweeper):
             master_config=self.config, sweep_overrides=overrides)
 
     def sweep(self, arguments: list[str]) -> Any:
+        from sae.cli_checks import one_line_errors
+
+        with one_line_errors():  # a bad cell or a locked sweep: one line, no traceback
+            return self._sweep(arguments)
+
+    def _sweep(self, arguments: list[str]) -> Any:
         from sae import sweep as planning
         from sae.runs import atomic_write_json
 
@@ -66,6 +72,7 @@ class SaeSweeper(BasicSweeper):
         print(planning.summary_line(name, cells), flush=True)
         if self.config.dry_run:
             print(planning.table(cells), flush=True)
+            print(planning.problem_summary(cells), flush=True)
             return []
         self._check_launcher()
         sweep_dir.mkdir(parents=True, exist_ok=True)
