@@ -43,6 +43,7 @@ from sae.runs import (
     semantic_config,
     write_status,
 )
+from sae.threads import set_torch_threads
 from sae.tracking import start_tracking
 from sae.trainer import Trainer
 
@@ -134,6 +135,7 @@ def train_and_evaluate(cfg: RootConfig, directory: Path, tracker, command: str,
     # Before training: a missing similarity cache must not cost a whole run.
     eval_cfg = dataclasses.replace(cfg.eval, similarity=resolve_similarity(cfg))
     device = resolve_device(cfg.train.device)
+    threads = set_torch_threads()
     started = time.perf_counter()
     train_set, eval_set = load_splits(cfg)
     check_dims(train_set, eval_set)
@@ -155,6 +157,7 @@ def train_and_evaluate(cfg: RootConfig, directory: Path, tracker, command: str,
         "curve": state.history,
     }
     metrics["run_id"] = directory.name
+    metrics["threads"] = threads
     atomic_write_json(directory / "metrics.json", metrics)
     write_card(cfg, metrics, train_set, eval_set, directory, command)
     return metrics

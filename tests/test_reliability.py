@@ -264,3 +264,31 @@ def test_dry_run_of_a_sweep_ends_with_a_grouped_problem_summary(tmp_path):
     found = cli(tmp_path, *grid, IMAGENET_ROOT=str(empty))
     assert f"4 cells: dataset.root: {empty} has no 'train' split directory" in found.stdout, \
         found.stdout
+
+
+# -- threads (issue 13 item 8) -------------------------------------------------------------------
+@pytest.mark.parametrize(("env", "affinity", "expected"), [
+    ({}, 8, (8, "process affinity")),
+    ({"SLURM_CPUS_PER_TASK": "3"}, 8, (3, "SLURM_CPUS_PER_TASK")),
+    ({"SAE_PARALLEL_TASKS": "2"}, 8, (4, "process affinity / 2 parallel tasks")),
+    ({"SAE_PARALLEL_TASKS": "16"}, 8, (1, "process affinity / 16 parallel tasks")),
+    ({"OMP_NUM_THREADS": "1", "SLURM_CPUS_PER_TASK": "4"}, 8, (1, "OMP_NUM_THREADS")),
+])
+def test_threads_follow_the_cpus_allocated_to_the_task(env, affinity, expected):
+    from sae.threads import allocated_threads
+
+    assert allocated_threads(env, affinity) == expected
+
+
+def test_thread_count_is_recorded_in_metrics_and_card(tmp_path):
+    env = {k: v for k, v in cell_env(tmp_path).items() if k != "OMP_NUM_THREADS"}
+    result = subprocess.run([sys.executable, "-m", "sae.train", "k=8", *TINY], cwd=REPO,
+                            text=True, env={**env, "SLURM_CPUS_PER_TASK": "1"},
+                            capture_output=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    (run,) = (tmp_path / "runs").iterdir()
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["threads"] == {"count": 1, "source": "SLURM_CPUS_PER_TASK"}
+    card = json.loads((run / "method_card.json").read_text())
+    assert card["cpu_threads"] == "1 (SLURM_CPUS_PER_TASK)"
+    assert "threads" not in json.loads((run / "identity.json").read_text())

@@ -13,6 +13,7 @@ Selected by ``_target_`` in conf/launcher/slurm.yaml and conf/launcher/submitit_
 # No `from __future__ import annotations`: Hydra's plugin scan executes this module outside
 # sys.modules (see sae_sweeper.py).
 import logging
+import os
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -107,4 +108,11 @@ class SaeSlurmLauncher(_Tolerant, SlurmLauncher):
 
 
 class SaeLocalLauncher(_Tolerant, LocalLauncher):
-    pass
+    def launch(self, job_overrides: Sequence[Sequence[str]],
+               initial_job_idx: int) -> Sequence[JobReturn]:
+        # Every cell starts at once on this machine: each takes its share of the cores
+        # (sae.threads; the LocalExecutor's processes inherit this environment).
+        from sae.threads import PARALLEL_TASKS_ENV
+
+        os.environ[PARALLEL_TASKS_ENV] = str(len(job_overrides))
+        return super().launch(job_overrides, initial_job_idx)
