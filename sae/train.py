@@ -143,6 +143,10 @@ def train_and_evaluate(cfg: RootConfig, directory: Path, tracker, command: str,
     config = to_dict(cfg)
     trainer = Trainer(cfg, model, train_set.x.to(device),
                       directory / "checkpoints" / "last.safetensors", tracker, config, stop)
+    log.info("run %s start: device %s, %d steps of batch %d, data %s (%d train / %d eval, d=%d), "
+             "%d CPU threads (%s)", directory.name, device, trainer.schedule.total_steps,
+             trainer.schedule.batch_size, cfg.dataset.name, train_set.n, eval_set.n,
+             train_set.dim, threads["count"], threads["source"])
     state = trainer.run()
     train_seconds = time.perf_counter() - started
     save_model(model, directory / "model.safetensors", config, step=state.step)
@@ -159,8 +163,23 @@ def train_and_evaluate(cfg: RootConfig, directory: Path, tracker, command: str,
     metrics["run_id"] = directory.name
     metrics["threads"] = threads
     atomic_write_json(directory / "metrics.json", metrics)
+    log.info("run %s final metrics: %s", directory.name, final_metrics_line(metrics))
     write_card(cfg, metrics, train_set, eval_set, directory, command)
     return metrics
+
+
+FINAL_METRICS = ("r2", "nmse", "l0", "dead_count", "mono_mean_dead0", "purity_binary",
+                 "probe_ceiling")
+
+
+def final_metrics_line(metrics: dict[str, Any]) -> str:
+    """The headline numbers for the log (all of them are in metrics.json)."""
+    def show(value: Any) -> str:
+        return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+    parts = [f"{key} {show(metrics[key])}" for key in FINAL_METRICS if key in metrics]
+    return ", ".join(parts + [f"steps {metrics['train']['steps']}",
+                              f"{metrics['train']['seconds']:.1f} s training"])
 
 
 def check_dims(train_set: EmbeddingSet, eval_set: EmbeddingSet) -> None:

@@ -280,7 +280,7 @@ def test_threads_follow_the_cpus_allocated_to_the_task(env, affinity, expected):
     assert allocated_threads(env, affinity) == expected
 
 
-def test_thread_count_is_recorded_in_metrics_and_card(tmp_path):
+def test_a_run_records_its_threads_and_logs_start_and_final_metrics(tmp_path):
     env = {k: v for k, v in cell_env(tmp_path).items() if k != "OMP_NUM_THREADS"}
     result = subprocess.run([sys.executable, "-m", "sae.train", "k=8", *TINY], cwd=REPO,
                             text=True, env={**env, "SLURM_CPUS_PER_TASK": "1"},
@@ -292,3 +292,7 @@ def test_thread_count_is_recorded_in_metrics_and_card(tmp_path):
     card = json.loads((run / "method_card.json").read_text())
     assert card["cpu_threads"] == "1 (SLURM_CPUS_PER_TASK)"
     assert "threads" not in json.loads((run / "identity.json").read_text())
+    log = result.stdout + result.stderr
+    assert f"run {run.name} start: device cpu, 4 steps of batch" in log, log
+    assert "data synthetic (300 train / 100 eval, d=64), 1 CPU threads" in log, log
+    assert f"run {run.name} final metrics: r2 " in log and "steps 4" in log, log
