@@ -296,3 +296,24 @@ def test_a_run_records_its_threads_and_logs_start_and_final_metrics(tmp_path):
     assert f"run {run.name} start: device cpu, 4 steps of batch" in log, log
     assert "data synthetic (300 train / 100 eval, d=64), 1 CPU threads" in log, log
     assert f"run {run.name} final metrics: r2 " in log and "steps 4" in log, log
+
+
+# -- make install (issue 13 item 9) --------------------------------------------------------------
+def test_make_install_refuses_another_python_before_creating_the_venv(tmp_path):
+    """A stand-in for a Python 3.12 `python3`: it answers version queries and would create a
+    venv. The Makefile must stop before that, naming the interpreter to pass."""
+    import shutil
+
+    for name in ("Makefile", "pyproject.toml"):
+        shutil.copy(REPO / name, tmp_path / name)
+    fake = tmp_path / "python3.12"
+    fake.write_text('#!/bin/sh\nif [ "$1" = "-c" ]; then echo 3.12.1; exit 0; fi\n'
+                    'if [ "$1 $2" = "-m venv" ]; then mkdir -p "$3/bin"; touch "$3/bin/python";'
+                    ' exit 0; fi\nexit 1\n')
+    fake.chmod(0o755)
+    result = subprocess.run(["make", "install", f"PYTHON={fake}"], cwd=tmp_path, text=True,
+                            capture_output=True, timeout=60)
+    assert result.returncode != 0
+    assert "Python 3.12.1" in result.stderr and "make install PYTHON=python3.11" in \
+        result.stderr, result.stderr
+    assert not (tmp_path / ".venv").exists()
