@@ -73,8 +73,11 @@ def preflight(cfg: RootConfig) -> None:
 
 
 def _check_image_root(data) -> None:
-    fix = (f"Fix: set dataset.root=/path/to/{data.name} or the environment variable named in "
-           f"conf/dataset/{data.name}.yaml")
+    from sae.data.images import ROOT_ENV
+
+    env = ROOT_ENV.get(data.layout)
+    fix = (f"Fix: set dataset.root=/path/to/{data.name}"
+           + (f" or export {env}" if env else ""))
     if not data.root:
         raise ConfigError(f"dataset.root: is empty or not set. {fix}")
     root = Path(data.root)

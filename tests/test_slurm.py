@@ -247,7 +247,7 @@ def interrupted_sweep(slurm_cluster, run_cmd, tmp_path_factory):
             timeout=SWEEP_TIMEOUT_S))
         story["first"] = first.result()
         story["reference"] = reference.result()
-    # The launcher gave up at the cancelled task; the requeued ones go on in SLURM. Let them end.
+    # The launcher waits for every task (the cancelled one included); make sure all ended.
     for name in ("requeued", "preempted"):
         run_dir = story[name]["run_dir"]
         deadline = time.monotonic() + SWEEP_TIMEOUT_S
@@ -388,7 +388,7 @@ def test_cancelled_cell_is_never_done_and_the_relaunch_reruns_it(interrupted_swe
     # `done` with partial results.
     assert interrupted_sweep["cancelled_state_before_relaunch"] in ("new", "interrupted")
     assert not interrupted_sweep["cancelled_had_metrics"]
-    # The first launch did not hang on the cancelled task: it failed, naming its state.
+    # The first launch did not hang on the cancelled task: it exited non-zero, naming its state.
     first = interrupted_sweep["first"]
     assert first.returncode != 0
     assert "CANCELLED" in first.stdout + first.stderr
