@@ -487,6 +487,8 @@ def test_a_cancelled_task_does_not_crash_the_launcher(slurm_cluster, run_cmd, tm
     assert result.returncode != 0, output
     assert "Traceback" not in output and "UncompletedJobError" not in output, output
     assert "sweep survive: 1 done, 0 failed, 1 cancelled" in output, output
+    print("\n".join(line for line in output.splitlines() if "sweep survive:" in line
+                    or "did not finish" in line or "cancelled: task ended" in line))
     cells = json.loads((sweep_dir / "cells.json").read_text())["cells"]
     results = {Path(c["run_dir"]).name: c["result"] for c in cells}
     assert results[long_dir.name] == "cancelled", cells

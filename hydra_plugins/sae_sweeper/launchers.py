@@ -35,8 +35,8 @@ POLL_S = 1.0  # how often the launcher looks at its pending tasks
 class TaskEnded(RuntimeError):
     """A task ended without returning (cancelled, timed out, node failure, killed)."""
 
-    def __init__(self, state: str, message: str) -> None:
-        super().__init__(f"task ended in state {state}: {message.splitlines()[0]}")
+    def __init__(self, state: str, job_id: str, log: str) -> None:
+        super().__init__(f"task ended in state {state} (job {job_id}; log {log})")
         self.state = state
 
 
@@ -96,10 +96,10 @@ def task_return(job: Any) -> JobReturn:
 
     try:
         return job.results()[0]
-    except UncompletedJobError as exc:  # FailedJobError included
+    except UncompletedJobError:  # FailedJobError included
         ended = JobReturn()
         ended.status = JobStatus.FAILED
-        ended._return_value = TaskEnded(str(job.state), str(exc))
+        ended._return_value = TaskEnded(str(job.state), str(job.job_id), str(job.paths.stderr))
         return ended
 
 
