@@ -233,6 +233,8 @@ def _reason_kind(reason: str | None) -> str:
     """The short name of a failure: the exception type or the scheduler state."""
     if not reason:
         return "unknown"
+    if reason.startswith("task ended in state "):  # hydra_plugins/sae_sweeper/launchers.py
+        return reason.split()[4]
     head = reason.split(":", 1)[0].strip()
     return head if head and " " not in head else reason[:40]
 

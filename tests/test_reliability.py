@@ -317,3 +317,22 @@ def test_make_install_refuses_another_python_before_creating_the_venv(tmp_path):
     assert "Python 3.12.1" in result.stderr and "make install PYTHON=python3.11" in \
         result.stderr, result.stderr
     assert not (tmp_path / ".venv").exists()
+
+
+# -- the launcher's summary (issue 13 item 3; the SLURM end to end is in test_slurm.py) -----------
+def test_scheduler_states_and_the_outcome_summary():
+    from sae.sweep import Cell, outcome_summary, scheduler_end
+
+    assert [scheduler_end(s) for s in ("CANCELLED by 1000", "TIMEOUT", "NODE_FAIL",
+                                       "OUT_OF_MEMORY", "INTERRUPTED", "")] == [
+        "cancelled", "timeout", "node_fail", "failed", "cancelled", "failed"]
+    ends = [("done", None), ("failed", "DivergedError: loss became nan"),
+            ("failed", "DivergedError: loss became inf"),
+            ("failed", "task ended in state OUT_OF_MEMORY (job 7_1; log x)"),
+            ("cancelled", "task ended in state CANCELLED by 0 (job 7_2; log y)"),
+            ("timeout", "task ended in state TIMEOUT (job 7_3; log z)"), ("skipped", None)]
+    cells = [Cell(i, [], f"r{i}", f"/runs/r{i}", "new", result=result, reason=reason)
+             for i, (result, reason) in enumerate(ends)]
+    assert outcome_summary("s", cells, "/sw") == (
+        "sweep s: 1 done, 3 failed (DivergedError x2, OUT_OF_MEMORY x1), 1 cancelled, "
+        "1 timeout, 1 skipped; plan and results in /sw/cells.json")
