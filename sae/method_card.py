@@ -22,7 +22,7 @@ CARD_FIELDS = (
     "source_model", "dataset", "embedding_preprocessing", "dictionary_size", "topk_budget",
     "regularizer", "active_unit_mask_rule", "reconstruction", "monosemanticity",
     "class_purity", "dead_latents", "qualitative_inspection", "inference_k_sensitivity",
-    "seed_stability", "cpu_threads", "code_version", "reproduce",
+    "seed_stability", "code_version", "reproduce",
 )
 
 
@@ -100,7 +100,8 @@ def _threads(metrics: dict[str, Any]) -> str | None:
 
 def render_markdown(card: dict[str, Any], title: str) -> str:
     lines = [f"# Method card: {title}", ""]
-    for key in CARD_FIELDS:
+    # METHOD.md s7's fields, then the run's own facts (cpu_threads)
+    for key in [*CARD_FIELDS, *(k for k in card if k not in CARD_FIELDS)]:
         value = card.get(key)
         label = key.replace("_", " ").capitalize()
         if isinstance(value, dict):
