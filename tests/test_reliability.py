@@ -57,6 +57,7 @@ def test_a_stop_signal_checkpoints_records_and_resumes_exactly(tmp_path, sig):
         if proc.poll() is None:
             proc.kill()
     assert seconds_to_exit < 5, output
+    print(f"{sig.name}: exited {seconds_to_exit:.2f} s after the signal")
     assert proc.returncode != 0
     status = json.loads((run_dir / "status.json").read_text())
     expected = "preempted" if sig == signal.SIGUSR2 else "interrupted"
