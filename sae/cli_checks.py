@@ -43,11 +43,12 @@ def full_error() -> bool:
 
 
 @contextmanager
-def one_line_errors() -> Iterator[None]:
-    """A ConfigError (field + fix) ends the command with one line and exit status 2."""
+def one_line_errors(*also: type[Exception]) -> Iterator[None]:
+    """A ConfigError (field + fix), or one of ``also``, ends the command with one line and exit
+    status 2."""
     try:
         yield
-    except ConfigError as exc:
+    except (ConfigError, *also) as exc:
         if full_error():
             raise
         print(f"error: {' '.join(str(exc).split())}", file=sys.stderr, flush=True)

@@ -198,7 +198,8 @@ def cli(root: Path, *args: str, **env: str) -> subprocess.CompletedProcess:
 def one_line_error(result: subprocess.CompletedProcess) -> str:
     assert result.returncode == 2, result.stdout + result.stderr
     assert "Traceback" not in result.stderr, result.stderr
-    lines = result.stderr.strip().splitlines()
+    # (a sweep's planning progress lines come first)
+    lines = [x for x in result.stderr.strip().splitlines() if not x.startswith("planning: ")]
     assert len(lines) == 1, result.stderr
     return lines[0]
 
@@ -337,3 +338,9 @@ def test_scheduler_states_and_the_outcome_summary():
     assert outcome_summary("s", cells, "/sw") == (
         "sweep s: 1 done, 3 failed (DivergedError x2, OUT_OF_MEMORY x1), 1 cancelled, "
         "1 timeout, 1 skipped; plan and results in /sw/cells.json")
+
+
+def test_a_slurm_sweep_without_a_cluster_is_one_line(tmp_path):
+    result = cli(tmp_path, "-m", "launcher=slurm", "k=4,8", *TINY, PATH="/nonexistent")
+    line = one_line_error(result)
+    assert "sbatch" in line and "Fix:" in line, line

@@ -56,8 +56,10 @@ class SaeSweeper(BasicSweeper):
 
     def sweep(self, arguments: list[str]) -> Any:
         from sae.cli_checks import one_line_errors
+        from sae.slurm_checks import SlurmNotReady
 
-        with one_line_errors():  # a bad cell or a locked sweep: one line, no traceback
+        # A bad cell, a locked sweep, an unreachable cluster: one line, no traceback.
+        with one_line_errors(SlurmNotReady):
             return self._sweep(arguments)
 
     def _sweep(self, arguments: list[str]) -> Any:
