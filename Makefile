@@ -1,6 +1,8 @@
 # Everything a user or CI needs, from a fresh clone: `make help`.
 SHELL := /bin/bash
 PYTHON ?= python3
+# pyproject.toml's requires-python: torch 2.14.1 and the pinned stack are tested on 3.11 only.
+PYTHON_VERSION := 3.11
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
@@ -10,7 +12,7 @@ DEMO_ROOT ?= outputs
 # nothing measurable when a process has the machine to itself.
 export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: help install test test-fast demo lint bench slurm-up slurm-down clean
+.PHONY: help install check-python test test-fast demo lint bench slurm-up slurm-down clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -21,10 +23,23 @@ install: $(STAMP)  ## create .venv and install the project with its dev tools
 # wheel mirror (pip's config); editable_mode=compat puts the repo on sys.path through a .pth,
 # which Hydra needs to discover hydra_plugins/ (the project's sweeper).
 $(STAMP): pyproject.toml
-	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@$(MAKE) --no-print-directory check-python
+	test -x $(PY) || $(PYTHON) -m venv $(VENV) || { rm -rf $(VENV); exit 1; }
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[dev]' --config-settings editable_mode=compat
 	touch $(STAMP)
+
+# Before any .venv exists: a venv of the wrong Python would be reused by every later make.
+check-python:
+	@found=$$($(PYTHON) -c 'import platform; print(platform.python_version())' 2>/dev/null); \
+	case "$$found" in $(PYTHON_VERSION)|$(PYTHON_VERSION).*) ;; \
+	*) echo "make install: $(PYTHON) is Python $${found:-(not found)}; sae-grid needs Python" \
+	        "$(PYTHON_VERSION). Fix: make install PYTHON=python$(PYTHON_VERSION)" >&2; exit 1;; esac
+	@if [ -e $(PY) ]; then found=$$($(PY) -c 'import platform; print(platform.python_version())' \
+	    2>/dev/null); case "$$found" in $(PYTHON_VERSION).*) ;; \
+	*) echo "make install: $(VENV) holds Python $${found:-(broken)}, not $(PYTHON_VERSION)." \
+	        "Fix: rm -rf $(VENV) && make install PYTHON=python$(PYTHON_VERSION)" >&2; exit 1;; \
+	esac; fi
 
 test: install  ## the whole suite, SLURM tests included (starts and stops a local cluster)
 	$(PY) -m pytest -q

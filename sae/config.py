@@ -220,6 +220,16 @@ class PathsConfig:
 
 
 @dataclass
+class RunConfig:
+    """How one cell's process behaves around other processes (never part of the run id)."""
+
+    # A second process of the same cell (another sweep sharing it) waits for the first one's
+    # lock, saying whose it is; after this many seconds it gives up and the cell fails with the
+    # owner named. null = wait as long as it takes. 24 h: longer than any paper cell trains.
+    lock_timeout_s: float | None = 86_400.0
+
+
+@dataclass
 class RootConfig:
     """One grid cell: backbone x dataset x k x regularizer x mask x seed, and how to run it."""
 
@@ -231,6 +241,7 @@ class RootConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
+    run: RunConfig = field(default_factory=RunConfig)
     k: int = 64  # Top-k budget during training
     mask: bool = True  # restrict the regularizer to batch-active units (no effect without one)
     seed: int = 0  # seed of SAE initialisation and batch order

@@ -108,8 +108,13 @@ class FilesDatasetConfig(_HeldOut, DatasetConfig):
     kind: str = "files"
     train_path: str | None = None  # (N, d) embeddings of the train split
     eval_path: str | None = None  # (N, d) embeddings of the evaluation split; null = hold out eval_fraction
+    # Labels (.npy, one row per embedding): (N,) integer class ids -- integral floats too; a
+    # negative id means "unlabelled" (left out of purity and of the single-label probe, counted
+    # in the method card) -- or (N,) strings mapped through dataset.class_names, or (N, C)
+    # multi-hot rows. Any other float, object arrays and non-.npy files are refused.
     train_labels: str | None = None  # optional labels of the train split (.npy)
     eval_labels: str | None = None  # optional labels of the evaluation split (.npy)
+    class_names: str | None = None  # text file, one class name per line: line i names class id i
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -106,9 +106,15 @@ def run_card(cfg: RootConfig, metrics: dict[str, Any], split_sizes: dict[str, in
         "inference_k_sensitivity": metrics.get("curves", {}).get("k_robustness"),
         "seed_stability": "per sweep: see the sweep's method card (mean max cosine of atoms "
                           "between seeds)",
+        "cpu_threads": _threads(metrics),
         "code_version": code_version,
         "reproduce": command,
     }
+
+
+def _threads(metrics: dict[str, Any]) -> str | None:
+    threads = metrics.get("threads")
+    return f"{threads['count']} ({threads['source']})" if threads else None
 
 
 def render_markdown(card: dict[str, Any], title: str) -> str:

@@ -26,7 +26,8 @@ from sae.config import RootConfig
 from sae.identity import run_id
 from sae.io import atomic_write_json
 
-STATES = ("running", "done", "failed")
+# preempted / interrupted: stopped by a signal after a checkpoint (sae.preemption), resumable.
+STATES = ("running", "done", "failed", "preempted", "interrupted")
 
 
 def run_dir(cfg: RootConfig, rid: str | None = None) -> Path:
@@ -70,6 +71,8 @@ def run_state(directory: Path) -> str:
     if state == "done" and not (directory / "metrics.json").exists():
         return "failed"
     if state == "running" and not run_lock_held(directory):
+        return "interrupted"
+    if state == "preempted":
         return "interrupted"
     return state
 

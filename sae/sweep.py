@@ -15,7 +15,7 @@ from __future__ import annotations
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from omegaconf import DictConfig
@@ -29,7 +29,7 @@ from sae.runs import run_dir, run_state
 PROGRESS_EVERY = 50  # cells between progress lines while planning
 
 
-class SweepError(ValueError):
+class SweepError(ConfigError):
     """The grid cannot be launched; the message names the cell, the field and the fix."""
 
 
@@ -41,9 +41,12 @@ class Cell:
     run_dir: str
     state: str  # new | running | interrupted | done | failed, before this launch
     duplicate_of: int | None = None  # index of the cell with the same run id
-    result: str | None = None  # done | failed | skipped, after this launch
+    # after this launch: done | failed | cancelled | timeout | node_fail | skipped
+    result: str | None = None
+    reason: str | None = None  # why the launched cell is not done (its error, the task's end)
     problem: str | None = None  # dry run only: why this cell could not launch from here
     checkpoint: str = ""  # the backbone option and its weights, e.g. "vit_l16: transformers ..."
+    notes: list[str] = field(default_factory=list)  # dry run only: what may fail on a node
 
     @property
     def to_launch(self) -> bool:
@@ -56,14 +59,10 @@ class Cell:
 def preflight(cfg: RootConfig) -> None:
     """Checks that need the file system, done before submission rather than on a node."""
     data = cfg.dataset
-    if data.kind == "images" and not data.root:
-        raise ConfigError(f"dataset.root: is not set. Fix: set dataset.root=/path/to/{data.name} "
-                          f"or the environment variable named in conf/dataset/{data.name}.yaml")
-    if data.kind == "images" and not Path(data.root).is_dir():
-        raise ConfigError(f"dataset.root: {data.root} is not a directory. Fix: point "
-                          f"dataset.root (or its environment variable) at the {data.name} root")
+    if data.kind == "images":
+        _check_image_root(data)
     if data.kind == "files":
-        for name in ("train_path", "eval_path", "train_labels", "eval_labels"):
+        for name in ("train_path", "eval_path", "train_labels", "eval_labels", "class_names"):
             path = getattr(data, name)
             if path and not Path(path).is_file():
                 raise ConfigError(f"dataset.{name}: {path} does not exist. Fix: check the path")
@@ -74,6 +73,38 @@ def preflight(cfg: RootConfig) -> None:
     if similarity.kind != "input" and not Path(similarity.target).exists():
         raise ConfigError(f"eval.similarity: {similarity.target} does not exist. Fix: check the "
                           "path, or use input or backbone:NAME")
+
+
+def _check_image_root(data) -> None:
+    from sae.data.images import ROOT_ENV
+
+    env = ROOT_ENV.get(data.layout)
+    fix = (f"Fix: set dataset.root=/path/to/{data.name}"
+           + (f" or export {env}" if env else ""))
+    if not data.root:
+        raise ConfigError(f"dataset.root: is empty or not set. {fix}")
+    root = Path(data.root)
+    if not root.is_dir():
+        raise ConfigError(f"dataset.root: {data.root} is not a directory. {fix}")
+    if data.layout == "imagenet" and not (root / data.train_split).is_dir():
+        raise ConfigError(f"dataset.root: {data.root} has no {data.train_split!r} split "
+                          f"directory (an empty or wrong root). {fix}")
+
+
+def node_notes(cfg: RootConfig) -> list[str]:
+    """What a dry run can tell about a cell that may still fail on a compute node."""
+    backbone = cfg.backbone
+    if backbone.library == "none" or not backbone.pretrained:
+        return []
+    if not backbone.checkpoint_path:
+        return [f"backbone.checkpoint_path: not set, so {backbone.name} weights are downloaded "
+                "on the node (compute nodes often have no network). Fix: run "
+                f"`python scripts/download_weights.py {backbone.name}` on a login node and "
+                "export SAE_WEIGHTS_DIR (and HF_HUB_OFFLINE=1)"]
+    if not Path(backbone.checkpoint_path).exists():
+        return [f"backbone.checkpoint_path: {backbone.checkpoint_path} does not exist. Fix: "
+                f"`python scripts/download_weights.py {backbone.name}` fills it"]
+    return []
 
 
 def plan_cells(cells: Sequence[Sequence[str]], compose: Callable[[list[str]], DictConfig],
@@ -103,7 +134,8 @@ def plan_cells(cells: Sequence[Sequence[str]], compose: Callable[[list[str]], Di
                       if cfg.backbone.library != "none" else "")
         planned.append(Cell(index, list(overrides), rid, str(directory), state,
                             duplicate_of=first_of.get(rid), problem=problem,
-                            checkpoint=checkpoint))
+                            checkpoint=checkpoint,
+                            notes=node_notes(cfg) if dry_run else []))
         first_of.setdefault(rid, index)
     return planned
 
@@ -146,16 +178,77 @@ def checkpoints_line(cells: Sequence[Cell]) -> str:
 
 
 def table(cells: Sequence[Cell]) -> str:
-    """The dry-run listing: one line per cell with its run id and what will happen to it."""
+    """The dry-run listing: one line per cell with its run id and what will happen to it, and
+    the numbers of its problems in :func:`problem_summary`."""
+    numbers = _problem_numbers(cells)
     lines = []
     for c in cells:
         action = (f"same run as cell {c.duplicate_of}" if c.duplicate_of is not None
                   else {"done": "skip (done)", "failed": "re-run (failed)",
                         "interrupted": "resume", "running": "wait, then skip"}.get(c.state, "run"))
-        lines.append(f"{c.index:4d}  {c.run_id:<64s}  {action:<22s}  {c.describe()}")
-        if c.problem:
-            lines.append(f"      ! {c.problem}")
+        marks = [f"! problem {numbers[p]}" for p in _problems_of(c)]
+        lines.append(f"{c.index:4d}  {c.run_id:<64s}  {action:<22s}  {c.describe()}"
+                     + (f"  ({', '.join(marks)})" if marks else ""))
     return "\n".join(lines)
+
+
+def _problems_of(cell: Cell) -> list[str]:
+    return ([cell.problem] if cell.problem else []) + cell.notes
+
+
+def _problem_numbers(cells: Sequence[Cell]) -> dict[str, int]:
+    counts = Counter(p for c in cells for p in _problems_of(c))
+    return {problem: number for number, (problem, _) in enumerate(counts.most_common(), 1)}
+
+
+def problem_summary(cells: Sequence[Cell]) -> str:
+    """The end of a dry run: each distinct problem once, with its cell count and the fix."""
+    counts = Counter(p for c in cells for p in _problems_of(c))
+    if not counts:
+        return "problems: none found from here"
+    lines = [f"problems ({len(counts)} distinct; a real launch stops at a dataset problem):"]
+    lines += [f"  {number}. {counts[p]} cells: {p}"
+              for p, number in _problem_numbers(cells).items()]
+    return "\n".join(lines)
+
+
+# How a scheduler ended a task that returned no result (SLURM's sacct states; submitit's local
+# executor says INTERRUPTED for a process killed by a signal). Anything else counts as failed.
+SCHEDULER_ENDS = {"CANCELLED": "cancelled", "INTERRUPTED": "cancelled", "TIMEOUT": "timeout",
+                  "DEADLINE": "timeout", "NODE_FAIL": "node_fail", "PREEMPTED": "cancelled"}
+OUTCOMES = ("done", "failed", "cancelled", "timeout", "node_fail")
+
+
+def scheduler_end(state: str) -> str:
+    """``CANCELLED by 1000`` -> ``cancelled``; OUT_OF_MEMORY, FAILED, ... -> ``failed``."""
+    word = state.split()[0].upper() if state.strip() else ""
+    return SCHEDULER_ENDS.get(word, "failed")
+
+
+def outcome_summary(name: str, cells: Sequence[Cell], sweep_dir: Path | str) -> str:
+    """``sweep NAME: 3 done, 1 failed (FloatingPointError x1), 1 cancelled, ...``"""
+    launched = [c for c in cells if c.result != "skipped" and c.result is not None]
+    counts = Counter(c.result for c in launched)
+    reasons = Counter(_reason_kind(c.reason) for c in launched if c.result == "failed")
+    parts = [f"{counts['done']} done",
+             f"{counts['failed']} failed" + (
+                 " (" + ", ".join(f"{k} x{n}" for k, n in reasons.most_common()) + ")"
+                 if reasons else ""),
+             f"{counts['cancelled']} cancelled"]
+    parts += [f"{counts[o]} {o}" for o in ("timeout", "node_fail") if counts[o]]
+    parts.append(f"{len(cells) - len(launched)} skipped")
+    return (f"sweep {name}: " + ", ".join(parts)
+            + f"; plan and results in {sweep_dir}/cells.json")
+
+
+def _reason_kind(reason: str | None) -> str:
+    """The short name of a failure: the exception type or the scheduler state."""
+    if not reason:
+        return "unknown"
+    if reason.startswith("task ended in state "):  # hydra_plugins/sae_sweeper/launchers.py
+        return reason.split()[4]
+    head = reason.split(":", 1)[0].strip()
+    return head if head and " " not in head else reason[:40]
 
 
 def cells_record(name: str, cells: Sequence[Cell]) -> dict:

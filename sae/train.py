@@ -30,9 +30,12 @@ from sae.data import EmbeddingSet, load_splits
 from sae.device import resolve_device
 from sae.identity import run_id, semantic_config
 from sae.io import atomic_write_json, atomic_write_text, code_version
+from sae.locking import hold_run_lock
 from sae.method_card import render_markdown, run_card
 from sae.model import TopKSAE, save_model
-from sae.runs import run_dir, run_lock, run_state, write_status
+from sae.preemption import Interrupted, StopRequest, redeliver, stop_signals
+from sae.runs import run_dir, run_state, write_status
+from sae.threads import set_torch_threads
 from sae.tracking import start_tracking
 from sae.trainer import Trainer
 
@@ -64,7 +67,7 @@ def run_cell(cfg_node: DictConfig | RootConfig, command: str | None = None) -> d
     rid, directory = run_id(cfg), run_dir(cfg)
     directory.mkdir(parents=True, exist_ok=True)
     # One process per cell at a time: a second launch of the same cell waits here, then skips.
-    with run_lock(directory):
+    with hold_run_lock(directory, cfg.run.lock_timeout_s):
         if run_state(directory) == "done" and not cfg.force:
             log.info("run %s is already done (%s); skipping", rid, directory)
             return {"run_id": rid, "state": "skipped", "reason": "already done",
@@ -77,21 +80,37 @@ def _execute(cfg: RootConfig, rid: str, directory: Path, command: str) -> dict[s
     atomic_write_json(directory / "identity.json", semantic_config(cfg))
     write_status(directory, "running", command=command)
     tracker = start_tracking(cfg, rid, directory)
-    try:
-        metrics = train_and_evaluate(cfg, directory, tracker, command)
-    except Exception as exc:
-        reason = f"{type(exc).__name__}: {exc}"
-        write_status(directory, "failed", reason, command=command)
-        tracker.finish(failed=True)
-        log.error("run %s failed: %s", rid, reason)
-        if is_multirun():  # let the sweep go on; the sweeper reports the failure
-            return {"run_id": rid, "state": "failed", "reason": reason, "run_dir": str(directory)}
-        raise
+    stopped: Interrupted | None = None
+    with stop_signals() as stop:
+        try:
+            metrics = train_and_evaluate(cfg, directory, tracker, command, stop)
+        except Interrupted as exc:
+            stopped = exc
+        except Exception as exc:
+            reason = f"{type(exc).__name__}: {exc}"
+            write_status(directory, "failed", reason, command=command)
+            tracker.finish(failed=True)
+            log.error("run %s failed: %s", rid, reason)
+            if is_multirun():  # let the sweep go on; the sweeper reports the failure
+                return {"run_id": rid, "state": "failed", "reason": reason,
+                        "run_dir": str(directory)}
+            raise
+    if stopped is not None:
+        _record_stop(directory, rid, tracker, command, stopped)
+        redeliver(stopped.signum)  # exits: submitit requeues on USR2, SIGTERM ends the process
     tracker.summary(metrics)
     tracker.finish()
     write_status(directory, "done", command=command)
     log.info("run %s done: %s", rid, directory)
     return {"run_id": rid, "state": "done", "reason": None, "run_dir": str(directory)}
+
+
+def _record_stop(directory: Path, rid: str, tracker, command: str, stop: Interrupted) -> None:
+    write_status(directory, stop.state, str(stop), command=command, signal=stop.signal_name,
+                 step=stop.step)
+    tracker.finish(failed=True)
+    log.warning("run %s %s: %s; a re-launch resumes from step %d", rid, stop.state, stop,
+                stop.step)
 
 
 def build_model(cfg: RootConfig, dim: int, device: torch.device) -> TopKSAE:
@@ -100,20 +119,26 @@ def build_model(cfg: RootConfig, dim: int, device: torch.device) -> TopKSAE:
                    layernorm=cfg.sae.layernorm).to(device)
 
 
-def train_and_evaluate(cfg: RootConfig, directory: Path, tracker, command: str) -> dict:
+def train_and_evaluate(cfg: RootConfig, directory: Path, tracker, command: str,
+                       stop: StopRequest | None = None) -> dict:
     from sae.data.similarity import resolve_similarity
     from sae.evaluate import evaluate
 
     # Before training: a missing similarity cache must not cost a whole run.
     eval_cfg = dataclasses.replace(cfg.eval, similarity=str(resolve_similarity(cfg)))
     device = resolve_device(cfg.train.device)
+    threads = set_torch_threads()
     started = time.perf_counter()
     train_set, eval_set = load_splits(cfg, cfg.train.device, cfg.train.progress)
     check_dims(train_set, eval_set)
     model = build_model(cfg, train_set.dim, device)
     config = to_dict(cfg)
     trainer = Trainer(cfg, model, train_set.x.to(device),
-                      directory / "checkpoints" / "last.safetensors", tracker, config)
+                      directory / "checkpoints" / "last.safetensors", tracker, config, stop)
+    log.info("run %s start: device %s, %d steps of batch %d, data %s (%d train / %d eval, d=%d), "
+             "%d CPU threads (%s)", directory.name, device, trainer.schedule.total_steps,
+             trainer.schedule.batch_size, cfg.dataset.name, train_set.n, eval_set.n,
+             train_set.dim, threads["count"], threads["source"])
     state = trainer.run()
     train_seconds = time.perf_counter() - started
     save_model(model, directory / "model.safetensors", config, step=state.step)
@@ -128,9 +153,25 @@ def train_and_evaluate(cfg: RootConfig, directory: Path, tracker, command: str) 
         "curve": state.history,
     }
     metrics["run_id"] = directory.name
+    metrics["threads"] = threads
     atomic_write_json(directory / "metrics.json", metrics)
+    log.info("run %s final metrics: %s", directory.name, final_metrics_line(metrics))
     write_card(cfg, metrics, train_set, eval_set, directory, command)
     return metrics
+
+
+FINAL_METRICS = ("r2", "nmse", "l0", "dead_count", "mono_mean_dead0", "purity_binary",
+                 "probe_ceiling")
+
+
+def final_metrics_line(metrics: dict[str, Any]) -> str:
+    """The headline numbers for the log (all of them are in metrics.json)."""
+    def show(value: Any) -> str:
+        return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+    parts = [f"{key} {show(metrics[key])}" for key in FINAL_METRICS if key in metrics]
+    return ", ".join(parts + [f"steps {metrics['train']['steps']}",
+                              f"{metrics['train']['seconds']:.1f} s training"])
 
 
 def check_dims(train_set: EmbeddingSet, eval_set: EmbeddingSet) -> None:
@@ -139,10 +180,23 @@ def check_dims(train_set: EmbeddingSet, eval_set: EmbeddingSet) -> None:
                          " Fix: embed both splits with the same backbone")
 
 
+def split_sizes(train_set: EmbeddingSet, eval_set: EmbeddingSet) -> dict[str, int | None]:
+    """Samples per split, and how many carry no label (None: the split has no labels)."""
+    return {"train_samples": train_set.n, "eval_samples": eval_set.n, "dim": train_set.dim,
+            "train_unlabelled": unlabelled_count(train_set.labels),
+            "eval_unlabelled": unlabelled_count(eval_set.labels)}
+
+
+def unlabelled_count(labels: torch.Tensor | None) -> int | None:
+    """Rows with a negative class id, or an all-false multi-hot row."""
+    if labels is None:
+        return None
+    return int((labels < 0).sum()) if labels.ndim == 1 else int((~labels.any(dim=1)).sum())
+
+
 def write_card(cfg: RootConfig, metrics: dict, train_set: EmbeddingSet, eval_set: EmbeddingSet,
                directory: Path, command: str) -> None:
-    sizes = {"train_samples": train_set.n, "eval_samples": eval_set.n, "dim": train_set.dim}
-    card = run_card(cfg, metrics, sizes, code_version(), command)
+    card = run_card(cfg, metrics, split_sizes(train_set, eval_set), code_version(), command)
     atomic_write_json(directory / "method_card.json", card)
     atomic_write_text(directory / "method_card.md", render_markdown(card, directory.name))
 

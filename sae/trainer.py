@@ -28,6 +28,7 @@ import torch
 
 from sae.losses import training_loss
 from sae.model import TopKSAE
+from sae.preemption import StopRequest
 from sae.progress import Progress
 from sae.regularizers import batch_active
 
@@ -187,8 +188,11 @@ def progress_line(progress: Progress, step: int, metrics: dict[str, float]) -> s
 # -- the loop -----------------------------------------------------------------------------------
 class Trainer:
     def __init__(self, cfg: RootConfig, model: TopKSAE, x_train: torch.Tensor,
-                 checkpoint_path: Path, logger: StepLogger, config_for_checkpoint: dict) -> None:
+                 checkpoint_path: Path, logger: StepLogger, config_for_checkpoint: dict,
+                 stop: StopRequest | None = None) -> None:
         self.cfg, self.model, self.x = cfg, model, x_train
+        # A stop signal (sae.preemption) ends the loop after the current step, checkpointed.
+        self.stop = stop or StopRequest()
         self.device = x_train.device
         self.schedule = Schedule.from_config(cfg, x_train.shape[0])
         self.optimizer = make_optimizer(model, cfg)
@@ -250,10 +254,13 @@ class Trainer:
                     accumulated = []
                 elif progress.tty:
                     progress.goto(state.step)
-                if at_end or self._checkpoint_due(state.step, log_step):
+                stopping = self.stop.signum is not None and not at_end
+                if at_end or stopping or self._checkpoint_due(state.step, log_step):
                     save_checkpoint(self.checkpoint_path, self.model, self.optimizer, state,
                                     self.config_for_checkpoint)
                     self.last_checkpoint = time.monotonic()
+                if stopping:
+                    self.stop.check(state.step)
         finally:
             progress.close()
         return state

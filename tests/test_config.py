@@ -89,7 +89,7 @@ def test_missing_embedding_file(tmp_path):
 def test_malformed_embedding_file(tmp_path):
     bad = tmp_path / "bad.npy"
     bad.write_bytes(b"not an array")
-    with pytest.raises(DataError, match="cannot read"):
+    with pytest.raises(DataError, match=r"not a \.npy array file"):
         load_splits(files_cfg(tmp_path, train_path=bad))
     flat = tmp_path / "flat.npy"
     np.save(flat, np.ones(10, dtype=np.float32))

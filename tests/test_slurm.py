@@ -247,7 +247,7 @@ def interrupted_sweep(slurm_cluster, run_cmd, tmp_path_factory):
             timeout=SWEEP_TIMEOUT_S))
         story["first"] = first.result()
         story["reference"] = reference.result()
-    # The launcher gave up at the cancelled task; the requeued ones go on in SLURM. Let them end.
+    # The launcher waits for every task (the cancelled one included); make sure all ended.
     for name in ("requeued", "preempted"):
         run_dir = story[name]["run_dir"]
         deadline = time.monotonic() + SWEEP_TIMEOUT_S
@@ -388,7 +388,7 @@ def test_cancelled_cell_is_never_done_and_the_relaunch_reruns_it(interrupted_swe
     # `done` with partial results.
     assert interrupted_sweep["cancelled_state_before_relaunch"] in ("new", "interrupted")
     assert not interrupted_sweep["cancelled_had_metrics"]
-    # The first launch did not hang on the cancelled task: it failed, naming its state.
+    # The first launch did not hang on the cancelled task: it exited non-zero, naming its state.
     first = interrupted_sweep["first"]
     assert first.returncode != 0
     assert "CANCELLED" in first.stdout + first.stderr
@@ -456,3 +456,44 @@ def test_submitit_local_launcher_never_times_out_after_an_hour(monkeypatch):
     params = launcher_params("launcher=submitit_local")
     assert params["_target_"].endswith("LocalLauncher")
     assert params["timeout_min"] >= 24 * 60 and params["gpus_per_node"] == 1
+
+
+# -- the launcher survives any task outcome (issue 13 item 3) -------------------------------------
+def test_a_cancelled_task_does_not_crash_the_launcher(slurm_cluster, run_cmd, tmp_path):
+    """One quick cell and one long cell in one array; the long one is `scancel`ed while it
+    trains. The launcher waits for both, records each end in cells.json, prints a summary and
+    exits non-zero without a traceback; the relaunch runs exactly the cancelled cell."""
+    sweep = train_cmd("launcher=slurm", "sweep_name=survive", "k=8", "seed=0",
+                      "train.max_steps=20,100000", *CELL)
+    env = {**sweep_env(slurm_cluster, tmp_path), "HYDRA_FULL_ERROR": "0"}
+    sweep_dir = tmp_path / "sweeps" / "survive"
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        first = pool.submit(run_cmd, sweep, env=env, cwd=REPO, timeout=SWEEP_TIMEOUT_S,
+                            check=False)
+        deadline = time.monotonic() + SWEEP_TIMEOUT_S
+        long_dir = None
+        while long_dir is None:
+            assert time.monotonic() < deadline and not first.done(), "the long cell never ran"
+            for identity in (tmp_path / "runs").glob("*/identity.json"):
+                if json.loads(identity.read_text())["train"]["max_steps"] == 100000 and \
+                        status(identity.parent).get("state") == "running":
+                    long_dir = identity.parent
+            time.sleep(0.2)
+        slurm = status(long_dir)["slurm"]
+        subprocess.run(["scancel", f"{slurm['slurm_array_job_id']}_{slurm['slurm_array_task_id']}"],
+                       check=True, timeout=30)
+        result = first.result()
+    output = result.stdout + result.stderr
+    assert result.returncode != 0, output
+    assert "Traceback" not in output and "UncompletedJobError" not in output, output
+    assert "sweep survive: 1 done, 0 failed, 1 cancelled" in output, output
+    print("\n".join(line for line in output.splitlines() if "sweep survive:" in line
+                    or "did not finish" in line or "cancelled: task ended" in line))
+    cells = json.loads((sweep_dir / "cells.json").read_text())["cells"]
+    results = {Path(c["run_dir"]).name: c["result"] for c in cells}
+    assert results[long_dir.name] == "cancelled", cells
+    assert sorted(results.values()) == ["cancelled", "done"], cells
+    assert run_state(long_dir) == "interrupted"
+    # The relaunch picks up exactly the unfinished cell (cut short: it is a long one).
+    relaunch = run_cmd([*sweep, "dry_run=true"], env=env, cwd=REPO, timeout=SWEEP_TIMEOUT_S)
+    assert "1 done (skipped)" in relaunch.stdout and "1 interrupted (resumed)" in relaunch.stdout

@@ -132,7 +132,7 @@ def test_relaunch_skips_done_cells(tiny_sweep):
     again = sweep(root)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "5 done (skipped)" in again.stdout
-    assert "0 ran to done" in again.stdout
+    assert "sweep demo: 0 done, 0 failed, 0 cancelled, 6 skipped" in again.stdout
 
 
 def test_dry_run_lists_cells_and_runs_nothing(tmp_path):

@@ -55,6 +55,14 @@ class SaeSweeper(BasicSweeper):
             master_config=self.config, sweep_overrides=overrides)
 
     def sweep(self, arguments: list[str]) -> Any:
+        from sae.cli_checks import one_line_errors
+        from sae.slurm_checks import SlurmNotReady
+
+        # A bad cell, a locked sweep, an unreachable cluster: one line, no traceback.
+        with one_line_errors(SlurmNotReady):
+            return self._sweep(arguments)
+
+    def _sweep(self, arguments: list[str]) -> Any:
         from sae import sweep as planning
         from sae.io import atomic_write_json
 
@@ -67,6 +75,7 @@ class SaeSweeper(BasicSweeper):
         print(planning.checkpoints_line(cells), flush=True)
         if self.config.dry_run:
             print(planning.table(cells), flush=True)
+            print(planning.problem_summary(cells), flush=True)
             return []
         self._check_launcher()
         sweep_dir.mkdir(parents=True, exist_ok=True)
@@ -94,24 +103,31 @@ class SaeSweeper(BasicSweeper):
         todo = [c for c in cells if c.to_launch]
         # Each job's Hydra directory is named after its run id, not its position in the grid.
         batch = [[*c.overrides, f"hydra.sweep.subdir={c.run_id}"] for c in todo]
+
+        def record_end(position: int, result) -> None:
+            """cells.json learns of each task's end as it happens (the launch may be killed)."""
+            todo[position].result, todo[position].reason = _outcome(result)
+            atomic_write_json(sweep_dir / "cells.json", planning.cells_record(name, cells))
+
+        if hasattr(self.launcher, "job_end_callback"):  # the submitit launchers of launchers.py
+            self.launcher.job_end_callback = record_end
         results = self.launcher.launch(batch, initial_job_idx=0) if batch else []
-        failures = []
-        for cell, result in zip(todo, results, strict=True):
-            cell.result, reason = _outcome(result)
-            if cell.result == "failed":
-                failures.append(f"cell {cell.index} ({cell.describe()}): {reason}")
+        for position, result in enumerate(results):
+            record_end(position, result)
         for cell in cells:
             if cell.result is None:
                 cell.result = "skipped"
         atomic_write_json(sweep_dir / "cells.json", planning.cells_record(name, cells))
-        done = sum(c.result == "done" for c in todo)
-        print(f"sweep {name}: {done} ran to done, {len(failures)} failed, "
-              f"{len(cells) - len(todo)} skipped; plan and results in {sweep_dir}/cells.json",
-              flush=True)
-        if failures:
-            raise planning.SweepError(f"{len(failures)} of {len(todo)} launched cells failed "
-                                      "(their run directories hold the reason):\n  "
-                                      + "\n  ".join(failures))
+        print(planning.outcome_summary(name, cells, sweep_dir), flush=True)
+        unfinished = [c for c in todo if c.result != "done"]
+        if unfinished:
+            # A summary, not a crash: no traceback (Hydra would print one for an exception).
+            print(f"{len(unfinished)} of {len(todo)} launched cells failed or did not finish "
+                  "(their run directories hold the reason); re-launch the same command to run "
+                  "exactly those:\n  " + "\n  ".join(
+                      f"cell {c.index} ({c.describe()}): {c.result}: {c.reason}"
+                      for c in unfinished), file=sys.stderr, flush=True)
+            sys.exit(1)
         return [results]
 
 
@@ -120,9 +136,16 @@ def _to_stderr(line: str) -> None:
 
 
 def _outcome(result) -> tuple[str, str | None]:
-    """A job's end state: what run_cell returned, or the exception the job raised."""
+    """A task's end: what run_cell returned, the exception the job raised, or how the
+    scheduler ended a task that returned nothing (see launchers.TaskEnded)."""
+    from hydra_plugins.sae_sweeper.launchers import TaskEnded
+    from sae.sweep import scheduler_end
+
     if result.status != JobStatus.COMPLETED:
-        return "failed", f"{type(result._return_value).__name__}: {result._return_value}"
+        error = result._return_value
+        if isinstance(error, TaskEnded):
+            return scheduler_end(error.state), str(error)
+        return "failed", f"{type(error).__name__}: {error}"
     value = result.return_value
     if isinstance(value, dict):
         return ("done" if value.get("state") in ("done", "skipped") else "failed",

@@ -85,6 +85,7 @@ def read_array(path: str | Path, what: str) -> np.ndarray:
         raise DataError(f"{what}: file {path} does not exist. Fix: check dataset.{what}")
     try:
         if path.suffix == ".npy":
+            _check_npy_header(path, what)
             return np.load(path, mmap_mode="r", allow_pickle=False)
         if path.suffix == ".safetensors":
             from safetensors.numpy import load_file
@@ -103,7 +104,36 @@ def read_array(path: str | Path, what: str) -> np.ndarray:
     raise DataError(f"{what}: {path} is neither .npy nor .safetensors. Fix: convert it")
 
 
-def _labels(path: str | None, n: int, what: str) -> torch.Tensor | None:
+def _check_npy_header(path: Path, what: str) -> None:
+    """Refuse, by what they are, a file that is not a .npy array and one of Python objects
+    (which only unpickling, i.e. running code from the file, could read)."""
+    from numpy.lib import format as npy
+
+    with path.open("rb") as handle:
+        try:
+            version = npy.read_magic(handle)
+            header = npy.read_array_header_1_0 if version == (1, 0) else npy.read_array_header_2_0
+            _shape, _fortran, dtype = header(handle)
+        except ValueError as exc:
+            raise DataError(f"{what}: {path} is not a .npy array file ({exc}). Fix: save the "
+                            "array with numpy.save") from None
+    if dtype.hasobject:
+        raise DataError(f"{what}: {path} holds Python objects (dtype object), not numbers or "
+                        "strings. Fix: save a numeric or string array, e.g. "
+                        "numpy.save(path, numpy.asarray(labels, dtype=int))")
+
+
+def read_class_names(path: str | None) -> list[str] | None:
+    """dataset.class_names: one name per line (blank lines ignored)."""
+    if not path:
+        return None
+    if not Path(path).is_file():
+        raise DataError(f"class_names: file {path} does not exist. Fix: check dataset.class_names")
+    return [line.strip() for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def _labels(path: str | None, n: int, what: str, class_names: list[str] | None,
+            class_file: str | None) -> torch.Tensor | None:
     if not path:
         return None
     labels = np.asarray(read_array(path, what))
@@ -112,15 +142,51 @@ def _labels(path: str | None, n: int, what: str) -> torch.Tensor | None:
                         "Fix: give one label row per embedding")
     if labels.ndim == 2:
         return torch.as_tensor(labels != 0)
-    return torch.as_tensor(labels.astype(np.int64))
+    source = f"{what}: {path}"
+    if labels.dtype.kind in "US":
+        return torch.as_tensor(_ids_of_names(labels, source, class_names, class_file))
+    return torch.as_tensor(_integral_ids(labels, source))
+
+
+def _integral_ids(labels: np.ndarray, source: str) -> np.ndarray:
+    """(N,) class ids as int64: integers, or floats that are whole numbers (2.0, -1.0)."""
+    if labels.dtype.kind in "iub":
+        return labels.astype(np.int64)
+    if labels.dtype.kind != "f":
+        raise DataError(f"{source} has dtype {labels.dtype}. Fix: save integer class ids")
+    with np.errstate(invalid="ignore"):
+        bad = ~np.isfinite(labels) | (labels != np.round(labels))
+    if bad.any():
+        row = int(np.flatnonzero(bad)[0])
+        raise DataError(f"{source}: row {row} holds {labels[row]!r}, not a class id "
+                        f"({int(bad.sum())} such rows). Fix: save integer class ids (negative = "
+                        "unlabelled); scores or probabilities are not labels")
+    return labels.astype(np.int64)
+
+
+def _ids_of_names(labels: np.ndarray, source: str, class_names: list[str] | None,
+                  class_file: str | None) -> np.ndarray:
+    if class_names is None:
+        raise DataError(f"{source} holds strings ({labels[0]!r}, ...). Fix: list the classes, "
+                        "one per line, in a text file and set dataset.class_names=<that file>")
+    index = {name: i for i, name in enumerate(class_names)}
+    ids = np.array([index.get(str(name), -1) for name in labels], dtype=np.int64)
+    unknown = np.flatnonzero(ids < 0)
+    if unknown.size:
+        row = int(unknown[0])
+        raise DataError(f"{source}: row {row} holds {str(labels[row])!r}, which is not in "
+                        f"{class_file} ({unknown.size} such rows). Fix: add it to that file")
+    return ids
 
 
 def load_files(cfg: FilesDatasetConfig) -> tuple[EmbeddingSet, EmbeddingSet]:
     x = _finish(read_array(cfg.train_path, "train_path"), cfg, str(cfg.train_path))
-    y = _labels(cfg.train_labels, x.shape[0], "train_labels")
+    names = read_class_names(cfg.class_names)
+    y = _labels(cfg.train_labels, x.shape[0], "train_labels", names, cfg.class_names)
     if cfg.eval_path:
         x_eval = _finish(read_array(cfg.eval_path, "eval_path"), cfg, str(cfg.eval_path))
-        y_eval = _labels(cfg.eval_labels, x_eval.shape[0], "eval_labels")
+        y_eval = _labels(cfg.eval_labels, x_eval.shape[0], "eval_labels", names,
+                         cfg.class_names)
         if x_eval.shape[1] != x.shape[1]:
             raise DataError(f"eval_path: {cfg.eval_path} has dim {x_eval.shape[1]}, train_path "
                             f"has {x.shape[1]}. Fix: embed both splits with the same backbone")
@@ -131,5 +197,5 @@ def load_files(cfg: FilesDatasetConfig) -> tuple[EmbeddingSet, EmbeddingSet]:
         x, x_eval = x[kept], x[held]
         y, y_eval = (None, None) if y is None else (y[kept], y[held])
     info = {"source": f"files {cfg.train_path} / {cfg.eval_path or 'held-out fraction'}"}
-    return (EmbeddingSet("files/train", x, y, info=info),
-            EmbeddingSet("files/eval", x_eval, y_eval, info=info))
+    return (EmbeddingSet("files/train", x, y, class_names=names, info=info),
+            EmbeddingSet("files/eval", x_eval, y_eval, class_names=names, info=info))

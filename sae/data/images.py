@@ -98,8 +98,12 @@ def open_split(cfg: ImagesDatasetConfig, split: str) -> ImageSplit:
     return _subsample(full, cfg.max_per_split, cfg.split_seed)
 
 
+# The environment variable that conf/dataset/<layout>.yaml reads the root from.
+ROOT_ENV = {"imagenet": "IMAGENET_ROOT", "openimages": "OPENIMAGES_ROOT"}
+
+
 def _check_root(cfg: ImagesDatasetConfig) -> None:
-    env = {"imagenet": "IMAGENET_ROOT", "openimages": "OPENIMAGES_ROOT"}.get(cfg.layout)
+    env = ROOT_ENV.get(cfg.layout)
     fix = (f"Fix: set dataset.root=/path/to/{cfg.name}"
            + (f" or export {env}" if env else "")
            + f" (expected layout: {_layout_doc(cfg.layout)})")
