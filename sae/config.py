@@ -224,9 +224,8 @@ class RunConfig:
     """How one cell's process behaves around other processes (never part of the run id)."""
 
     # A second process of the same cell (another sweep sharing it) waits for the first one's
-    # lock, saying whose it is; after this many seconds it gives up and the cell fails with the
-    # owner named. null = wait as long as it takes. 24 h: longer than any paper cell trains.
-    lock_timeout_s: float | None = 86_400.0
+    # lock, saying whose it is. 24 h: longer than any paper cell trains.
+    lock_timeout_s: float | None = 86_400.0  # seconds to wait for another process's lock on the cell, then fail naming it; null = no limit
 
 
 @dataclass
