@@ -112,6 +112,7 @@ def build_model(cfg: RootConfig, dim: int, device: torch.device) -> TopKSAE:
 def train_and_evaluate(cfg: RootConfig, directory: Path, tracker, command: str) -> dict:
     from sae.data.cache import resolve_similarity
     from sae.evaluate import evaluate
+    from sae.probe_store import STORE_DIR_NAME as PROBE_STORE_DIR
 
     # Before training: a missing similarity cache must not cost a whole run.
     eval_cfg = dataclasses.replace(cfg.eval, similarity=resolve_similarity(cfg))
@@ -127,7 +128,7 @@ def train_and_evaluate(cfg: RootConfig, directory: Path, tracker, command: str) 
     train_seconds = time.perf_counter() - started
     save_model(model, directory / "model.safetensors", config, step=state.step)
     metrics = evaluate(model, train_set, eval_set, eval_cfg, cfg.k, directory, device,
-                       seed=cfg.seed)
+                       seed=cfg.seed, probe_store=Path(cfg.paths.cache) / PROBE_STORE_DIR)
     metrics["train"] = {
         "steps": state.step, "resumed_from_step": trainer.resumed_from,
         "seconds": round(train_seconds, 3), "batch_size": trainer.schedule.batch_size,

@@ -26,26 +26,38 @@ single-label probe; a multi-label probe keeps them as negatives for every class.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from sae.metrics._bag import BagRows, SparseTimesDense, block_columns_for, blocked_bag, columns_of
 from sae.metrics._sparse import CodesLike, as_sparse, firing_entries, truncate_top_m
 from sae.metrics.purity import n_classes_of
 from sae.model import SparseCode
 
 DEFAULT_M_VALUES = (1, 2, 4, 8, 16, 32)
+# The solver's fixed settings (the iteration count is the caller's ``max_iter``); part of the
+# key of a stored raw-embedding probe (sae.probe_store).
+LBFGS_SETTINGS = {"lr": 1.0, "history_size": 20, "line_search_fn": "strong_wolfe",
+                  "tolerance_grad": 1e-7, "tolerance_change": 1e-10}
 
 
 @dataclass
 class _Features:
-    """Probe inputs: a dense (N, d) matrix or a sparse code over n features."""
+    """Probe inputs: a dense (N, d) matrix or a sparse code over n features.
+
+    ``blocked``: sparse logits and their gradient through ``sae.metrics._bag`` (cache-sized
+    column blocks, the CSC view of each chunk built once per fit); False: torch's
+    ``embedding_bag`` and its autograd over the full width, the reference the tests compare to.
+    """
 
     dense: torch.Tensor | None
     code: SparseCode | None
     n_features: int
+    blocked: bool = True
+    _columns_by_start: dict = field(default_factory=dict, repr=False)
 
     @property
     def n_rows(self) -> int:
@@ -55,15 +67,23 @@ class _Features:
                ) -> torch.Tensor:
         if self.dense is not None:
             return self.dense[start:stop] @ weight_fc + bias_c
-        return F.embedding_bag(self.code.indices[start:stop], weight_fc,
-                               per_sample_weights=self.code.values[start:stop],
-                               mode="sum") + bias_c
+        rows = BagRows(self.code.indices[start:stop], self.code.values[start:stop])
+        if not self.blocked:
+            return F.embedding_bag(rows.indices, weight_fc, per_sample_weights=rows.weights,
+                                   mode="sum") + bias_c
+        block = block_columns_for(weight_fc.device)
+        if not (torch.is_grad_enabled() and weight_fc.requires_grad):
+            return blocked_bag(rows.indices, rows.weights, weight_fc, None, block) + bias_c
+        columns = self._columns_by_start.get(start)
+        if columns is None:  # the chunks of a fit are the same at every L-BFGS evaluation
+            columns = self._columns_by_start[start] = columns_of(rows, self.n_features)
+        return SparseTimesDense.apply(weight_fc, rows, columns, block) + bias_c
 
     def rows(self, keep: torch.Tensor) -> _Features:
         if self.dense is not None:
             return _Features(self.dense[keep], None, self.n_features)
         return _Features(None, SparseCode(self.code.values[keep], self.code.indices[keep]),
-                         self.n_features)
+                         self.n_features, self.blocked)
 
 
 def _sparse_scale(code: SparseCode, n_latents: int) -> torch.Tensor:
@@ -93,9 +113,7 @@ def _fit(features: _Features, y: torch.Tensor, n_classes: int, weight_decay: flo
     n_rows = features.n_rows
     multi_label = y.ndim == 2
     targets = y.float() if multi_label else y
-    optimizer = torch.optim.LBFGS([weight_fc, bias_c], lr=1.0, max_iter=max_iter,
-                                  history_size=20, line_search_fn="strong_wolfe",
-                                  tolerance_grad=1e-7, tolerance_change=1e-10)
+    optimizer = torch.optim.LBFGS([weight_fc, bias_c], max_iter=max_iter, **LBFGS_SETTINGS)
 
     def closure() -> torch.Tensor:
         optimizer.zero_grad()
@@ -178,11 +196,13 @@ def truncated_probe(
     max_iter: int = 100,
     chunk_size: int = 8192,
     device: torch.device | str | None = None,
+    blocked: bool = True,
 ) -> dict[int, float]:
     """{m: accuracy (or mAP)} of a linear probe on codes truncated to their top-m activations.
 
     Codes: dense (N, n) or sparse (values, indices) with ``n_latents``. Labels: (N,) ids or
-    (N, C) multi-hot. An m at or above the code width keeps the whole code.
+    (N, C) multi-hot. An m at or above the code width keeps the whole code. ``blocked=False``
+    computes the same products with torch's ``embedding_bag`` (the slower reference).
     """
     code_train, n = as_sparse(codes_train, n_latents)
     code_eval, _ = as_sparse(codes_eval, n)
@@ -195,8 +215,8 @@ def truncated_probe(
         train_m, eval_m = truncate_top_m(code_train, m), truncate_top_m(code_eval, m)
         scale_n = _sparse_scale(train_m, n)
         results[m] = _fit_and_score(
-            _Features(None, _scaled_sparse(train_m, scale_n), n), y_train,
-            _Features(None, _scaled_sparse(eval_m, scale_n), n), y_eval,
+            _Features(None, _scaled_sparse(train_m, scale_n), n, blocked), y_train,
+            _Features(None, _scaled_sparse(eval_m, scale_n), n, blocked), y_eval,
             n_classes, weight_decay, max_iter, chunk_size)
     return results
 
