@@ -230,3 +230,12 @@ def test_eval_bench_prints_one_line_per_family(capsys):
     assert total["ceiling_reused"] == total["ceiling"]
     assert abs(total["ceiling"] - total["ceiling_reference"]) <= 1 / 205 + 1e-12
     assert total["probe_max_abs_diff_vs_reference"] <= 1 / 205 + 1e-12
+
+
+def test_bench_cli_routes_eval(capsys):
+    from sae.bench import cli
+
+    cli(["eval", "--size", "demo", "--sample-scale", "0.05"])
+    records = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert {r["benchmark"] for r in records} == {"eval"} and records[-1]["family"] == "total"
+    assert "reference_seconds" not in records[-1]  # the reference runs only when asked
