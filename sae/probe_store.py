@@ -16,8 +16,8 @@ digests everything that determines it:
 
 Digesting costs one read of the rows (about 0.5 s per 460 MB, the paper's 150k x 768 float32),
 against about 80 s for the probe on 2 CPU cores. A missing, unreadable or mismatching file is
-(re)computed and written atomically; concurrent cells may both compute it, and the last rename
-wins with the same content.
+(re)computed and written atomically, under a file lock: cells of one sweep that start together
+compute it once, the others wait for it and read it.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from filelock import FileLock
 
 from sae.metrics.probe import LBFGS_SETTINGS, linear_probe, probe_metric
 from sae.runs import atomic_write_json
@@ -94,12 +95,14 @@ def stored_linear_probe(store_dir: Path | None, x_train: torch.Tensor, y_train: 
     fields = probe_key_fields(x_train, y_train, x_eval, y_eval, settings)
     key = _key(fields)
     path = Path(store_dir) / f"{key}.json"
-    stored = _read(path, key)
-    if stored is not None:
-        return stored, True
-    started = time.perf_counter()
-    value = linear_probe(x_train, y_train, x_eval, y_eval, **kwargs)
-    atomic_write_json(path, {"key": key, "metric": probe_metric(y_eval),
-                             "value": value if math.isfinite(value) else None,
-                             "seconds": round(time.perf_counter() - started, 3), **fields})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(path) + ".lock"):
+        stored = _read(path, key)
+        if stored is not None:
+            return stored, True
+        started = time.perf_counter()
+        value = linear_probe(x_train, y_train, x_eval, y_eval, **kwargs)
+        atomic_write_json(path, {"key": key, "metric": probe_metric(y_eval),
+                                 "value": value if math.isfinite(value) else None,
+                                 "seconds": round(time.perf_counter() - started, 3), **fields})
     return value, False

@@ -141,8 +141,8 @@ def test_stored_probe_is_computed_once_then_reused(tmp_path, probe_calls):
     second, reused_second = probe_store.stored_linear_probe(tmp_path, *inputs, **SETTINGS)
     assert (reused_first, reused_second) == (False, True) and len(probe_calls) == 1
     assert second == first == probe.linear_probe(*inputs, **SETTINGS)
-    files = list(tmp_path.iterdir())  # one record, no temporary left behind
-    assert len(files) == 1 and files[0].suffix == ".json"
+    files = list(tmp_path.glob("*.json"))  # one record, no temporary left behind
+    assert len(files) == 1 and {f.suffix for f in tmp_path.iterdir()} <= {".json", ".lock"}
     record = json.loads(files[0].read_text())
     assert record["value"] == first and record["settings"]["max_iter"] == 15
     assert record["inputs"]["x_train"]["shape"] == [300, 16]
@@ -174,14 +174,14 @@ def test_stored_probe_is_recomputed_when_an_input_changes(tmp_path, probe_calls,
     probe_store.stored_linear_probe(tmp_path, *_probe_inputs(), **SETTINGS)
     inputs, settings = change(_probe_inputs())
     value, reused = probe_store.stored_linear_probe(tmp_path, *inputs, **settings)
-    assert not reused and len(probe_calls) == 2 and len(list(tmp_path.iterdir())) == 2
+    assert not reused and len(probe_calls) == 2 and len(list(tmp_path.glob("*.json"))) == 2
     assert value == probe.linear_probe(*inputs, **settings)
 
 
 def test_unreadable_record_is_recomputed_and_no_store_always_computes(tmp_path, probe_calls):
     inputs = _probe_inputs()
     value, _ = probe_store.stored_linear_probe(tmp_path, *inputs, **SETTINGS)
-    (record,) = tmp_path.iterdir()
+    (record,) = tmp_path.glob("*.json")
     record.write_text("{truncated")
     assert probe_store.stored_linear_probe(tmp_path, *inputs, **SETTINGS) == (value, False)
     assert probe_store.stored_linear_probe(tmp_path, *inputs, **SETTINGS) == (value, True)
@@ -206,7 +206,7 @@ def test_cells_sharing_embeddings_share_the_stored_ceiling(tmp_path, probe_calls
         metrics.append(evaluate(TopKSAE(16, 32, 4), train, evaluation, cfg, 4,
                                 tmp_path / f"run{seed}", torch.device("cpu"), seed=0,
                                 probe_store=store))
-    assert len(probe_calls) == 1 and len(list(store.iterdir())) == 1
+    assert len(probe_calls) == 1 and len(list(store.glob("*.json"))) == 1
     assert metrics[0]["probe_ceiling"] == metrics[1]["probe_ceiling"]
     assert metrics[0]["probe_m1"] != metrics[1]["probe_m1"] or \
         metrics[0]["r2"] != metrics[1]["r2"]  # the cells differ; only the ceiling is shared
