@@ -100,6 +100,17 @@ def test_fast_probe_reaches_the_reference_optimum():
     assert scores[True][16] > 3 / n_classes  # learnt something: the comparison is not vacuous
 
 
+def test_fast_and_reference_probes_converge_to_the_same_optimum():
+    """Run to convergence, both formulations reach one loss (the objective is convex)."""
+    code_train, y_train, _, _ = _clustered_codes(500, 0, 10)
+    scaled = probe._scaled_sparse(probe.truncate_top_m(code_train, 1),
+                                  probe._sparse_scale(probe.truncate_top_m(code_train, 1), 256))
+    losses = [_naive_loss(scaled, y_train, *probe._fit(probe._Features(None, scaled, 256, fast),
+                                                       y_train, 10, 1e-4, 200, 500), 1e-4)
+              for fast in (True, False)]
+    assert losses[0] == pytest.approx(losses[1], rel=1e-6)
+
+
 def test_fast_multilabel_probe_matches_the_reference():
     code_train, y_train, code_eval, y_eval = _clustered_codes(600, 200, 70)
     gen = torch.Generator().manual_seed(4)
