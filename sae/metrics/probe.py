@@ -257,11 +257,32 @@ def truncated_probe(
     for m in sorted(set(m_values)):
         train_m, eval_m = truncate_top_m(code_train, m), truncate_top_m(code_eval, m)
         scale_n = _sparse_scale(train_m, n)
+        train_m, eval_m = _scaled_sparse(train_m, scale_n), _scaled_sparse(eval_m, scale_n)
+        width = n
+        if fast:
+            train_m, eval_m, width = _compact_latents(train_m, eval_m, n)
         results[m] = _fit_and_score(
-            _Features(None, _scaled_sparse(train_m, scale_n), n, fast), y_train,
-            _Features(None, _scaled_sparse(eval_m, scale_n), n, fast), y_eval,
+            _Features(None, train_m, width, fast), y_train,
+            _Features(None, eval_m, width, fast), y_eval,
             n_classes, weight_decay, max_iter, chunk_size)
     return results
+
+
+def _compact_latents(train: SparseCode, evaluation: SparseCode, n_latents: int
+                     ) -> tuple[SparseCode, SparseCode, int]:
+    """Renumber the A latents that fire in the probe-train codes 0..A-1, and every other one A.
+
+    Exact: a latent that never fires in training gets a zero gradient at W = 0, and L-BFGS from
+    zero moves only within the span of past gradients, so its weights stay 0 (row A, a zero
+    row, stands for all of them). The solver's vectors shrink from n to A + 1 rows.
+    """
+    fires_n = torch.zeros(n_latents, dtype=torch.bool, device=train.indices.device)
+    fires_n[train.indices[train.values > 0]] = True
+    n_active = int(fires_n.sum())
+    lookup_n = torch.full((n_latents,), n_active, dtype=torch.int64, device=fires_n.device)
+    lookup_n[fires_n] = torch.arange(n_active, device=fires_n.device)
+    return (SparseCode(train.values, lookup_n[train.indices]),
+            SparseCode(evaluation.values, lookup_n[evaluation.indices]), n_active + 1)
 
 
 def linear_probe(
