@@ -38,7 +38,6 @@ from sae.metrics import (
     TopActivations,
     inference_ks,
     k_robustness_from,
-    linear_probe,
     monosemanticity_summary,
     n_classes_of,
     planted_recovery,
@@ -47,9 +46,9 @@ from sae.metrics import (
     truncated_probe,
 )
 from sae.model import SparseCode, TopKSAE
+from sae.probe_store import stored_linear_probe
 
-# Rows per probe chunk: a chunk holds (rows, classes) logits, 256 MB at ImageNet's 1000
-# classes; bigger chunks mean fewer small kernel launches per L-BFGS evaluation.
+# Rows per probe chunk: (rows, classes) logits, 256 MB at 1000 classes; bigger = fewer launches.
 PROBE_CHUNK_ROWS = 65_536
 
 SMALL_M = (1, 2, 4)  # claim 4's small probe budgets (the report's --small-m default)
@@ -279,8 +278,8 @@ def _purity_metrics(stream: _Stream, eval_set: EmbeddingSet, cfg: EvalConfig
 
 
 def _probe_metrics(sae: TopKSAE, train_set: EmbeddingSet, eval_set: EmbeddingSet, stream: _Stream,
-                   cfg: EvalConfig, train_k: int, device: torch.device, seed: int
-                   ) -> tuple[dict, dict, str]:
+                   cfg: EvalConfig, train_k: int, device: torch.device, seed: int,
+                   probe_store: Path | None) -> tuple[dict, dict, str]:
     if eval_set.labels is None or train_set.labels is None:
         return {}, {}, "skipped: a split has no labels"
     if train_set.multi_label != eval_set.multi_label:
@@ -297,18 +296,18 @@ def _probe_metrics(sae: TopKSAE, train_set: EmbeddingSet, eval_set: EmbeddingSet
     m_values = sorted({min(m, train_k) for m in cfg.probe_m} | {train_k})
     scores = truncated_probe(tuple(code_train), y_train, tuple(code_eval), y_eval, m_values,
                              n_latents=sae.n_latents, **common)
-    raw = linear_probe(train_set.x[train_rows], y_train, eval_set.x[eval_rows], y_eval, **common)
+    raw, _ = stored_linear_probe(probe_store, train_set.x[train_rows], y_train,
+                                 eval_set.x[eval_rows], y_eval, **common)
     small = torch.tensor([v for m, v in scores.items() if m in SMALL_M], dtype=torch.float64)
     flat = {f"probe_m{m}": v for m, v in scores.items()} | {
         "probe_raw": raw, "probe_small_m_mean": _nanmean(small)}  # claim 4's number
-    protocol = (f"{probe_metric(y_eval)} of a logistic-regression probe (multinomial; "
-                f"multi-label: one-vs-rest, mAP) on codes truncated to their top-m activations, "
-                f"m in {m_values}; full-batch L-BFGS ({cfg.probe_epochs} iterations, L2 "
+    protocol = (f"{probe_metric(y_eval)} of a logistic-regression probe (multinomial; multi-label: "
+                f"one-vs-rest, mAP) on codes truncated to their top-m activations, m in "
+                f"{m_values}; full-batch L-BFGS ({cfg.probe_epochs} iterations, L2 "
                 f"{cfg.probe_weight_decay}), latents scaled by their train RMS; trained on "
-                f"{train_rows.numel()} seeded train samples, scored on {eval_rows.numel()} "
-                f"evaluation samples (seeded subsample when the split exceeds "
-                f"{cfg.probe_max_train}); raw-embedding probe (probe_raw; a reference, not a "
-                f"ceiling: codes can beat it): the same probe on standardised raw embeddings")
+                f"{train_rows.numel()} seeded train samples, scored on {eval_rows.numel()} (seeded "
+                f"subsamples above {cfg.probe_max_train}); raw-embedding probe (probe_raw, a "
+                f"reference codes can beat): the same probe on standardised raw embeddings")
     return flat, {"probe": {str(m): v for m, v in scores.items()}}, protocol
 
 
@@ -359,12 +358,13 @@ def evaluate(
     seed: int = 0,
     *,
     similarity_x: torch.Tensor | np.ndarray | None = None,
+    probe_store: Path | None = None,
 ) -> dict:
     """Every METHOD.md s4 metric of ``sae`` on ``eval`` (probe-train data from ``train``).
 
     Writes contact sheets under ``out_dir/inspect/`` when ``eval`` has images. ``similarity_x``
-    overrides ``cfg.similarity`` with an array aligned with ``eval``. Returns the metrics dict
-    described in the module docstring (not written to disk: the caller owns metrics.json).
+    overrides ``cfg.similarity``; ``probe_store`` keeps raw-embedding probes (sae.probe_store).
+    Returns the dict of the module docstring (not written: the caller owns metrics.json).
     """
     started = time.perf_counter()
     out_dir = Path(out_dir)
@@ -380,7 +380,7 @@ def evaluate(
         flat |= _mono_metrics(mono_n)
         purity_flat, purity_protocol, purity_n = _purity_metrics(stream, eval, cfg)
         probe_flat, probe_curves, probe_protocol = _probe_metrics(
-            sae, train, eval, stream, cfg, train_k, device, seed)
+            sae, train, eval, stream, cfg, train_k, device, seed, probe_store)
         planted_flat, planted_protocol = _planted_metrics(sae, eval, train)
         inspection = _inspection(stream, eval, mono_n, cfg, out_dir, seed)
         per_latent = {"monoscore": mono_n, "firing_count": stream.firing.counts_n}

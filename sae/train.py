@@ -123,6 +123,7 @@ def train_and_evaluate(cfg: RootConfig, directory: Path, tracker, command: str,
                        stop: StopRequest | None = None) -> dict:
     from sae.data.similarity import resolve_similarity
     from sae.evaluate import evaluate
+    from sae.probe_store import STORE_DIR_NAME as PROBE_STORE_DIR
 
     # Before training: a missing similarity cache must not cost a whole run.
     eval_cfg = dataclasses.replace(cfg.eval, similarity=str(resolve_similarity(cfg)))
@@ -143,7 +144,7 @@ def train_and_evaluate(cfg: RootConfig, directory: Path, tracker, command: str,
     train_seconds = time.perf_counter() - started
     save_model(model, directory / "model.safetensors", config, step=state.step)
     metrics = evaluate(model, train_set, eval_set, eval_cfg, cfg.k, directory, device,
-                       seed=cfg.seed)
+                       seed=cfg.seed, probe_store=Path(cfg.paths.cache) / PROBE_STORE_DIR)
     metrics["train"] = {
         "steps": state.step, "resumed_from_step": trainer.resumed_from,
         "seconds": round(train_seconds, 3), "batch_size": trainer.schedule.batch_size,
@@ -160,8 +161,8 @@ def train_and_evaluate(cfg: RootConfig, directory: Path, tracker, command: str,
     return metrics
 
 
-FINAL_METRICS = ("r2", "nmse", "l0", "dead_count", "mono_mean_dead0", "purity_binary",
-                 "probe_ceiling")
+FINAL_METRICS = ("r2", "nmse", "l0", "dead_count", "mono_dead0", "mono_live", "purity_binary",
+                 "probe_raw")
 
 
 def final_metrics_line(metrics: dict[str, Any]) -> str:
