@@ -7,11 +7,10 @@ activations (contact sheets, top-N purity) and the codes of the probe's evaluati
 one chunk of pre-activations and codes exists at a time; the state kept across chunks is
 O(n d + n C) (plus at most ``probe_max_train`` codes of width k for the probe).
 
-Then: the truncated-code probes and the raw-embedding probe on a seeded probe-train
-subsample of the train split, planted recovery when the data has planted atoms, and the
-contact sheets when the split has images. The result is a dict with flat scalar keys (the
-final numbers, NaN written as null), nested ``curves``, ``protocols`` (the conventions, in
-words, for the method card) and ``inspection``.
+Then: the truncated-code and raw-embedding probes on a seeded probe-train subsample of the
+train split, planted recovery (planted atoms), and contact sheets (images). The result is a dict
+with flat scalar keys (the final numbers, NaN written as null), nested ``curves``,
+``protocols`` (the conventions, in words, for the method card) and ``inspection``.
 """
 
 from __future__ import annotations
