@@ -28,8 +28,9 @@ from typing import Any
 import torch
 from PIL import Image
 
-from sae.backbones import Backbone, _output_dim, _plain
+from sae.backbones import Backbone, _output_dim
 from sae.config import BackboneConfig
+from sae.plain import plain as _plain
 
 # ``from_pretrained`` in transformers 5 keeps the checkpoint's stored dtype ("auto"); float32
 # weights are what the other libraries load, and what autocast expects on GPU.

@@ -36,7 +36,7 @@ def run_extract(cfg: ExtractConfig) -> list[Path]:
     paths = []
     for split in splits:
         path = ensure_cache(cfg.backbone, cfg.dataset, split, cfg.paths.cache,
-                            device=cfg.device, progress=cfg.progress)
+                            device=cfg.device, progress=cfg.progress, options=cfg.extract)
         manifest = open_cache(path, verify_checksums=False).manifest
         speed = manifest["extraction"].get("images_per_s")
         log.info("%s: %d x %d %s (%s images/s when extracted)", path, manifest["count"],
