@@ -1,9 +1,10 @@
 """Embedding an image split with a frozen backbone: the inference loop behind the cache.
 
-:func:`embed_split` writes one (N, d) array of the storage dtype, row i the embedding of image i
-of the split; undecodable images are skipped and counted, or raise. The cache
-(:mod:`sae.data.cache`) calls it under its lock; ``python -m sae.extract`` and training on a
-cache miss both go through the cache.
+:func:`embed_split` writes one (N, d) array of the storage dtype, row i the embedding of the
+i-th readable image of the split; undecodable images are skipped and counted, or raise. It
+embeds in shards (:mod:`sae.data.shards`), resuming after the last complete one, and stops
+cleanly on SIGTERM / SIGUSR2. The cache (:mod:`sae.data.cache`) calls it under its lock;
+``python -m sae.extract`` and training on a cache miss both go through the cache.
 """
 
 from __future__ import annotations
@@ -64,10 +65,8 @@ def embed_split(backbone_cfg: BackboneConfig, images: ImageSplit, out_file: Path
         log.info("resuming %s/%s at image %d of %d (%d shards complete)", images.dataset,
                  images.split, first, n_images, len(shards.shards))
     if first < n_images:
-        loop_start = time.perf_counter()
-        fallbacks = _embed_remaining(backbone_cfg, images, shards, shard_size, on_unreadable,
-                                     dev, progress)
-        loop_s = time.perf_counter() - loop_start
+        fallbacks, loop_s = _embed_remaining(backbone_cfg, images, shards, shard_size,
+                                             on_unreadable, dev, progress)
     kept, skipped = shards.assemble(out_file, n_images)
     if skipped:
         log.warning("%d unreadable images skipped (dataset.on_unreadable=skip), e.g. %s",
@@ -93,8 +92,9 @@ def shard_rows(shard_size: int, batch_size: int) -> int:
 
 def _embed_remaining(backbone_cfg: BackboneConfig, images: ImageSplit, shards: ShardLog,
                      shard_size: int, on_unreadable: str, dev: torch.device, progress: bool
-                     ) -> int:
-    """Embed the images after the last complete shard; returns the autocast fallbacks."""
+                     ) -> tuple[int, float]:
+    """Embed the images after the last complete shard; returns the autocast fallbacks and the
+    seconds of the inference loop (the model loaded)."""
     from sae.backbones import load_backbone
 
     backbone = load_backbone(backbone_cfg, dev)
@@ -109,6 +109,7 @@ def _embed_remaining(backbone_cfg: BackboneConfig, images: ImageSplit, shards: S
     fallbacks, position = 0, start
     bar = Progress(len(images) - start, f"extract {images.dataset}/{images.split}", "img",
                    enabled=progress, every_s=LOG_EVERY_S)
+    loop_start = time.perf_counter()
     with StopSignals() as stop, torch.inference_mode():
         for batch, indices, bad in _loader(todo, backbone_cfg, dev):
             skipped.extend(bad)
@@ -127,7 +128,7 @@ def _embed_remaining(backbone_cfg: BackboneConfig, images: ImageSplit, shards: S
                 raise ExtractionStopped(f"stopped by signal {stop.requested} at image "
                                         f"{position} of {len(images)}; run again to resume")
     bar.close()
-    return fallbacks
+    return fallbacks, time.perf_counter() - loop_start
 
 
 def _storage_rows(emb: torch.Tensor, dtype: np.dtype, images: ImageSplit, first: int
