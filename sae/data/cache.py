@@ -149,9 +149,8 @@ def _extract(path: Path, resolved: ResolvedCache, backbone: BackboneConfig,
     try:
         log.info("extracting %s: %d images of %s/%s with %s", path.name, len(images),
                  dataset.name, images.split, backbone.name)
-        result = embed_split(backbone, images, tmp / EMBEDDINGS_FILE, shards, shard_size,
-                             on_unreadable=dataset.on_unreadable, device=device,
-                             progress=progress)
+        result = embed_split(backbone, images, tmp / EMBEDDINGS_FILE, dataset.on_unreadable,
+                             device, progress, shards=shards, shard_size=shard_size)
         kept = result.kept
         labels = None if images.labels is None else images.labels[kept]
         ids = [images.ids[i] for i in kept]

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from sae.config import BackboneConfig
+from sae.config import BackboneConfig, ExtractOptions
 from sae.data.images import ImageFileDataset, ImageSplit, collate_skipping
 from sae.data.shards import ShardLog, StopSignals, ignore_stop_signals
 from sae.device import resolve_device
@@ -47,16 +48,22 @@ class ExtractionStopped(RuntimeError):
     """A stop signal arrived; the shards so far are saved and the next extraction resumes."""
 
 
-def embed_split(backbone_cfg: BackboneConfig, images: ImageSplit, out_file: Path, shards: ShardLog,
-                shard_size: int, on_unreadable: str = "fail", device: str = "auto",
-                progress: bool = True) -> EmbedResult:
+def embed_split(backbone_cfg: BackboneConfig, images: ImageSplit, out_file: Path,
+                on_unreadable: str = "fail", device: str = "auto", progress: bool = True,
+                shards: ShardLog | None = None, shard_size: int = ExtractOptions.shard_size
+                ) -> EmbedResult:
     """Embed every image of ``images`` into ``out_file``, a (N_kept, d) .npy of the storage dtype.
 
     Rows follow the split's order; undecodable images are skipped and counted, or raise, per
     ``on_unreadable``. Shards of ``shard_size`` images (rounded up to whole batches) are
     recorded in ``shards`` as they complete; a run finds the ones an earlier, killed run
-    recorded and starts after them. Runs in inference mode, with autocast on GPU.
+    recorded and starts after them (without ``shards``: a fresh log beside ``out_file``, removed
+    at the end). Runs in inference mode, with autocast on GPU.
     """
+    if shards is None:
+        with tempfile.TemporaryDirectory(dir=out_file.parent, prefix=".shards-") as folder:
+            return embed_split(backbone_cfg, images, out_file, on_unreadable, device, progress,
+                               ShardLog(Path(folder), {}), shard_size)
     started = time.perf_counter()
     n_images, first = len(images), shards.next_image
     loop_s, fallbacks = 0.0, 0
