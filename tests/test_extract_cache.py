@@ -268,3 +268,13 @@ def test_sigterm_saves_the_current_batch_then_resumes(tmp_path, digits_root, uni
     assert all(stop % 8 == 0 for stop in stops)  # whole batches, so resumed batches are alike
     assert _digests(_run(digits_root, cache)) == uninterrupted
     shutil.rmtree(cache)
+
+
+def test_extract_bench_prints_the_three_rates(capsys):
+    from sae.benchmarks.extract import main
+
+    main(["--device", "cpu", "--backbones", "vit_tiny", "--images", "8", "--image-size",
+          "64x48", "--batch-size", "4", "--num-workers", "0", "--model-batches", "1"])
+    line = json.loads(capsys.readouterr().out.strip())
+    assert line["backbone"] == "vit_tiny" and line["images"] == 8 and line["dim"] == 192
+    assert all(line[key] > 0 for key in ("decode_img_s", "model_img_s", "pipeline_img_s"))
