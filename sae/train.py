@@ -142,7 +142,9 @@ def check_dims(train_set: EmbeddingSet, eval_set: EmbeddingSet) -> None:
 def write_card(cfg: RootConfig, metrics: dict, train_set: EmbeddingSet, eval_set: EmbeddingSet,
                directory: Path, command: str) -> None:
     sizes = {"train_samples": train_set.n, "eval_samples": eval_set.n, "dim": train_set.dim}
-    card = run_card(cfg, metrics, sizes, code_version(), command)
+    caches = {split: data.info["cache_key_inputs"] for split, data in
+              (("train", train_set), ("eval", eval_set)) if "cache_key_inputs" in data.info}
+    card = run_card(cfg, metrics, sizes, code_version(), command, caches or None)
     atomic_write_json(directory / "method_card.json", card)
     atomic_write_text(directory / "method_card.md", render_markdown(card, directory.name))
 

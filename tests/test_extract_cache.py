@@ -278,3 +278,23 @@ def test_extract_bench_prints_the_three_rates(capsys):
     line = json.loads(capsys.readouterr().out.strip())
     assert line["backbone"] == "vit_tiny" and line["images"] == 8 and line["dim"] == 192
     assert all(line[key] > 0 for key in ("decode_img_s", "model_img_s", "pipeline_img_s"))
+
+
+def test_method_card_names_the_sampling_and_the_cache_key_inputs(tmp_path):
+    from sae.config import RootConfig
+    from sae.method_card import render_markdown, run_card
+
+    root = make_imagenet(tmp_path / "root", train_per_class=1)
+    data = load(root, tmp_path / "cache")
+    cfg = RootConfig(backbone=backbone_cfg("clip_tiny"), dataset=imagenet_cfg(root), k=4)
+    card = run_card(cfg, {}, {"train_samples": 3}, "v0", "python -m sae.train ...",
+                    {"train": data.info["cache_key_inputs"]})
+    inputs = card["dataset"]["embedding_cache_key_inputs"]["train"]
+    assert card["dataset"]["sampling"] == "one sample per image file of the split"
+    assert inputs["key"] == Path(data.info["cache"]).name.rsplit("__", 1)[1]
+    assert inputs["weights"] == "random:seed0" and inputs["n_images"] == 3
+    assert inputs["metadata_files"] == {"LOC_synset_mapping.txt": (root / "LOC_synset_mapping.txt")
+                                        .stat().st_size}
+    assert set(inputs["library_versions"]) >= {"torch", "timm"}
+    text = render_markdown(card, "run")
+    assert "image_list_sha256" in text and "sampling: one sample per image file" in text

@@ -296,8 +296,25 @@ def load_image_split(backbone: BackboneConfig, dataset: ImagesDatasetConfig, cac
         info={"source": f"{backbone.name} embeddings of {dataset.name}/{split_name}",
               "cache": str(path), "embedding": backbone.embedding,
               "backbone_model": backbone.model, "weights": cached.manifest["backbone"]
-              .get("weights"), "n_skipped": cached.manifest["dataset"].get("n_skipped", 0)},
+              .get("weights"), "n_skipped": cached.manifest["dataset"].get("n_skipped", 0),
+              "cache_key_inputs": key_inputs(cached.manifest)},
     )
+
+
+def key_inputs(manifest: dict[str, Any]) -> dict[str, Any]:
+    """What a cache's key covers, readably (the method card shows it)."""
+    fields = manifest["key_fields"]
+    backbone, dataset = fields["backbone"], fields["dataset"]
+    listing = dataset["listing"]
+    return {"key": manifest["key"], "library": backbone["library"], "model": backbone["model"],
+            "pretrained": backbone["pretrained"], "weights": backbone["weights"],
+            "preprocessing": manifest["backbone"].get("transform"),
+            "model_kwargs": backbone["model_kwargs"],
+            "dataset": f"{dataset['name']} ({dataset['layout']} layout), split {dataset['split']}",
+            "sampling": dataset["sampling"], "subset": dataset["subset"],
+            "n_images": listing["n_images"], "image_list_sha256": listing["files_sha256"],
+            "metadata_files": listing["sources"], "dtype": fields["dtype"],
+            "library_versions": manifest.get("key_versions")}
 
 
 def _image_getter(dataset: ImagesDatasetConfig, split_name: str, ids: list[str], path: Path
