@@ -308,7 +308,7 @@ def key_inputs(manifest: dict[str, Any]) -> dict[str, Any]:
     listing = dataset["listing"]
     return {"key": manifest["key"], "library": backbone["library"], "model": backbone["model"],
             "pretrained": backbone["pretrained"], "weights": backbone["weights"],
-            "preprocessing": manifest["backbone"].get("transform"),
+            "preprocessing": " ".join(str(manifest["backbone"].get("transform")).split()),
             "model_kwargs": backbone["model_kwargs"],
             "dataset": f"{dataset['name']} ({dataset['layout']} layout), split {dataset['split']}",
             "sampling": dataset["sampling"], "subset": dataset["subset"],
