@@ -8,7 +8,10 @@
 The inference loop is ``sae.data.embedding.embed_split``. Training extracts on a cache miss
 as well (``sae.data.cache.load_image_split``); running this
 first, once per (backbone, dataset) -- e.g. one GPU job before a sweep -- keeps the extraction
-out of the array tasks. The cache layout is documented in ``sae/data/cache.py``.
+out of the array tasks. The cache layout is documented in ``sae/data/cache.py``, its key in
+``sae/data/cache_key.py``. A killed or preempted extraction (SIGTERM / SIGUSR2 save the rows so
+far) resumes from its last complete shard when run again (``extract.shard_size`` images each);
+in an sbatch script, use ``--requeue`` or run it again.
 """
 
 from __future__ import annotations

@@ -62,6 +62,7 @@ from sae.data.layout import (
     LABELS_FILE,
     MANIFEST_FILE,
     SCHEMA_VERSION,
+    cache_dir_name,
     split_dir_name,
 )
 from sae.data.shards import ShardLog, partial_dir
@@ -143,6 +144,7 @@ def _extract(path: Path, resolved: ResolvedCache, backbone: BackboneConfig,
     assert images is not None
     for stale in path.parent.glob(f".tmp-{path.name}-*"):  # left by a killed assembly
         shutil.rmtree(stale, ignore_errors=True)
+    _warn_other_partials(path, dataset, backbone, images.split)
     shards = ShardLog(partial_dir(path), {"key": path.name, "fields": resolved.fields})
     tmp = path.parent / f".tmp-{path.name}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
@@ -167,6 +169,18 @@ def _extract(path: Path, resolved: ResolvedCache, backbone: BackboneConfig,
                  manifest["dtype"])
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # only still there when something failed
+
+
+def _warn_other_partials(path: Path, dataset: ImagesDatasetConfig, backbone: BackboneConfig,
+                         split_name: str) -> None:
+    """Unfinished extractions of this split under other keys (other images or settings) are
+    kept for their own resume; say so, as they can hold gigabytes."""
+    pattern = partial_dir(path.parent / cache_dir_name(dataset.name, backbone.name, split_name,
+                                                       "*")).name
+    others = [p for p in path.parent.glob(pattern) if p != partial_dir(path)]
+    if others:
+        log.warning("unfinished extractions of other keys are kept for their resume (delete "
+                    "them if unwanted): %s", ", ".join(map(str, others)))
 
 
 def _manifest(tmp: Path, fields: dict[str, Any], backbone: BackboneConfig,
