@@ -28,7 +28,7 @@ from sae.config import ExtractOptions
 from sae.data.cache import CacheError, cache_path, ensure_cache, load_image_split, open_cache
 from sae.data.embedding import resolve_num_workers
 from sae.data.images import materialize_digits_images
-from sae.data.shards import PROGRESS_FILE, ShardLog, partial_dir
+from sae.data.shards import PROGRESS_FILE, ShardLog, StopSignals, partial_dir
 from sae.fingerprint import file_sha256, version_drift, weights_id
 from tests.fixtures_images import make_imagenet, write_jpeg
 from tests.test_extract import REPO, backbone_cfg, imagenet_cfg
@@ -173,6 +173,21 @@ def test_an_interrupted_extraction_resumes_from_its_last_shard(tmp_path, monkeyp
     assert resumed.manifest["extraction"]["resumed_at_image"] == 8
     assert resumed.manifest["extraction"]["shards"] == 4
     assert resumed.manifest["files"] == open_cache(whole).manifest["files"]  # byte-identical
+
+
+def test_stop_signals_defer_then_hand_the_signal_to_the_previous_handler():
+    """SIGUSR2 (SLURM's preemption warning) only sets a flag while shards are written; after
+    the shard is saved, the handler that was there before (e.g. submitit's requeue) runs."""
+    seen: list[int] = []
+    previous = signal.signal(signal.SIGUSR2, lambda signum, frame: seen.append(signum))
+    try:
+        with StopSignals() as stop:
+            os.kill(os.getpid(), signal.SIGUSR2)
+            assert stop.requested == signal.SIGUSR2 and seen == []
+            stop.resend()
+        assert seen == [signal.SIGUSR2]
+    finally:
+        signal.signal(signal.SIGUSR2, previous)
 
 
 @pytest.fixture(scope="module")
