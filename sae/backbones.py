@@ -29,7 +29,6 @@ Weights, in order of precedence:
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -37,40 +36,13 @@ import torch
 
 from sae.backbone_base import Backbone, output_dim
 from sae.config import BackboneConfig, ConfigError
+from sae.fingerprint import RANDOM_INIT_SEED, pretrained_flag, weights_id  # noqa: F401 -- re-exported
 from sae.plain import plain
 
 EMBEDDINGS = {"open_clip": ("image_projected",), "timm": ("cls_pre_logits",),
               "transformers": ("image_features", "cls_last_hidden_state")}
-RANDOM_INIT_SEED = 0  # random-weight variants are seeded: embeddings must not differ per process
-_FALSE_STRINGS = ("", "false", "none", "null", "0", "no")
 
 
-def pretrained_flag(value: str | bool | None) -> bool:
-    """Whether a ``pretrained`` value asks for pretrained weights (YAML may give a bool)."""
-    if value is None or value is False:
-        return False
-    return str(value).strip().lower() not in _FALSE_STRINGS
-
-
-def weights_id(cfg: BackboneConfig) -> str:
-    """A path-independent identity of the weights, part of the embedding cache key.
-
-    A file checkpoint without a tag is identified by its name and size (hashing gigabytes on
-    every job would be slow); with a tag the file is taken to hold that tag's weights.
-    """
-    if pretrained_flag(cfg.pretrained):
-        tag = str(cfg.pretrained) if cfg.library == "open_clip" else "default"
-        return f"{cfg.library}:{tag}"
-    if cfg.checkpoint_path and Path(cfg.checkpoint_path).is_file():
-        path = Path(cfg.checkpoint_path)
-        return f"file:{path.name}:{path.stat().st_size}"
-    if cfg.checkpoint_path:
-        raise ConfigError(
-            f"backbone.checkpoint_path: {cfg.checkpoint_path} is not a file, and a directory is "
-            "only a download cache for a pretrained tag. Fix: set backbone.pretrained, or point "
-            "checkpoint_path to a weights file"
-        )
-    return f"random:seed{RANDOM_INIT_SEED}"
 
 
 def check_backbone(cfg: BackboneConfig) -> None:
@@ -211,18 +183,3 @@ def _describe(transform: Any) -> str:
     import re
 
     return re.sub(r" at 0x[0-9a-fA-F]+", "", repr(transform))
-
-
-def library_versions() -> dict[str, str]:
-    """Versions of the packages that decide the embeddings, for the cache manifest (read from
-    the installed metadata: importing open_clip only for its version costs seconds)."""
-    from importlib import metadata
-
-    versions = {"python": ".".join(map(str, sys.version_info[:3]))}
-    for package in ("torch", "torchvision", "open_clip_torch", "timm", "transformers", "numpy",
-                    "pillow"):
-        try:
-            versions[package] = metadata.version(package)
-        except metadata.PackageNotFoundError:  # not installed: it took no part
-            continue
-    return versions

@@ -1,9 +1,10 @@
-"""Benchmarks, one JSON line per case: ``python -m sae.bench [step|monoscore|eval] [options]``.
+"""Benchmarks, one JSON line per case: ``python -m sae.bench [step|monoscore|eval|extract] [options]``.
 
 ``step`` (the default): the training step against one dense encoder product and the reference
 step (``sae.benchmarks.step``). ``monoscore``: the MonoSemanticity score
 (``sae.benchmarks.monoscore``). ``eval``: the evaluation stage per metric family
-(``sae.benchmarks.eval``). ``python -m sae.bench <name> --help`` lists the options.
+(``sae.benchmarks.eval``). ``extract``: stage 1's decode-only, model-only and pipeline images/s
+per backbone (``sae.benchmarks.extract``). ``python -m sae.bench <name> --help`` lists the options.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-BENCHMARKS = ("step", "monoscore", "eval")
+BENCHMARKS = ("step", "monoscore", "eval", "extract")
 
 
 def cli(argv: Sequence[str] | None = None) -> None:
@@ -26,6 +27,8 @@ def cli(argv: Sequence[str] | None = None) -> None:
         from sae.benchmarks.monoscore import main
     elif name == "eval":
         from sae.benchmarks.eval import main
+    elif name == "extract":
+        from sae.benchmarks.extract import main
     else:
         from sae.benchmarks.step import main
     main(args)

@@ -49,7 +49,7 @@ class BackboneConfig:
     embedding: str = "none"  # what is taken: image_projected (open_clip encode_image) | cls_pre_logits (timm) | image_features (transformers get_image_features) | cls_last_hidden_state (transformers CLS of last_hidden_state)
     model_kwargs: dict[str, Any] = field(default_factory=dict)  # extra factory kwargs (small test variants)
     batch_size: int = 128  # images per forward pass during extraction
-    num_workers: int = 4  # DataLoader workers decoding images
+    num_workers: int | None = None  # DataLoader workers decoding images; null = the CPUs allocated to the job (SLURM_CPUS_PER_TASK, else the process's CPU affinity) minus one
     storage_dtype: str = "float16"  # dtype of the cached array: float16 | float32
 
     def __post_init__(self) -> None:
@@ -58,6 +58,8 @@ class BackboneConfig:
         require(self.storage_dtype in ("float16", "float32"), "backbone.storage_dtype",
                  f"{self.storage_dtype!r} is not supported", "use float16 or float32")
         require(self.batch_size > 0, "backbone.batch_size", "must be positive", "set e.g. 128")
+        require(self.num_workers is None or self.num_workers >= 0, "backbone.num_workers",
+                 "is negative", "use null (the job's CPUs minus one) or a count >= 0")
         if self.library != "none":
             require(bool(self.model), "backbone.model", "is empty",
                     "give the open_clip / timm / transformers model identifier")
@@ -210,6 +212,18 @@ class LoggerConfig:
 
 
 @dataclass
+class ExtractOptions:
+    """How stage 1 writes and reuses embedding caches (``python -m sae.extract``, and training
+    on a cache miss). Never part of a run's identity."""
+
+    shard_size: int = 8192  # images per resumable shard: a killed or preempted extraction resumes from the last complete one (rounded up to a multiple of backbone.batch_size)
+    allow_version_drift: bool = False  # use a cache built by other major.minor versions of torch, open_clip, timm or transformers (refused otherwise)
+
+    def __post_init__(self) -> None:
+        require(self.shard_size > 0, "extract.shard_size", "must be positive", "use e.g. 8192")
+
+
+@dataclass
 class PathsConfig:
     """Where things are written. Never part of a run's identity."""
 
@@ -240,6 +254,7 @@ class RootConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
+    extract: ExtractOptions = field(default_factory=ExtractOptions)
     run: RunConfig = field(default_factory=RunConfig)
     k: int = 64  # Top-k budget during training
     mask: bool = True  # restrict the regularizer to batch-active units (no effect without one)
@@ -331,6 +346,7 @@ class ExtractConfig:
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
+    extract: ExtractOptions = field(default_factory=ExtractOptions)
     split: str = "both"  # train | eval | both: the split(s) of the dataset to embed
     device: str = "auto"  # auto (cuda when visible) | cpu | cuda | cuda:N
     progress: bool = True  # progress bar (plain lines when stderr is not a terminal)

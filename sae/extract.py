@@ -8,7 +8,10 @@
 The inference loop is ``sae.data.embedding.embed_split``. Training extracts on a cache miss
 as well (``sae.data.cache.load_image_split``); running this
 first, once per (backbone, dataset) -- e.g. one GPU job before a sweep -- keeps the extraction
-out of the array tasks. The cache layout is documented in ``sae/data/cache.py``.
+out of the array tasks. The cache layout is documented in ``sae/data/cache.py``, its key in
+``sae/data/cache_key.py``. A killed or preempted extraction (SIGTERM / SIGUSR2 save the rows so
+far) resumes from its last complete shard when run again (``extract.shard_size`` images each);
+in an sbatch script, use ``--requeue`` or run it again.
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ def run_extract(cfg: ExtractConfig) -> list[Path]:
     paths = []
     for split in splits:
         path = ensure_cache(cfg.backbone, cfg.dataset, split, cfg.paths.cache,
-                            device=cfg.device, progress=cfg.progress)
+                            device=cfg.device, progress=cfg.progress, options=cfg.extract)
         manifest = open_cache(path, verify_checksums=False).manifest
         speed = manifest["extraction"].get("images_per_s")
         log.info("%s: %d x %d %s (%s images/s when extracted)", path, manifest["count"],

@@ -36,6 +36,12 @@ PREPROCESSING = {
             "(resolve_model_data_config + create_transform)",
     "transformers": "the checkpoint's own AutoImageProcessor (its preprocessor_config.json)",
 }
+# How an image dataset turns into samples (``dataset.sampling`` where the dataset has it).
+SAMPLING = {
+    None: "one sample per image file of the split",
+    "per_image": "one sample per image file of the split",
+    "narratives": "one sample per (image, Localized Narratives caption) pair",
+}
 OUTPUTS = {
     "image_projected": "encode_image, the projected image embedding",
     "cls_pre_logits": "the CLS token after the final norm, before the classifier",
@@ -53,6 +59,15 @@ def _source_model(cfg: RootConfig) -> str:
             f"{OUTPUTS.get(b.embedding, b.embedding)} (one embedding per image, no patch tokens)")
 
 
+def _sampling(cfg: RootConfig) -> str:
+    """The sampling protocol: which samples the SAE sees (METHOD.md s1)."""
+    if cfg.dataset.kind != "images":
+        return f"the {cfg.dataset.kind} dataset's samples, as stored"
+    protocol = getattr(cfg.dataset, "sampling", None)
+    description = SAMPLING.get(protocol, str(protocol))
+    return description if protocol is None else f"{protocol}: {description}"
+
+
 def _mask_rule(cfg: RootConfig) -> str:
     if cfg.regularizer.name == "none":
         return "not applicable (no regularizer)"
@@ -68,12 +83,18 @@ def _get(metrics: dict[str, Any], key: str) -> Any:
 
 
 def run_card(cfg: RootConfig, metrics: dict[str, Any], split_sizes: dict[str, int],
-             code_version: str, command: str) -> dict[str, Any]:
+             code_version: str, command: str, caches: dict[str, Any] | None = None
+             ) -> dict[str, Any]:
+    """``caches``: per split, the inputs of its embedding cache key (image datasets)."""
     protocols = metrics.get("protocols", {})
     reg = cfg.regularizer
+    dataset: dict[str, Any] = {"name": cfg.dataset.name, "sampling": _sampling(cfg),
+                               **split_sizes}
+    if caches:
+        dataset["embedding_cache_key_inputs"] = caches
     return {
         "source_model": _source_model(cfg),
-        "dataset": {"name": cfg.dataset.name, **split_sizes},
+        "dataset": dataset,
         "embedding_preprocessing": (
             ("L2-normalised to unit norm" if cfg.dataset.normalize else "raw")
             + ("; per-sample LayerNorm inside the SAE, undone on the output"

@@ -197,7 +197,10 @@ def unlabelled_count(labels: torch.Tensor | None) -> int | None:
 
 def write_card(cfg: RootConfig, metrics: dict, train_set: EmbeddingSet, eval_set: EmbeddingSet,
                directory: Path, command: str) -> None:
-    card = run_card(cfg, metrics, split_sizes(train_set, eval_set), code_version(), command)
+    caches = {split: data.info["cache_key_inputs"] for split, data in
+              (("train", train_set), ("eval", eval_set)) if "cache_key_inputs" in data.info}
+    card = run_card(cfg, metrics, split_sizes(train_set, eval_set), code_version(), command,
+                    caches or None)
     atomic_write_json(directory / "method_card.json", card)
     atomic_write_text(directory / "method_card.md", render_markdown(card, directory.name))
 

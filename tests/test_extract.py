@@ -7,6 +7,7 @@ are the real tiny architectures with seeded random weights (conf/backbone/{clip,
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import shutil
@@ -27,8 +28,8 @@ from sae.config import BackboneConfig, ConfigError, ImagesDatasetConfig, RootCon
 from sae.data.cache import (
     CacheError,
     cache_path,
+    config_fields,
     ensure_cache,
-    key_fields,
     load_image_split,
     open_cache,
 )
@@ -229,7 +230,7 @@ def test_backbone_configs_carry_the_method_identifiers():
 
 def test_local_checkpoint_file_is_loaded(tmp_path):
     """A weights file (compute nodes without network) replaces the random init, for both
-    libraries; its identity in the cache key is its name and size."""
+    libraries; its identity in the cache key is the sha256 of its bytes (not its name)."""
     for name in ("vit_tiny", "clip_tiny"):
         reference = load_backbone(backbone_cfg(name))
         with torch.no_grad():
@@ -241,8 +242,8 @@ def test_local_checkpoint_file_is_loaded(tmp_path):
         batch = torch.randn(2, 3, 32, 32)
         with torch.inference_mode():
             torch.testing.assert_close(loaded.embed(batch), reference.embed(batch))
-        assert weights_id(backbone_cfg(name, checkpoint_path=str(ckpt))).startswith(
-            f"file:{name}.pt:")
+        digest = hashlib.sha256(ckpt.read_bytes()).hexdigest()
+        assert weights_id(backbone_cfg(name, checkpoint_path=str(ckpt))) == f"sha256:{digest}"
     with pytest.raises(ConfigError, match="does not exist"):
         load_backbone(backbone_cfg("vit_tiny", checkpoint_path=str(tmp_path / "missing.pt")))
     with pytest.raises(ConfigError, match="embedding"):
@@ -261,18 +262,19 @@ def test_checkpoint_file_with_a_tag_keeps_the_tag_preprocessing():
         _open_clip_tag_preprocess("ViT-L-14", "no_such_tag")
 
 
-def test_cache_key_ignores_paths_and_speed_settings(tmp_path):
+def test_cache_key_ignores_paths_and_speed_settings(tmp_path, imagenet_root):
     base = backbone_cfg("clip_tiny")
-    data = imagenet_cfg(tmp_path / "a")
+    data = imagenet_cfg(imagenet_root)
     key = cache_path("c", base, data, "train").name
+    copy = shutil.copytree(imagenet_root, tmp_path / "elsewhere")  # same images, another path
     assert cache_path("c", backbone_cfg("clip_tiny", batch_size=7, num_workers=3),
-                      imagenet_cfg(tmp_path / "elsewhere"), "train").name == key
+                      imagenet_cfg(copy), "train").name == key
     for other in (backbone_cfg("clip_tiny", storage_dtype="float16"),
                   backbone_cfg("clip_tiny", model_kwargs={"force_image_size": 64})):
         assert cache_path("c", other, data, "train").name != key
-    assert cache_path("c", base, imagenet_cfg(tmp_path, max_per_split=3), "train").name != key
+    assert cache_path("c", base, imagenet_cfg(imagenet_root, max_per_split=3), "train").name != key
     assert cache_path("c", base, data, "eval").name.startswith("imagenet__clip_tiny__val__")
-    assert key_fields(base, data, "train")["backbone"]["weights"] == "random:seed0"
+    assert config_fields(base, data, "train")["backbone"]["weights"] == "random:seed0"
 
 
 # ---------------------------------------------------------------- extraction and the cache

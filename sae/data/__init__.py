@@ -39,7 +39,7 @@ def load_splits(cfg: RootConfig, device: str = "auto", progress: bool = True
 
         def load(split: str) -> EmbeddingSet:
             return load_image_split(cfg.backbone, cfg.dataset, cfg.paths.cache, split,
-                                    device=device, progress=progress)
+                                    device=device, progress=progress, options=cfg.extract)
 
         return load("train"), load("eval")
     raise DataError(f"dataset.kind: unknown kind {kind!r}")

@@ -10,19 +10,20 @@ Layout, under ``paths.cache``::
         class_names.json    list of C names
         manifest.json       count, dim, dtype, key fields, sha256 of every file, versions, ...
     <dataset>__<backbone>__<split>__<key16>.lock  the file lock of that key
-    .tmp-<dirname>-<random>/                      an extraction in progress (never read)
+    .partial-<dirname>/                           shards of an extraction in progress (never read)
+    .tmp-<dirname>-<random>/                      the cache being assembled from its shards
 
-``key16`` is the first 16 hex digits of the sha256 of the canonical JSON of :func:`key_fields`:
-everything that changes the numbers (library, model identifier, weights tag, embedding, model
-kwargs -- which with the library version fix the preprocessing, recorded in the manifest --
-dataset name and layout, split, subset size and seed, storage dtype) and nothing that does not
-(paths, batch size, workers, device). A process takes the lock, re-checks, extracts into
-``.tmp-*`` and renames it into place when every file and the manifest are written, so a reader
-sees a complete cache or none; a killed extraction leaves only a ``.tmp-*`` directory, removed by
-the next extraction of that key. The lock is a ``filelock`` flock(2) lock file beside the
-directory: put ``paths.cache`` on a file system that honours flock across nodes (Lustre mounted
-with ``-o flock``, GPFS, local disk; not every NFS mount does). Every read checks the array against its manifest (shape, dtype,
-size, checksum) and fails naming the directory and the fix rather than return wrong embeddings.
+The key (:mod:`sae.data.cache_key`) is a digest of what was read: backbone, weights (content
+digest of a local checkpoint), preprocessing, dataset, sampling protocol, the split's ordered
+image list with sizes, dtype; never paths, batch size, workers or device. A process takes the
+lock, re-checks, embeds in shards into ``.partial-*`` (:mod:`sae.data.shards`: a killed or
+preempted extraction resumes from the last complete shard), assembles the cache in ``.tmp-*``
+and renames it into place when every file and the manifest are written, so a reader sees a
+complete cache or none. The lock is a ``filelock`` flock(2) lock file beside the directory: put
+``paths.cache`` on a file system that honours flock across nodes (Lustre mounted with
+``-o flock``, GPFS, local disk; not every NFS mount does). Every use checks the array against its
+manifest (shape, dtype, size, checksum) and the library versions against the installed ones,
+and fails naming the directory and the fix rather than return wrong embeddings.
 """
 
 from __future__ import annotations
@@ -42,9 +43,18 @@ import numpy as np
 import torch
 from PIL import Image
 
-from sae.config import BackboneConfig, ImagesDatasetConfig
+from sae.config import BackboneConfig, ExtractOptions, ImagesDatasetConfig
+from sae.data.cache_key import (  # noqa: F401 -- cache_path and key_fields re-exported
+    ResolvedCache,
+    cache_key,
+    cache_path,
+    config_fields,
+    key_fields,
+    resolve_cache,
+)
 from sae.data.embedding import embed_split
 from sae.data.errors import CacheError
+from sae.data.images import ImageSplit
 from sae.data.layout import (
     CLASS_NAMES_FILE,
     EMBEDDINGS_FILE,
@@ -55,9 +65,10 @@ from sae.data.layout import (
     cache_dir_name,
     split_dir_name,
 )
+from sae.data.shards import ShardLog, partial_dir
 from sae.data.types import EmbeddingSet
+from sae.fingerprint import key_versions, library_versions, version_drift
 from sae.io import atomic_write_json
-from sae.plain import plain
 
 log = logging.getLogger(__name__)
 
@@ -75,58 +86,24 @@ class CachedSplit:
     manifest: dict[str, Any]
 
 
-# ---------------------------------------------------------------- identity
-
-def key_fields(backbone: BackboneConfig, dataset: ImagesDatasetConfig, split_name: str
-               ) -> dict[str, Any]:
-    """Everything that determines the cached numbers, and nothing else (no paths)."""
-    from sae.backbones import weights_id
-
-    subset = None
-    if dataset.max_per_split is not None:
-        subset = {"max_per_split": dataset.max_per_split, "seed": dataset.split_seed}
-    fields: dict[str, Any] = {
-        "schema": SCHEMA_VERSION,
-        "backbone": {"library": backbone.library, "model": backbone.model,
-                     "weights": weights_id(backbone), "embedding": backbone.embedding,
-                     "model_kwargs": plain(backbone.model_kwargs)},
-        "dataset": {"name": dataset.name, "layout": dataset.layout, "split": split_name,
-                    "subset": subset},
-        "dtype": backbone.storage_dtype,
-    }
-    if dataset.layout == "digits_images":  # the generated split depends on these
-        fields["dataset"]["generated_split"] = {"eval_fraction": dataset.eval_fraction,
-                                                "seed": dataset.split_seed}
-    return fields
-
-
-def cache_key(fields: dict[str, Any]) -> str:
-    canonical = json.dumps(fields, sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
-
-
-def cache_path(cache_root: str | Path, backbone: BackboneConfig, dataset: ImagesDatasetConfig,
-               split: str) -> Path:
-    """The directory of one split's cache ("train" or "eval"), whether it exists or not."""
-    split_name = split_dir_name(dataset, split)
-    key = cache_key(key_fields(backbone, dataset, split_name))
-    return Path(cache_root) / cache_dir_name(dataset.name, backbone.name, split_name, key)
-
-
 # ---------------------------------------------------------------- extract once, under a lock
 
 def ensure_cache(backbone: BackboneConfig, dataset: ImagesDatasetConfig, split: str,
-                 cache_root: str | Path, device: str = "auto", progress: bool = True) -> Path:
+                 cache_root: str | Path, device: str = "auto", progress: bool = True,
+                 options: ExtractOptions | None = None) -> Path:
     """The verified cache directory of one split, extracting it first when it is missing.
 
     Concurrent callers (array tasks of one sweep) extract once: the first takes the lock, the
-    others wait on it and then find the finished directory.
+    others wait on it and then find the finished directory. An extraction killed earlier
+    resumes from its last complete shard.
     """
     from filelock import FileLock, Timeout
 
-    path = cache_path(cache_root, backbone, dataset, split)
+    options = options or ExtractOptions()
+    resolved = resolve_cache(backbone, dataset, split, cache_root)
+    path = resolved.path
     if path.exists():
-        open_cache(path)  # verify before handing it out
+        check_cache(path, options.allow_version_drift)  # verify before handing it out
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
     lock = FileLock(str(path) + ".lock")
@@ -137,28 +114,45 @@ def ensure_cache(backbone: BackboneConfig, dataset: ImagesDatasetConfig, split: 
         lock.acquire()
     try:
         if not path.exists():  # nobody finished it while we waited
-            _extract(path, backbone, dataset, split, device, progress)
-        open_cache(path)
+            assert resolved.images is not None  # a missing cache was resolved from its images
+            _extract(path, resolved, backbone, dataset, device, progress, options.shard_size)
+        check_cache(path, options.allow_version_drift)
     finally:
         lock.release()
     return path
 
 
-def _extract(path: Path, backbone: BackboneConfig, dataset: ImagesDatasetConfig, split: str,
-             device: str, progress: bool) -> None:
-    from sae.data.images import open_split
+def check_cache(path: Path, allow_version_drift: bool = False) -> CachedSplit:
+    """Open and verify a cache, and refuse one built by other library versions (unless
+    allowed): the same config could give other numbers there."""
+    cached = open_cache(path)
+    drift = version_drift(cached.manifest.get("key_versions", {}),
+                          key_versions(library_versions()))
+    if drift and not allow_version_drift:
+        raise CacheError(
+            f"{path}: built with other library versions: {'; '.join(drift)}. Fix: delete it "
+            f"(rm -r {path}) to re-extract with the installed versions, or set "
+            "extract.allow_version_drift=true to use it as it is")
+    if drift:
+        log.warning("%s: using a cache built with other versions (%s)", path, "; ".join(drift))
+    return cached
 
-    for stale in path.parent.glob(f".tmp-{path.name}-*"):  # left by a killed extraction
+
+def _extract(path: Path, resolved: ResolvedCache, backbone: BackboneConfig,
+             dataset: ImagesDatasetConfig, device: str, progress: bool, shard_size: int) -> None:
+    images = resolved.images
+    assert images is not None
+    for stale in path.parent.glob(f".tmp-{path.name}-*"):  # left by a killed assembly
         shutil.rmtree(stale, ignore_errors=True)
+    _warn_other_partials(path, dataset, backbone, images.split)
+    shards = ShardLog(partial_dir(path), {"key": path.name, "fields": resolved.fields})
     tmp = path.parent / f".tmp-{path.name}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
-        split_name = split_dir_name(dataset, split)
-        images = open_split(dataset, split_name)
         log.info("extracting %s: %d images of %s/%s with %s", path.name, len(images),
-                 dataset.name, split_name, backbone.name)
-        result = embed_split(backbone, images, tmp / EMBEDDINGS_FILE, on_unreadable=
-                             dataset.on_unreadable, device=device, progress=progress)
+                 dataset.name, images.split, backbone.name)
+        result = embed_split(backbone, images, tmp / EMBEDDINGS_FILE, dataset.on_unreadable,
+                             device, progress, shards=shards, shard_size=shard_size)
         kept = result.kept
         labels = None if images.labels is None else images.labels[kept]
         ids = [images.ids[i] for i in kept]
@@ -166,28 +160,41 @@ def _extract(path: Path, backbone: BackboneConfig, dataset: ImagesDatasetConfig,
             np.save(tmp / LABELS_FILE, labels)
         (tmp / IDS_FILE).write_text("".join(f"{i}\n" for i in ids))
         (tmp / CLASS_NAMES_FILE).write_text(json.dumps(images.class_names))
-        manifest = _manifest(tmp, backbone, dataset, split_name, images, result, labels, ids)
+        manifest = _manifest(tmp, resolved.fields, backbone, dataset, images, result, labels,
+                             ids)
         atomic_write_json(tmp / MANIFEST_FILE, manifest)  # last: it vouches for the files above
         os.rename(tmp, path)
+        shutil.rmtree(shards.folder, ignore_errors=True)  # the shards are in the cache now
         log.info("cache complete: %s (%d x %d %s)", path, manifest["count"], manifest["dim"],
                  manifest["dtype"])
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # only still there when something failed
 
 
-def _manifest(tmp: Path, backbone: BackboneConfig, dataset: ImagesDatasetConfig, split_name: str,
-              images: Any, result: Any, labels: np.ndarray | None, ids: list[str]
-              ) -> dict[str, Any]:
-    from sae.backbones import library_versions
+def _warn_other_partials(path: Path, dataset: ImagesDatasetConfig, backbone: BackboneConfig,
+                         split_name: str) -> None:
+    """Unfinished extractions of this split under other keys (other images or settings) are
+    kept for their own resume; say so, as they can hold gigabytes."""
+    pattern = partial_dir(path.parent / cache_dir_name(dataset.name, backbone.name, split_name,
+                                                       "*")).name
+    others = [p for p in path.parent.glob(pattern) if p != partial_dir(path)]
+    if others:
+        log.warning("unfinished extractions of other keys are kept for their resume (delete "
+                    "them if unwanted): %s", ", ".join(map(str, others)))
 
-    fields = key_fields(backbone, dataset, split_name)
+
+def _manifest(tmp: Path, fields: dict[str, Any], backbone: BackboneConfig,
+              dataset: ImagesDatasetConfig, images: ImageSplit, result: Any,
+              labels: np.ndarray | None, ids: list[str]) -> dict[str, Any]:
     files = {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)}
              for p in sorted(tmp.iterdir()) if p.is_file()}
     label_kind = "none" if labels is None else ("multi_hot" if labels.ndim == 2 else "class_ids")
+    versions = library_versions()
     return {
         "schema": SCHEMA_VERSION,
         "key": cache_key(fields),
         "key_fields": fields,
+        "config_key": cache_key(config_fields(backbone, dataset, images.split)),
         "count": len(ids),
         "dim": result.dim,
         "dtype": backbone.storage_dtype,
@@ -195,12 +202,14 @@ def _manifest(tmp: Path, backbone: BackboneConfig, dataset: ImagesDatasetConfig,
         "files": files,
         "backbone": {"name": backbone.name, "pretrained": backbone.pretrained,
                      **result.backbone_info},
-        "dataset": {"name": dataset.name, "layout": dataset.layout, "split": split_name,
+        "dataset": {"name": dataset.name, "layout": dataset.layout, "split": images.split,
                     "root": str(dataset.root), "n_images": len(images),
+                    "sampling": getattr(dataset, "sampling", None),
                     "n_skipped": len(result.skipped),
                     "skipped": [images.ids[i] for i in result.skipped[:100]], **images.info},
         "extraction": result.stats,
-        "versions": library_versions(),
+        "versions": versions,
+        "key_versions": key_versions(versions),
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
 
@@ -274,14 +283,16 @@ def _open_array(file: Path, fail: Any) -> np.ndarray:
 # ---------------------------------------------------------------- the trainer's entry
 
 def load_image_split(backbone: BackboneConfig, dataset: ImagesDatasetConfig, cache_root: str | Path,
-                     split: str, device: str = "auto", progress: bool = True) -> EmbeddingSet:
+                     split: str, device: str = "auto", progress: bool = True,
+                     options: ExtractOptions | None = None) -> EmbeddingSet:
     """The "train" or "eval" split of an image dataset as embeddings, extracted on a miss
     (on ``device``, with a progress bar when ``progress``).
 
     ``x`` is float32, unit-normalised when ``dataset.normalize``; images are reopened from the
     dataset root of *this* config, so a cache moved to another cluster still shows its images.
     """
-    path = ensure_cache(backbone, dataset, split, cache_root, device=device, progress=progress)
+    path = ensure_cache(backbone, dataset, split, cache_root, device=device, progress=progress,
+                        options=options)
     cached = open_cache(path, verify_checksums=False)  # ensure_cache verified it just now
     x = torch.from_numpy(np.array(cached.embeddings, dtype=np.float32))  # a copy in memory
     if not torch.isfinite(x).all():
@@ -299,8 +310,25 @@ def load_image_split(backbone: BackboneConfig, dataset: ImagesDatasetConfig, cac
         info={"source": f"{backbone.name} embeddings of {dataset.name}/{split_name}",
               "cache": str(path), "embedding": backbone.embedding,
               "backbone_model": backbone.model, "weights": cached.manifest["backbone"]
-              .get("weights"), "n_skipped": cached.manifest["dataset"].get("n_skipped", 0)},
+              .get("weights"), "n_skipped": cached.manifest["dataset"].get("n_skipped", 0),
+              "cache_key_inputs": key_inputs(cached.manifest)},
     )
+
+
+def key_inputs(manifest: dict[str, Any]) -> dict[str, Any]:
+    """What a cache's key covers, readably (the method card shows it)."""
+    fields = manifest["key_fields"]
+    backbone, dataset = fields["backbone"], fields["dataset"]
+    listing = dataset["listing"]
+    return {"key": manifest["key"], "library": backbone["library"], "model": backbone["model"],
+            "pretrained": backbone["pretrained"], "weights": backbone["weights"],
+            "preprocessing": " ".join(str(manifest["backbone"].get("transform")).split()),
+            "model_kwargs": backbone["model_kwargs"],
+            "dataset": f"{dataset['name']} ({dataset['layout']} layout), split {dataset['split']}",
+            "sampling": dataset["sampling"], "subset": dataset["subset"],
+            "n_images": listing["n_images"], "image_list_sha256": listing["files_sha256"],
+            "metadata_files": listing["sources"], "dtype": fields["dtype"],
+            "library_versions": manifest.get("key_versions")}
 
 
 def _image_getter(dataset: ImagesDatasetConfig, split_name: str, ids: list[str], path: Path

@@ -61,6 +61,7 @@ class ImageSplit:
     labels: np.ndarray | None  # (N,) int64 class ids or (N, C) bool multi-hot
     class_names: list[str]
     info: dict[str, Any] = field(default_factory=dict)  # counts for the manifest
+    sources: list[Path] = field(default_factory=list)  # metadata files read (labels, class names): part of the cache key
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -159,8 +160,10 @@ def _open_imagefolder(cfg: ImagesDatasetConfig, split: str) -> ImageSplit:
     if not ids:
         raise DataError(f"{folder}: no class folders with images. Fix: expect "
                         f"{folder}/<class>/<image> ({_layout_doc(cfg.layout)})")
+    mapping = [root / "LOC_synset_mapping.txt"]
     return ImageSplit(cfg.name, split, folder, ids, np.asarray(labels, dtype=np.int64),
-                      _class_names(root, classes), {"n_listed": len(ids)})
+                      _class_names(root, classes), {"n_listed": len(ids)},
+                      [p for p in mapping if p.is_file()])
 
 
 def _class_folders(folder: Path) -> list[str]:
@@ -197,7 +200,8 @@ def _open_openimages(cfg: ImagesDatasetConfig, split: str) -> ImageSplit:
     labels, info = read_oi_labels(root / OI_LABELS_CSV.format(split=split),
                                   [Path(f).stem for f in files], label_names)
     info["n_listed"] = len(files)
-    return ImageSplit(cfg.name, split, folder, files, labels, display_names, info)
+    sources = [root / OI_CLASSES_CSV, root / OI_LABELS_CSV.format(split=split)]
+    return ImageSplit(cfg.name, split, folder, files, labels, display_names, info, sources)
 
 
 def read_oi_classes(path: Path) -> tuple[list[str], list[str]]:
@@ -310,7 +314,7 @@ def _subsample(split: ImageSplit, max_images: int | None, seed: int) -> ImageSpl
     labels = None if split.labels is None else split.labels[keep]
     info = {**split.info, "subsampled_from": len(split)}
     return ImageSplit(split.dataset, split.split, split.image_dir, [split.ids[i] for i in keep],
-                      labels, split.class_names, info)
+                      labels, split.class_names, info, split.sources)
 
 
 def load_rgb(path: Path) -> Image.Image:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from sae.config import ImagesDatasetConfig
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: the key lists the images read; shards; checked library versions
 EMBEDDINGS_FILE = "embeddings.npy"
 LABELS_FILE = "labels.npy"
 IDS_FILE = "ids.txt"

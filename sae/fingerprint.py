@@ -1,0 +1,174 @@
+"""What an extraction reads, as identities for the embedding cache key (no torch).
+
+- :func:`weights_id`: the backbone's weights. A local ``checkpoint_path`` file or transformers
+  snapshot directory is identified by the sha256 of its bytes (:func:`file_sha256` keeps each
+  file's digest in a sidecar keyed by size and mtime, so a 1 GB checkpoint is hashed once);
+  weights named by the library (``pretrained``) by library and tag; random weights by their seed.
+- :func:`listing_id`: the images of a split, in order, with their sizes, and the metadata files
+  read beside them (label CSVs, class mappings) -- a digest of the listing, not of the pixels.
+- :func:`library_versions` / :func:`version_drift`: the packages that decide the numbers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from sae.checks import ConfigError
+from sae.config import BackboneConfig
+
+log = logging.getLogger(__name__)
+
+RANDOM_INIT_SEED = 0  # random-weight variants are seeded: embeddings must not differ per process
+# The libraries whose major.minor version is part of a cache's identity (checked on every use).
+KEY_PACKAGES = ("torch", "open_clip_torch", "timm", "transformers")
+MANIFEST_PACKAGES = ("torch", "torchvision", "open_clip_torch", "timm", "transformers", "numpy",
+                     "pillow")
+SIDECAR_SUFFIX = ".sha256.json"
+_HASH_CHUNK = 1 << 24  # 16 MiB reads while hashing
+_STAT_THREADS = 16  # parallel stat() calls: a network file system answers them concurrently
+_STAT_CHUNK = 4096
+_FALSE_STRINGS = ("", "false", "none", "null", "0", "no")
+
+
+# ---------------------------------------------------------------- weights
+
+def pretrained_flag(value: str | bool | None) -> bool:
+    """Whether a ``pretrained`` value asks for pretrained weights (YAML may give a bool)."""
+    if value is None or value is False:
+        return False
+    return str(value).strip().lower() not in _FALSE_STRINGS
+
+
+def weights_id(cfg: BackboneConfig) -> str:
+    """A path-independent identity of the weights, part of the embedding cache key."""
+    path = Path(cfg.checkpoint_path) if cfg.checkpoint_path else None
+    if path is not None and path.is_file():
+        return f"sha256:{file_sha256(path)}"
+    if path is not None and (path / "config.json").is_file():  # a transformers snapshot
+        return f"sha256:{directory_sha256(path)}"
+    if pretrained_flag(cfg.pretrained):  # a download cache (or none): the tag names the weights
+        tag = str(cfg.pretrained) if cfg.library == "open_clip" else "default"
+        return f"{cfg.library}:{tag}"
+    if path is not None:
+        raise ConfigError(
+            f"backbone.checkpoint_path: {path} is not a file, and a directory is only a download "
+            "cache for a pretrained tag. Fix: set backbone.pretrained, or point checkpoint_path "
+            "to a weights file or a transformers snapshot directory")
+    return f"random:seed{RANDOM_INIT_SEED}"
+
+
+def file_sha256(path: Path) -> str:
+    """sha256 of a file's bytes, read from its sidecar when size and mtime still match."""
+    real = Path(path).resolve()  # hub snapshots are symlinks to blobs: key the blob
+    stat = real.stat()
+    stamp = {"bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    for sidecar in _sidecars(real):
+        try:
+            record = json.loads(sidecar.read_text())
+        except (OSError, ValueError):
+            continue
+        if {k: record.get(k) for k in stamp} == stamp and record.get("sha256"):
+            return str(record["sha256"])
+    log.info("hashing %s (%.1f MB, once: the digest is kept in a sidecar)", real,
+             stat.st_size / 1e6)
+    digest = hashlib.sha256()
+    with open(real, "rb") as f:
+        while chunk := f.read(_HASH_CHUNK):
+            digest.update(chunk)
+    _write_sidecar(real, {**stamp, "sha256": digest.hexdigest(), "path": str(real)})
+    return digest.hexdigest()
+
+
+def directory_sha256(folder: Path) -> str:
+    """sha256 over the relative names and contents of every file of a snapshot directory."""
+    digest = hashlib.sha256()
+    for file in sorted(p for p in Path(folder).rglob("*") if p.is_file()):
+        rel = file.relative_to(folder).as_posix()
+        if rel.endswith(SIDECAR_SUFFIX) or any(part.startswith(".") for part in Path(rel).parts):
+            continue
+        digest.update(f"{rel}\t{file_sha256(file)}\n".encode())
+    return digest.hexdigest()
+
+
+def _sidecars(real: Path) -> list[Path]:
+    """Beside the file when its directory is writable (shared by every user), else per user."""
+    user_dir = Path(os.environ.get("SAE_DIGEST_CACHE", Path.home() / ".cache" / "sae-grid"
+                                   / "digests"))
+    by_path = hashlib.sha256(str(real).encode()).hexdigest()[:32]
+    return [real.with_name(real.name + SIDECAR_SUFFIX), user_dir / f"{by_path}.json"]
+
+
+def _write_sidecar(real: Path, record: dict) -> None:
+    from sae.io import atomic_write_json
+
+    for sidecar in _sidecars(real):
+        try:
+            atomic_write_json(sidecar, record)
+            return
+        except OSError:  # a read-only weights directory: try the next place
+            continue
+    log.warning("could not keep the digest of %s anywhere: it is hashed again next time", real)
+
+
+# ---------------------------------------------------------------- image listings
+
+def listing_id(image_dir: Path, ids: Sequence[str], sources: Sequence[Path], root: Path
+               ) -> dict[str, object]:
+    """The number of images, a digest of their ordered (id, size) list, and the names and sizes
+    of the metadata files read (relative to ``root``): what a changed root changes."""
+    sizes = file_sizes([Path(image_dir) / i for i in ids])
+    digest = hashlib.sha256()
+    for image_id, size in zip(ids, sizes, strict=True):
+        digest.update(f"{image_id}\t{size}\n".encode())
+    read = {}
+    for source in sorted(Path(s) for s in sources):
+        name = source.relative_to(root).as_posix() if source.is_relative_to(root) else source.name
+        read[name] = source.stat().st_size
+    return {"n_images": len(ids), "files_sha256": digest.hexdigest(), "sources": read}
+
+
+def file_sizes(paths: Sequence[Path]) -> list[int]:
+    """Sizes of many files, stat'ed by a thread pool in chunks (ImageNet train: 1.28 M files)."""
+    chunks = [paths[i:i + _STAT_CHUNK] for i in range(0, len(paths), _STAT_CHUNK)]
+
+    def sizes(chunk: Sequence[Path]) -> list[int]:
+        return [os.stat(p).st_size for p in chunk]
+
+    if len(chunks) <= 1:
+        return sizes(paths)
+    with ThreadPoolExecutor(_STAT_THREADS) as pool:
+        return [size for chunk_sizes in pool.map(sizes, chunks) for size in chunk_sizes]
+
+
+# ---------------------------------------------------------------- library versions
+
+def library_versions() -> dict[str, str]:
+    """Versions of the packages that decide the embeddings, for the cache manifest (read from
+    the installed metadata: importing open_clip only for its version costs seconds)."""
+    import sys
+    from importlib import metadata
+
+    versions = {"python": ".".join(map(str, sys.version_info[:3]))}
+    for package in MANIFEST_PACKAGES:
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:  # not installed: it took no part
+            continue
+    return versions
+
+
+def key_versions(versions: dict[str, str]) -> dict[str, str]:
+    """The major.minor versions of ``KEY_PACKAGES`` (a patch release changes no numbers)."""
+    return {p: ".".join(versions[p].split(".")[:2]) for p in KEY_PACKAGES if p in versions}
+
+
+def version_drift(recorded: dict[str, str], installed: dict[str, str]) -> list[str]:
+    """``["torch 2.13 (cache) != 2.14 (installed)", ...]``; empty when they agree."""
+    return [f"{p} {recorded.get(p, 'absent')} (cache) != {installed.get(p, 'absent')} (installed)"
+            for p in sorted(set(recorded) | set(installed)) if recorded.get(p) != installed.get(p)]
