@@ -28,8 +28,9 @@ from typing import Any
 import torch
 from PIL import Image
 
-from sae.backbones import Backbone, _output_dim, _plain
+from sae.backbones import Backbone, _output_dim
 from sae.config import BackboneConfig
+from sae.plain import plain
 
 # ``from_pretrained`` in transformers 5 keeps the checkpoint's stored dtype ("auto"); float32
 # weights are what the other libraries load, and what autocast expects on GPU.
@@ -83,7 +84,7 @@ def load_transformers(cfg: BackboneConfig, random_init: bool) -> Backbone:
         ) from exc
     embed = _embed_function(model, cfg.embedding)
     preprocess = ProcessorTransform(processor)
-    info = {"preprocess": _plain(processor.to_dict()), "transform": type(processor).__name__,
+    info = {"preprocess": plain(processor.to_dict()), "transform": type(processor).__name__,
             "source": source if source != cfg.model else f"hub:{cfg.model}"}
     return Backbone(model, preprocess, embed, _output_dim(embed, preprocess), info)
 
