@@ -36,6 +36,12 @@ PREPROCESSING = {
             "(resolve_model_data_config + create_transform)",
     "transformers": "the checkpoint's own AutoImageProcessor (its preprocessor_config.json)",
 }
+# How an image dataset's split becomes samples (dataset.sampling, METHOD.md s1).
+SAMPLING = {
+    "per_image": "per_image: every image of the split once",
+    "narratives": "narratives (the reference code's): one sample per (image, caption) pair of "
+                  "the Localized Narratives files, images with a positive boxable label only",
+}
 OUTPUTS = {
     "image_projected": "encode_image, the projected image embedding",
     "cls_pre_logits": "the CLS token after the final norm, before the classifier",
@@ -51,6 +57,14 @@ def _source_model(cfg: RootConfig) -> str:
     return (f"checkpoint: {b.checkpoint}; library: {b.library}; preprocessing: RGB, then "
             f"{PREPROCESSING.get(b.library, b.library)}; layer: {b.embedding} = "
             f"{OUTPUTS.get(b.embedding, b.embedding)} (one embedding per image, no patch tokens)")
+
+
+def _dataset(cfg: RootConfig, split_sizes: dict[str, int]) -> dict[str, Any]:
+    entry: dict[str, Any] = {"name": cfg.dataset.name, **split_sizes}
+    sampling = getattr(cfg.dataset, "sampling", None)  # image datasets only
+    if sampling is not None:
+        entry.update(layout=cfg.dataset.layout, sampling=SAMPLING.get(sampling, sampling))
+    return entry
 
 
 def _mask_rule(cfg: RootConfig) -> str:
@@ -73,7 +87,7 @@ def run_card(cfg: RootConfig, metrics: dict[str, Any], split_sizes: dict[str, in
     reg = cfg.regularizer
     return {
         "source_model": _source_model(cfg),
-        "dataset": {"name": cfg.dataset.name, **split_sizes},
+        "dataset": _dataset(cfg, split_sizes),
         "embedding_preprocessing": (
             ("L2-normalised to unit norm" if cfg.dataset.normalize else "raw")
             + ("; per-sample LayerNorm inside the SAE, undone on the output"
