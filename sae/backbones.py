@@ -38,6 +38,7 @@ from typing import Any
 import torch
 from PIL import Image
 
+from sae.backbone_inputs import torchvision_split, with_uint8_inputs
 from sae.config import BackboneConfig, ConfigError
 from sae.plain import plain
 
@@ -52,8 +53,10 @@ class Backbone:
     """A loaded backbone, ready to embed preprocessed image batches."""
 
     model: torch.nn.Module
-    preprocess: Callable[[Image.Image], torch.Tensor]  # PIL image -> (3, H, W) float tensor
-    embed: Callable[[torch.Tensor], torch.Tensor]  # (B, 3, H, W) -> (B, d) float32
+    # PIL image -> (3, H, W) uint8 (the geometric part, in the DataLoader workers), or float32
+    # where the library's preprocessing cannot be split exactly (sae/backbone_inputs.py)
+    preprocess: Callable[[Image.Image], torch.Tensor]
+    embed: Callable[[torch.Tensor], torch.Tensor]  # (B, 3, H, W) preprocess output -> (B, d) float32
     dim: int  # embedding dimension d
     info: dict[str, Any] = field(default_factory=dict)  # preprocessing and weights, for the manifest
 
@@ -164,7 +167,8 @@ def _load_open_clip(cfg: BackboneConfig) -> Backbone:
         return model.encode_image(images).float()
 
     info = {"preprocess": plain(model.visual.preprocess_cfg), "transform": _describe(preprocess)}
-    return Backbone(model, preprocess, embed, _output_dim(embed, preprocess), info)
+    backbone = Backbone(model, preprocess, embed, _output_dim(embed, preprocess), info)
+    return with_uint8_inputs(backbone, torchvision_split(preprocess))
 
 
 def _open_clip_tag_preprocess(model_name: str, tag: str) -> dict[str, Any]:
@@ -216,7 +220,8 @@ def _load_timm(cfg: BackboneConfig) -> Backbone:
         return model.forward_head(model.forward_features(images), pre_logits=True).float()
 
     info = {"preprocess": plain(data_cfg), "transform": _describe(preprocess)}
-    return Backbone(model, preprocess, embed, _output_dim(embed, preprocess), info)
+    backbone = Backbone(model, preprocess, embed, _output_dim(embed, preprocess), info)
+    return with_uint8_inputs(backbone, torchvision_split(preprocess))
 
 
 def _output_dim(embed: Callable[[torch.Tensor], torch.Tensor], preprocess: Callable) -> int:
