@@ -27,13 +27,16 @@ from __future__ import annotations
 import io
 import re
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from PIL import Image
 
 from sae.config import ImagesDatasetConfig
 from sae.data.errors import DataError
+
+if TYPE_CHECKING:
+    from sae.data.images import ImageSplit
 
 SPLIT_FALLBACK = {"val": "validation"}  # the folder layout's name -> the Hugging Face name
 IMAGE_COLUMN, LABEL_COLUMN = "image", "label"
@@ -65,8 +68,14 @@ class HFRows:
     def describe(self, row: int) -> str:
         return f"{self.where} row {row}"
 
+    def files(self) -> list[dict[str, Any]]:
+        """The arrow files the rows are read from (names and sizes: what a cache key can hold
+        of a Hugging Face copy; its row ids name no file)."""
+        paths = [Path(f["filename"]) for f in self.dataset.cache_files]
+        return [{"name": p.name, "bytes": p.stat().st_size} for p in paths]
 
-def open_hf_split(cfg: ImagesDatasetConfig, split: str) -> Any:
+
+def open_hf_split(cfg: ImagesDatasetConfig, split: str) -> ImageSplit:
     """The :class:`~sae.data.images.ImageSplit` of one split of the copy at ``cfg.root``."""
     from sae.data.images import ImageSplit
 
@@ -79,7 +88,8 @@ def open_hf_split(cfg: ImagesDatasetConfig, split: str) -> Any:
     names = _class_names(rows.dataset.features[LABEL_COLUMN])
     ids = [str(i) for i in range(len(rows))]
     return ImageSplit(cfg.name, split, root, ids, labels, names,
-                      {"n_listed": len(ids), "source": rows.where}, reader=rows)
+                      {"n_listed": len(ids), "source": rows.where, "source_files": rows.files()},
+                      reader=rows)
 
 
 def open_rows(root: Path, split: str) -> HFRows:
