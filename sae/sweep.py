@@ -62,6 +62,15 @@ def preflight(cfg: RootConfig) -> None:
     if data.kind == "images" and not Path(data.root).is_dir():
         raise ConfigError(f"dataset.root: {data.root} is not a directory. Fix: point "
                           f"dataset.root (or its environment variable) at the {data.name} root")
+    if data.kind == "images" and data.sampling == "narratives":
+        from sae.data.errors import DataError
+        from sae.data.openimages import narrative_files
+
+        for split in (data.train_split, data.eval_split):
+            try:
+                narrative_files(Path(data.root), split)
+            except DataError as exc:
+                raise ConfigError(f"dataset.sampling: {exc}") from None
     if data.kind == "files":
         for name in ("train_path", "eval_path", "train_labels", "eval_labels"):
             path = getattr(data, name)

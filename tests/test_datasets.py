@@ -162,6 +162,19 @@ def test_narratives_missing_or_malformed_files_name_the_fix(tmp_path):
         open_split(oi_cfg(root, "narratives"), "validation")
 
 
+def test_preflight_wants_the_narratives_of_both_splits(tmp_path):
+    from sae.sweep import preflight
+
+    root = make_openimages(tmp_path, split="train")
+    cfg = validate(compose_train(["dataset=openimages", "backbone=clip_tiny",
+                                  f"dataset.root={root}"]))
+    write_narratives(root, "train", shards=2)
+    with pytest.raises(ConfigError, match="'validation'.*sampling=per_image"):
+        preflight(cfg)  # the eval split's file is missing
+    write_narratives(root, "validation")
+    preflight(cfg)
+
+
 def test_sampling_is_checked_and_names_the_run_and_the_card():
     with pytest.raises(ConfigError, match="dataset.sampling"):
         ImagesDatasetConfig(name="imagenet", kind="images", sampling="narratives")
