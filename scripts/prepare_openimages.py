@@ -7,7 +7,7 @@
     python scripts/prepare_openimages.py check $OPENIMAGES_ROOT validation train
 
 ``narratives`` downloads the split's official Localized Narratives files into the root (skipping
-those present). ``list`` prints ``<split>/<ImageID>`` (the input format of Open Images'
+those present; ``--captions-only``: the same records without mouse traces). ``list`` prints ``<split>/<ImageID>`` (the input format of Open Images'
 downloader.py) for the images the protocol reads: with ``--sampling narratives`` (default) the
 labelled images that have a narrative, with ``per_image`` every image with a row in the split's
 boxable image-label CSV. See scripts/prepare_openimages.md.
@@ -30,11 +30,16 @@ NARRATIVES_FILES = {  # as listed on https://google.github.io/localized-narrativ
     "validation": ["open_images_validation_localized_narratives.jsonl"],
     "test": ["open_images_test_localized_narratives.jsonl"],
 }
+CAPTIONS_FILES = {  # the same records without mouse traces (a few MB)
+    "train": ["open_images_train_v6_captions.jsonl"],
+    "validation": ["open_images_validation_captions.jsonl"],
+    "test": ["open_images_test_captions.jsonl"],
+}
 
 
-def fetch_narratives(root: Path, splits: list[str]) -> None:
+def fetch_narratives(root: Path, splits: list[str], captions_only: bool) -> None:
     for split in splits:
-        for name in NARRATIVES_FILES[split]:
+        for name in (CAPTIONS_FILES if captions_only else NARRATIVES_FILES)[split]:
             target = root / name
             if target.is_file():
                 print(f"present: {target}")
@@ -87,6 +92,8 @@ def main() -> None:
     fetching = sub.add_parser("narratives")
     fetching.add_argument("root", type=Path)
     fetching.add_argument("splits", nargs="+", choices=sorted(NARRATIVES_FILES))
+    fetching.add_argument("--captions-only", action="store_true",
+                          help="the captions-only files (same records, no mouse traces)")
     listing = sub.add_parser("list")
     listing.add_argument("root", type=Path)
     listing.add_argument("split")
@@ -99,7 +106,7 @@ def main() -> None:
                              default="narratives")
     args = parser.parse_args()
     if args.command == "narratives":
-        fetch_narratives(args.root, args.splits)
+        fetch_narratives(args.root, args.splits, args.captions_only)
     elif args.command == "list":
         image_list(args.root, args.split, args.sampling, args.max_images)
     else:

@@ -84,9 +84,13 @@ OI_NARRATIVES = [
 OI_NARRATIVE_SAMPLES = [0, 0, 1]  # the fixture images of the narratives protocol, in order
 
 
-def write_narratives(root: Path, split: str = "validation", shards: int = 1) -> list[Path]:
-    """The official file names and JSON-lines records (``shards`` > 1: train's -0000k-of-n)."""
-    if shards == 1:
+def write_narratives(root: Path, split: str = "validation", shards: int = 1,
+                     captions_only: bool = False) -> list[Path]:
+    """The official file names and JSON-lines records (``shards`` > 1: train's -0000k-of-n;
+    ``captions_only``: the smaller ``open_images_<split>_captions.jsonl`` form)."""
+    if captions_only:
+        names = [f"open_images_{split}_captions.jsonl"]
+    elif shards == 1:
         names = [f"open_images_{split}_localized_narratives.jsonl"]
     else:
         names = [f"open_images_{split}_v6_localized_narratives-{k:05d}-of-{shards:05d}.jsonl"

@@ -119,10 +119,10 @@ def test_hf_imagenet_two_copies_of_a_split_are_refused(tmp_path):
 
 # ---------------------------------------------------------------- Open Images protocols
 
-@pytest.mark.parametrize("shards", [1, 2])
-def test_narratives_one_sample_per_caption_of_labelled_images(tmp_path, shards):
+@pytest.mark.parametrize(("shards", "captions_only"), [(1, False), (2, False), (1, True)])
+def test_narratives_one_sample_per_caption_of_labelled_images(tmp_path, shards, captions_only):
     root = make_openimages(tmp_path, split="train")
-    write_narratives(root, "train", shards=shards)
+    write_narratives(root, "train", shards=shards, captions_only=captions_only)
     per_image = open_split(oi_cfg(root, "per_image"), "train")
     narratives = open_split(oi_cfg(root, "narratives"), "train")
     assert len(per_image) == len(OI_IMAGE_IDS) == 4  # every image once, unlabelled included

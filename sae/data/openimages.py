@@ -11,7 +11,9 @@ Files under the dataset root (where each comes from: scripts/prepare_openimages.
 - ``sampling: narratives`` only: the Localized Narratives files of the split,
   ``open_images_<split>*localized_narratives*.jsonl`` (train: ``open_images_train_v6_localized_
   narratives-0000k-of-00010.jsonl``; validation: ``open_images_validation_localized_narratives
-  .jsonl``), one JSON object per line with ``image_id``, ``annotator_id``, ``caption``, ...
+  .jsonl``), one JSON object per line with ``image_id``, ``annotator_id``, ``caption``, ...;
+  where they are absent, the captions-only version of the same records
+  (``open_images_<split>*_captions.jsonl``, e.g. ``open_images_train_v6_captions.jsonl``).
 
 Protocols:
 
@@ -37,6 +39,8 @@ from sae.data.errors import DataError
 OI_CLASSES_CSV = "oidv7-class-descriptions-boxable.csv"
 OI_LABELS_CSV = "{split}-annotations-human-imagelabels-boxable.csv"
 OI_NARRATIVES_GLOB = "open_images_{split}*localized_narratives*.jsonl"
+# The same records without the mouse traces (MBs instead of GBs), read when the above are absent.
+OI_CAPTIONS_GLOB = "open_images_{split}*_captions.jsonl"
 OI_CLASS_COLUMNS = ("LabelName", "DisplayName")
 OI_LABEL_COLUMNS = ("ImageID", "LabelName", "Confidence")  # Source is present but unused
 
@@ -96,8 +100,10 @@ def read_oi_labels(path: Path, image_ids: list[str], label_names: list[str]
 
 
 def narrative_files(root: Path, split: str) -> list[Path]:
-    """The split's Localized Narratives files (sorted), or an error naming where they come from."""
-    files = sorted(root.glob(OI_NARRATIVES_GLOB.format(split=split)))
+    """The split's Localized Narratives files (sorted; else its captions-only files), or an
+    error naming where they come from."""
+    files = (sorted(root.glob(OI_NARRATIVES_GLOB.format(split=split)))
+             or sorted(root.glob(OI_CAPTIONS_GLOB.format(split=split))))
     if not files:
         raise DataError(
             f"{root}: no Localized Narratives file of the split {split!r} "
