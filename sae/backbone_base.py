@@ -17,8 +17,10 @@ class Backbone:
     """A loaded backbone, ready to embed preprocessed image batches."""
 
     model: torch.nn.Module
-    preprocess: Callable[[Image.Image], torch.Tensor]  # PIL image -> (3, H, W) float tensor
-    embed: Callable[[torch.Tensor], torch.Tensor]  # (B, 3, H, W) -> (B, d) float32
+    # PIL image -> (3, H, W) uint8 (the geometric part, in the DataLoader workers), or float32
+    # where the library's preprocessing cannot be split exactly (sae/backbone_inputs.py)
+    preprocess: Callable[[Image.Image], torch.Tensor]
+    embed: Callable[[torch.Tensor], torch.Tensor]  # (B, 3, H, W) preprocess output -> (B, d) float32
     dim: int  # embedding dimension d
     info: dict[str, Any] = field(default_factory=dict)  # preprocessing and weights, for the manifest
 

@@ -35,6 +35,7 @@ from typing import Any
 import torch
 
 from sae.backbone_base import Backbone, output_dim
+from sae.backbone_inputs import torchvision_split, with_uint8_inputs
 from sae.config import BackboneConfig, ConfigError
 from sae.fingerprint import RANDOM_INIT_SEED, pretrained_flag, weights_id  # noqa: F401 -- re-exported
 from sae.plain import plain
@@ -123,7 +124,8 @@ def _load_open_clip(cfg: BackboneConfig) -> Backbone:
         return model.encode_image(images).float()
 
     info = {"preprocess": plain(model.visual.preprocess_cfg), "transform": _describe(preprocess)}
-    return Backbone(model, preprocess, embed, output_dim(embed, preprocess), info)
+    backbone = Backbone(model, preprocess, embed, output_dim(embed, preprocess), info)
+    return with_uint8_inputs(backbone, torchvision_split(preprocess))
 
 
 def _open_clip_tag_preprocess(model_name: str, tag: str) -> dict[str, Any]:
@@ -175,7 +177,8 @@ def _load_timm(cfg: BackboneConfig) -> Backbone:
         return model.forward_head(model.forward_features(images), pre_logits=True).float()
 
     info = {"preprocess": plain(data_cfg), "transform": _describe(preprocess)}
-    return Backbone(model, preprocess, embed, output_dim(embed, preprocess), info)
+    backbone = Backbone(model, preprocess, embed, output_dim(embed, preprocess), info)
+    return with_uint8_inputs(backbone, torchvision_split(preprocess))
 
 
 def _describe(transform: Any) -> str:

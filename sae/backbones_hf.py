@@ -6,8 +6,9 @@ The same lab's public extraction code (MonoLoss, METHOD.md s1) loads ``AutoModel
 - ``embedding: image_features``: ``model.get_image_features(pixel_values)`` (SigLIP2);
 - ``embedding: cls_last_hidden_state``: ``model(pixel_values).last_hidden_state[:, 0]`` (ViT).
 
-Preprocessing is the processor's own (:class:`ProcessorTransform`, run in the DataLoader workers
-like the other libraries' transforms). Where the checkpoint comes from:
+Preprocessing is the processor's own: its resize in the DataLoader workers (uint8), its own
+``rescale_and_normalize`` on the device (:mod:`sae.backbone_inputs`; :class:`ProcessorTransform`,
+the whole processor in the workers, where that split is not exact). Where the checkpoint comes from:
 
 - ``checkpoint_path`` holding ``config.json``: a snapshot directory, loaded as is (no network);
 - ``checkpoint_path`` another directory: the Hugging Face hub cache to read (``cache_dir``), the
@@ -29,6 +30,7 @@ import torch
 from PIL import Image
 
 from sae.backbone_base import Backbone, output_dim
+from sae.backbone_inputs import processor_split, with_uint8_inputs
 from sae.config import BackboneConfig
 from sae.plain import plain
 
@@ -86,7 +88,8 @@ def load_transformers(cfg: BackboneConfig, random_init: bool) -> Backbone:
     preprocess = ProcessorTransform(processor)
     info = {"preprocess": plain(processor.to_dict()), "transform": type(processor).__name__,
             "source": source if source != cfg.model else f"hub:{cfg.model}"}
-    return Backbone(model, preprocess, embed, output_dim(embed, preprocess), info)
+    backbone = Backbone(model, preprocess, embed, output_dim(embed, preprocess), info)
+    return with_uint8_inputs(backbone, processor_split(processor))
 
 
 def _embed_function(model: torch.nn.Module, embedding: str

@@ -16,7 +16,8 @@ from omegaconf import MISSING
 
 from sae.checks import require
 
-IMAGE_LAYOUTS = ("imagenet", "openimages", "digits_images")
+IMAGE_LAYOUTS = ("imagenet", "imagenet_hf", "openimages", "digits_images")
+SAMPLING_PROTOCOLS = ("per_image", "narratives")
 
 
 def identity_field(default: Any = MISSING, *, identity: bool = True, **kwargs: Any) -> Any:
@@ -133,9 +134,10 @@ class ImagesDatasetConfig(DatasetConfig):
     eval_split: str = "val"  # split name that evaluates it
     max_per_split: int | None = None  # keep at most this many images per split (smoke tests)
     on_unreadable: str = identity_field("fail", identity=False)  # an undecodable image: fail (naming its path) | skip (and count it)
+    sampling: str = "per_image"  # samples of a split: per_image (each image once) | narratives (openimages: one per (image, Localized Narratives caption), labelled images only: the reference code's)
     # The three below are left out of the run id as they always were (ids stay stable); the
     # cache key, which the run's data comes from, does hold them.
-    layout: str = identity_field("imagenet", identity=False)  # images on disk: imagenet (<split>/<class>/*) | openimages | digits_images (written once under root)
+    layout: str = identity_field("imagenet", identity=False)  # images on disk: imagenet (<split>/<class>/*) | imagenet_hf (a Hugging Face datasets copy: save_to_disk, or parquet / arrow files) | openimages | digits_images (written once under root)
     eval_fraction: float = identity_field(0.2, identity=False)  # digits_images: fraction held out as the val split
     split_seed: int = identity_field(0, identity=False)  # seed of the max_per_split subset (and of digits_images' split)
 
@@ -147,6 +149,11 @@ class ImagesDatasetConfig(DatasetConfig):
                  f"{self.on_unreadable!r} is not an option", "use fail or skip")
         require(self.layout in IMAGE_LAYOUTS, "dataset.layout",
                  f"unknown layout {self.layout!r}", f"use one of {IMAGE_LAYOUTS}")
+        require(self.sampling in SAMPLING_PROTOCOLS, "dataset.sampling",
+                 f"unknown protocol {self.sampling!r}", f"use one of {SAMPLING_PROTOCOLS}")
+        require(self.sampling == "per_image" or self.layout == "openimages", "dataset.sampling",
+                 f"{self.sampling} needs Open Images' Localized Narratives",
+                 "use sampling=per_image with this layout")
 
 
 DATASET_SCHEMAS: dict[str, type[DatasetConfig]] = {

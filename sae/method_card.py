@@ -36,11 +36,12 @@ PREPROCESSING = {
             "(resolve_model_data_config + create_transform)",
     "transformers": "the checkpoint's own AutoImageProcessor (its preprocessor_config.json)",
 }
-# How an image dataset turns into samples (``dataset.sampling`` where the dataset has it).
+# How an image dataset's split becomes samples (dataset.sampling, METHOD.md s1).
 SAMPLING = {
     None: "one sample per image file of the split",
-    "per_image": "one sample per image file of the split",
-    "narratives": "one sample per (image, Localized Narratives caption) pair",
+    "per_image": "every image of the split once",
+    "narratives": "the reference code's: one sample per (image, caption) pair of "
+                  "the Localized Narratives files, images with a positive boxable label only",
 }
 OUTPUTS = {
     "image_projected": "encode_image, the projected image embedding",
@@ -90,6 +91,8 @@ def run_card(cfg: RootConfig, metrics: dict[str, Any], split_sizes: dict[str, in
     reg = cfg.regularizer
     dataset: dict[str, Any] = {"name": cfg.dataset.name, "sampling": _sampling(cfg),
                                **split_sizes}
+    if cfg.dataset.kind == "images":
+        dataset["layout"] = cfg.dataset.layout
     if caches:
         dataset["embedding_cache_key_inputs"] = caches
     return {

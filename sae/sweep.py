@@ -61,6 +61,15 @@ def preflight(cfg: RootConfig) -> None:
     data = cfg.dataset
     if data.kind == "images":
         _check_image_root(data)
+    if data.kind == "images" and data.sampling == "narratives":
+        from sae.data.errors import DataError
+        from sae.data.openimages import narrative_files
+
+        for split in (data.train_split, data.eval_split):
+            try:
+                narrative_files(Path(data.root), split)
+            except DataError as exc:
+                raise ConfigError(f"dataset.sampling: {exc}") from None
     if data.kind == "files":
         for name in ("train_path", "eval_path", "train_labels", "eval_labels", "class_names"):
             path = getattr(data, name)

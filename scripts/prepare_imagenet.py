@@ -62,12 +62,12 @@ def from_kaggle(kaggle: Path, root: Path, copy: bool) -> None:
         shutil.copy2(mapping, root / mapping.name)
 
 
-def check(root: Path) -> None:
+def check(root: Path, layout: str = "imagenet") -> None:
     """List both splits as dataset=imagenet would and print their sizes."""
     from sae.config import ImagesDatasetConfig
     from sae.data.images import open_split
 
-    cfg = ImagesDatasetConfig(name="imagenet", kind="images", layout="imagenet", root=str(root))
+    cfg = ImagesDatasetConfig(name="imagenet", kind="images", layout=layout, root=str(root))
     expected = {"train": 1_281_167, "val": 50_000}
     for split, count in expected.items():
         listed = open_split(cfg, split)
@@ -85,13 +85,16 @@ def main() -> None:
     kaggle.add_argument("kaggle_dir", type=Path)
     kaggle.add_argument("root", type=Path)
     kaggle.add_argument("--copy", action="store_true", help="copy files instead of symlinks")
-    sub.add_parser("check").add_argument("root", type=Path)
+    checking = sub.add_parser("check")
+    checking.add_argument("root", type=Path)
+    checking.add_argument("--layout", choices=("imagenet", "imagenet_hf"), default="imagenet",
+                          help="imagenet_hf: a Hugging Face imagenet-1k copy (prepare_imagenet.md)")
     args = parser.parse_args()
     if args.command == "archives":
         from_archives(args.root)
     elif args.command == "kaggle":
         from_kaggle(args.kaggle_dir, args.root, args.copy)
-    check(args.root)
+    check(args.root, getattr(args, "layout", "imagenet"))
 
 
 if __name__ == "__main__":

@@ -200,6 +200,9 @@ def project_embeddings(option: str, hub: Path, split: ImageSplit, out: Path) -> 
                        num_workers=workers)
     result = embed_split(cfg, split, out, device="cpu", progress=False)
     assert result.kept == list(range(len(split)))
+    # the workers sent uint8 and the float part ran in embed (sae/backbone_inputs.py): the
+    # equality below then covers the split, not a fallback to the float path
+    assert result.backbone_info["worker_dtype"] == "uint8", result.backbone_info
     return np.load(out)
 
 
@@ -294,7 +297,7 @@ def test_transformers_snapshot_directory_and_output_rules(hub):
     assert backbone.info["transform"].startswith("ViTImageProcessor")
     assert backbone.info["preprocess"]["size"] == {"height": 224, "width": 224}
     pixels = backbone.preprocess(Image.new("RGB", (50, 70)))
-    assert pixels.shape == (3, 224, 224)
+    assert pixels.shape == (3, 224, 224) and pixels.dtype == torch.uint8
     # pretrained: null builds the same architecture from config.json with random weights
     from sae.backbones_hf import load_transformers
 

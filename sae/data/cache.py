@@ -35,6 +35,7 @@ import os
 import shutil
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -332,29 +333,12 @@ def key_inputs(manifest: dict[str, Any]) -> dict[str, Any]:
 
 
 def _image_getter(dataset: ImagesDatasetConfig, split_name: str, ids: list[str], path: Path
-                  ) -> ImageGetter | None:
+                  ) -> Callable[[int], Image.Image] | None:
     """The cached images, from this config's dataset root (None where they are not)."""
-    from sae.data.images import image_dir, materialize_digits_images
+    from sae.data.images import cached_images
 
-    if dataset.layout == "digits_images":  # a cache copied here without its images
-        materialize_digits_images(Path(str(dataset.root)), dataset.eval_fraction,
-                                  dataset.split_seed)
-    folder = image_dir(dataset, split_name) if dataset.root else None
-    if folder is not None and folder.is_dir():
-        return ImageGetter(folder, ids)
-    # a cache used where its images are not: train, but show no images
-    log.warning("images of %s are not at %s: contact sheets will have no images", path, folder)
-    return None
-
-
-class ImageGetter:
-    """i -> the i-th cached image as RGB (picklable, for contact sheets)."""
-
-    def __init__(self, folder: Path, ids: list[str]) -> None:
-        self.folder = folder
-        self.ids = ids
-
-    def __call__(self, i: int) -> Image.Image:
-        from sae.data.images import load_rgb
-
-        return load_rgb(self.folder / self.ids[i])
+    getter = cached_images(dataset, split_name, ids)
+    if getter is None:  # a cache used where its images are not: train, but show no images
+        log.warning("images of %s are not under %s: contact sheets will have no images", path,
+                    dataset.root)
+    return getter

@@ -7,42 +7,49 @@
   folders of the *train* split, as torchvision's ImageFolder orders them, so train and val agree
   even when a subset of val lacks some classes. Class names come from
   ``<root>/LOC_synset_mapping.txt`` when present, else they are the wnids.
-- ``openimages``: ``<root>/images/<split>/<ImageID>.jpg``, the class list
-  ``<root>/oidv7-class-descriptions-boxable.csv`` (LabelName, DisplayName; with or without a header
-  row) and ``<root>/<split>-annotations-human-imagelabels-boxable.csv`` (ImageID, Source,
-  LabelName, Confidence). Rows with Confidence == 1 become a multi-hot (N, C) bool label; one
-  sample per image file, images without a positive label included (all-zero row).
+- ``imagenet_hf``: a Hugging Face ``datasets`` copy of ImageNet-1K on disk (the reference code's
+  source): :mod:`sae.data.images_hf`.
+- ``openimages``: ``<root>/images/<split>/<ImageID>.jpg`` with the boxable class list and the
+  human image labels, sampled per ``dataset.sampling``: :mod:`sae.data.openimages`.
 - ``digits_images``: scikit-learn's digits rendered as PNG files, written once under ``root`` in
   the imagenet layout (class folders ``0``..``9``), so the image path runs offline.
 
-Every reader returns an :class:`ImageSplit`: the image files (ids relative to the split's image
-directory), labels and class names. :class:`ImageFileDataset` turns it into a torch Dataset.
+Every reader returns an :class:`ImageSplit`: the sample ids (for files, paths relative to the
+split's image directory), labels and class names. :class:`ImageFileDataset` turns it into a
+torch Dataset.
 """
 
 from __future__ import annotations
 
-import csv
 import os
 import shutil
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 from PIL import Image
 
+from sae.config import IMAGE_LAYOUTS as LAYOUTS
 from sae.config import ImagesDatasetConfig
 from sae.data.errors import DataError
+from sae.data.openimages import (
+    OI_CLASSES_CSV,
+    OI_LABELS_CSV,
+    narrative_files,
+    narrative_samples,
+    read_narrative_image_ids,
+    read_oi_classes,
+    read_oi_labels,
+)
 
-LAYOUTS = ("imagenet", "openimages", "digits_images")
+__all__ = ["LAYOUTS", "OI_CLASSES_CSV", "OI_LABELS_CSV", "ImageFileDataset", "ImageSplit",
+           "open_split", "read_oi_classes", "read_oi_labels"]
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
-OI_CLASSES_CSV = "oidv7-class-descriptions-boxable.csv"
-OI_LABELS_CSV = "{split}-annotations-human-imagelabels-boxable.csv"
-OI_CLASS_COLUMNS = ("LabelName", "DisplayName")
-OI_LABEL_COLUMNS = ("ImageID", "LabelName", "Confidence")  # Source is present but unused
 DIGITS_IMAGE_SIZE = 32  # 8x8 digits upscaled 4x (nearest): big enough for any backbone resize
 
 
@@ -50,24 +57,45 @@ class UnreadableImageError(DataError):
     """An image file cannot be decoded and ``dataset.on_unreadable`` is ``fail``."""
 
 
+class RowReader(Protocol):
+    """Images stored inside a dataset file rather than one file each (picklable)."""
+
+    def load(self, row: int) -> Image.Image: ...
+
+    def describe(self, row: int) -> str: ...
+
+
 @dataclass
 class ImageSplit:
-    """The images of one split of one dataset, and their labels; no pixels are loaded."""
+    """The samples of one split of one dataset, and their labels; no pixels are loaded."""
 
     dataset: str  # dataset config name
     split: str  # split directory name (train, val, validation, ...)
-    image_dir: Path  # ids are file paths relative to it
-    ids: list[str]  # e.g. "n01440764/n01440764_10026.JPEG" or "000026e7ee790996.jpg"
+    image_dir: Path  # file ids are relative to it (imagenet_hf: the dataset's location)
+    ids: list[str]  # e.g. "n01440764/n01440764_10026.JPEG", "000026e7ee790996.jpg" or a row "17"
     labels: np.ndarray | None  # (N,) int64 class ids or (N, C) bool multi-hot
     class_names: list[str]
     info: dict[str, Any] = field(default_factory=dict)  # counts for the manifest
     sources: list[Path] = field(default_factory=list)  # metadata files read (labels, class names): part of the cache key
+    reader: RowReader | None = None  # set when the ids are rows of a dataset file, not files
 
     def __len__(self) -> int:
         return len(self.ids)
 
     def path(self, i: int) -> Path:
         return self.image_dir / self.ids[i]
+
+    def load(self, i: int) -> Image.Image:
+        """Sample i decoded fully as RGB (raises OSError / ValueError when it cannot be)."""
+        if self.reader is not None:
+            return self.reader.load(int(self.ids[i]))
+        return load_rgb(self.path(i))
+
+    def describe(self, i: int) -> str:
+        """Where sample i comes from, for error messages."""
+        if self.reader is not None:
+            return self.reader.describe(int(self.ids[i]))
+        return str(self.path(i))
 
 
 def check_layout(cfg: ImagesDatasetConfig) -> str:
@@ -81,8 +109,11 @@ def check_layout(cfg: ImagesDatasetConfig) -> str:
 def image_dir(cfg: ImagesDatasetConfig, split: str) -> Path:
     """Directory that a split's image ids are relative to (no listing, no checks)."""
     root = Path(str(cfg.root))
-    if check_layout(cfg) == "openimages":
+    layout = check_layout(cfg)
+    if layout == "openimages":
         return root / "images" / split
+    if layout == "imagenet_hf":
+        return root
     return root / split
 
 
@@ -94,13 +125,17 @@ def open_split(cfg: ImagesDatasetConfig, split: str) -> ImageSplit:
     _check_root(cfg)
     if layout == "openimages":
         full = _open_openimages(cfg, split)
+    elif layout == "imagenet_hf":
+        from sae.data.images_hf import open_hf_split
+
+        full = open_hf_split(cfg, split)
     else:
         full = _open_imagefolder(cfg, split)
     return _subsample(full, cfg.max_per_split, cfg.split_seed)
 
 
 # The environment variable that conf/dataset/<layout>.yaml reads the root from.
-ROOT_ENV = {"imagenet": "IMAGENET_ROOT", "openimages": "OPENIMAGES_ROOT"}
+ROOT_ENV = {"imagenet": "IMAGENET_ROOT", "imagenet_hf": "IMAGENET_ROOT", "openimages": "OPENIMAGES_ROOT"}
 
 
 def _check_root(cfg: ImagesDatasetConfig) -> None:
@@ -116,8 +151,8 @@ def _check_root(cfg: ImagesDatasetConfig) -> None:
 
 def _layout_doc(layout: str) -> str:
     """Where a layout is documented, for error messages."""
-    if layout in ("imagenet", "openimages"):
-        return f"scripts/prepare_{layout}.md"
+    if layout in ("imagenet", "imagenet_hf", "openimages"):
+        return f"scripts/prepare_{layout.removesuffix('_hf')}.md"
     return "sae/data/images.py"
 
 
@@ -193,69 +228,29 @@ def _open_openimages(cfg: ImagesDatasetConfig, split: str) -> ImageSplit:
     root = Path(str(cfg.root))
     folder = _split_dir(root / "images" / split, split, root / "images")
     label_names, display_names = read_oi_classes(root / OI_CLASSES_CSV)
+    narrative_sources: list[Path] = []
+    if cfg.sampling == "narratives":  # fail before listing a million files
+        narrative_sources = list(narrative_files(root, split))
+        narratives = read_narrative_image_ids(narrative_sources)
     files = [f for f in _image_files(folder) if f.lower().endswith(".jpg")]
     if not files:
         raise DataError(f"{folder}: no <ImageID>.jpg files. Fix: download the {split} images "
                         "there (scripts/prepare_openimages.md)")
-    labels, info = read_oi_labels(root / OI_LABELS_CSV.format(split=split),
-                                  [Path(f).stem for f in files], label_names)
-    info["n_listed"] = len(files)
-    sources = [root / OI_CLASSES_CSV, root / OI_LABELS_CSV.format(split=split)]
+    image_ids = [Path(f).stem for f in files]
+    labels, info = read_oi_labels(root / OI_LABELS_CSV.format(split=split), image_ids,
+                                  label_names)
+    info = {"sampling": cfg.sampling, "n_listed": len(files), **info}
+    if cfg.sampling == "narratives":
+        samples, counts = narrative_samples(image_ids, labels, narratives)
+        if not len(samples):
+            raise DataError(f"{folder}: none of the split's narratives names a labelled image on "
+                            f"disk ({counts}). Fix: download the images of the narratives "
+                            "(scripts/prepare_openimages.md)")
+        files, labels = [files[i] for i in samples], labels[samples]
+        info.update(counts, n_samples=len(files))
+    sources = [root / OI_CLASSES_CSV, root / OI_LABELS_CSV.format(split=split),
+               *narrative_sources]
     return ImageSplit(cfg.name, split, folder, files, labels, display_names, info, sources)
-
-
-def read_oi_classes(path: Path) -> tuple[list[str], list[str]]:
-    """(LabelName, DisplayName) lists of the boxable class file, in file order."""
-    if not path.is_file():
-        raise DataError(f"{path}: class description file is missing. Fix: download "
-                        f"{OI_CLASSES_CSV} into the dataset root (scripts/prepare_openimages.md)")
-    with open(path, newline="", encoding="utf-8") as f:
-        rows = [row for row in csv.reader(f) if row]
-    if rows and tuple(rows[0][:2]) == OI_CLASS_COLUMNS:
-        rows = rows[1:]  # the file is distributed with and without this header row
-    elif not rows or len(rows[0]) < 2 or not rows[0][0].startswith("/m/"):
-        raise DataError(f"{path}: expected the columns {OI_CLASS_COLUMNS} (or header-less rows "
-                        f"'/m/...,Name'), found {rows[0] if rows else 'an empty file'}. Fix: use "
-                        f"Open Images' {OI_CLASSES_CSV}")
-    return [r[0] for r in rows], [r[1] for r in rows]
-
-
-def read_oi_labels(path: Path, image_ids: list[str], label_names: list[str]
-                   ) -> tuple[np.ndarray, dict[str, int]]:
-    """Multi-hot (N, C) bool labels of ``image_ids`` from the human image-label CSV.
-
-    Keeps rows with Confidence == 1 (0 means a human verified the class is absent); rows of
-    images that are not on disk are ignored and counted (a partial download).
-    """
-    import pandas as pd
-
-    if not path.is_file():
-        raise DataError(f"{path}: image-label file is missing. Fix: download it into the dataset "
-                        "root (scripts/prepare_openimages.md)")
-    with open(path, newline="", encoding="utf-8") as f:
-        header = next(csv.reader(f), [])
-    missing = [c for c in OI_LABEL_COLUMNS if c not in header]
-    if missing:
-        raise DataError(f"{path}: columns {missing} are missing (found {header}). Fix: use Open "
-                        "Images' <split>-annotations-human-imagelabels-boxable.csv, whose header "
-                        "is ImageID,Source,LabelName,Confidence")
-    table = pd.read_csv(path, usecols=list(OI_LABEL_COLUMNS), dtype={"ImageID": str,
-                        "LabelName": str, "Confidence": float})
-    positive = table["Confidence"] == 1
-    rows = table[positive]
-    image_pos = pd.Index(image_ids).get_indexer(rows["ImageID"])
-    class_pos = pd.Index(label_names).get_indexer(rows["LabelName"])
-    unknown = rows["LabelName"][class_pos < 0].unique()
-    if len(unknown):
-        raise DataError(f"{path}: labels {list(unknown[:5])} are not in {OI_CLASSES_CSV}. Fix: use "
-                        "the *boxable* image-label file, which matches the boxable class list")
-    on_disk = image_pos >= 0
-    labels = np.zeros((len(image_ids), len(label_names)), dtype=bool)
-    labels[image_pos[on_disk], class_pos[on_disk]] = True
-    info = {"label_rows": len(table), "label_rows_confidence_0": int((~positive).sum()),
-            "label_rows_without_image": int((~on_disk).sum()),
-            "images_without_label": int((~labels.any(axis=1)).sum())}
-    return labels, info
 
 
 # ---------------------------------------------------------------- digits rendered as images
@@ -313,14 +308,32 @@ def _subsample(split: ImageSplit, max_images: int | None, seed: int) -> ImageSpl
     keep = np.sort(np.random.default_rng(seed).choice(len(split), max_images, replace=False))
     labels = None if split.labels is None else split.labels[keep]
     info = {**split.info, "subsampled_from": len(split)}
-    return ImageSplit(split.dataset, split.split, split.image_dir, [split.ids[i] for i in keep],
-                      labels, split.class_names, info, split.sources)
+    return replace(split, ids=[split.ids[i] for i in keep], labels=labels, info=info)
 
 
 def load_rgb(path: Path) -> Image.Image:
     """Decode an image fully (truncated files fail here, not later) as RGB."""
     with Image.open(path) as image:
         return image.convert("RGB")
+
+
+def cached_images(cfg: ImagesDatasetConfig, split: str, ids: list[str]
+                  ) -> Callable[[int], Image.Image] | None:
+    """i -> the sample ``ids[i]`` as RGB, read from *this* config's root (a cache moved to
+    another cluster still shows its images); None where the images are not."""
+    if cfg.layout == "digits_images" and cfg.root:  # a cache copied here without its images
+        materialize_digits_images(Path(cfg.root), cfg.eval_fraction, cfg.split_seed)
+    if not cfg.root or not image_dir(cfg, split).is_dir():
+        return None
+    reader = None
+    if cfg.layout == "imagenet_hf":
+        from sae.data.images_hf import open_rows
+
+        try:
+            reader = open_rows(Path(cfg.root), split)
+        except DataError:
+            return None
+    return ImageSplit(cfg.name, split, image_dir(cfg, split), ids, None, [], reader=reader).load
 
 
 class ImageFileDataset(torch.utils.data.Dataset):
@@ -339,14 +352,13 @@ class ImageFileDataset(torch.utils.data.Dataset):
         return len(self.split)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor | None, int]:
-        path = self.split.path(index)
         try:
-            image = load_rgb(path)
+            image = self.split.load(index)
         except (OSError, ValueError, Image.DecompressionBombError) as exc:
             if self.on_unreadable == "skip":
                 return None, index
             raise UnreadableImageError(
-                f"{path}: cannot be decoded ({type(exc).__name__}: {exc}). Fix: replace or delete "
+                f"{self.split.describe(index)}: cannot be decoded ({type(exc).__name__}: {exc}). Fix: replace or delete "
                 "the file, or set dataset.on_unreadable=skip to skip it and count it"
             ) from exc
         return self.transform(image), index
