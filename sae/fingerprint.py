@@ -118,11 +118,14 @@ def _write_sidecar(real: Path, record: dict) -> None:
 
 # ---------------------------------------------------------------- image listings
 
-def listing_id(image_dir: Path, ids: Sequence[str], sources: Sequence[Path], root: Path
+def listing_id(image_dir: Path | None, ids: Sequence[str], sources: Sequence[Path], root: Path
                ) -> dict[str, object]:
     """The number of images, a digest of their ordered (id, size) list, and the names and sizes
-    of the metadata files read (relative to ``root``): what a changed root changes."""
-    sizes = file_sizes([Path(image_dir) / i for i in ids])
+    of the metadata files read (relative to ``root``): what a changed root changes. Without an
+    ``image_dir`` the ids are rows of data files (a Hugging Face copy), which ``sources`` name:
+    the ids are listed with size 0."""
+    sizes = (file_sizes([Path(image_dir) / i for i in ids]) if image_dir is not None
+             else [0] * len(ids))
     digest = hashlib.sha256()
     for image_id, size in zip(ids, sizes, strict=True):
         digest.update(f"{image_id}\t{size}\n".encode())

@@ -305,11 +305,11 @@ def test_method_card_names_the_sampling_and_the_cache_key_inputs(tmp_path):
     card = run_card(cfg, {}, {"train_samples": 3}, "v0", "python -m sae.train ...",
                     {"train": data.info["cache_key_inputs"]})
     inputs = card["dataset"]["embedding_cache_key_inputs"]["train"]
-    assert card["dataset"]["sampling"] == "one sample per image file of the split"
+    assert card["dataset"]["sampling"] == "per_image: every image of the split once"
     assert inputs["key"] == Path(data.info["cache"]).name.rsplit("__", 1)[1]
     assert inputs["weights"] == "random:seed0" and inputs["n_images"] == 3
     assert inputs["metadata_files"] == {"LOC_synset_mapping.txt": (root / "LOC_synset_mapping.txt")
                                         .stat().st_size}
     assert set(inputs["library_versions"]) >= {"torch", "timm"}
     text = render_markdown(card, "run")
-    assert "image_list_sha256" in text and "sampling: one sample per image file" in text
+    assert "image_list_sha256" in text and "sampling: per_image: every image" in text

@@ -73,8 +73,8 @@ def key_fields(backbone: BackboneConfig, dataset: ImagesDatasetConfig, images: I
     (the split's ordered image list with sizes, and the metadata files), never where."""
     fields = config_fields(backbone, dataset, images.split)
     root = Path(str(dataset.root))
-    fields["dataset"]["listing"] = listing_id(images.image_dir, images.ids,
-                                              images.sources, root)
+    files_dir = None if images.reader is not None else images.image_dir  # rows name no file
+    fields["dataset"]["listing"] = listing_id(files_dir, images.ids, images.sources, root)
     return fields
 
 

@@ -89,7 +89,7 @@ def open_hf_split(cfg: ImagesDatasetConfig, split: str) -> ImageSplit:
     ids = [str(i) for i in range(len(rows))]
     return ImageSplit(cfg.name, split, root, ids, labels, names,
                       {"n_listed": len(ids), "source": rows.where, "source_files": rows.files()},
-                      reader=rows)
+                      sources=[Path(f["filename"]) for f in rows.dataset.cache_files], reader=rows)
 
 
 def open_rows(root: Path, split: str) -> HFRows:
