@@ -11,6 +11,7 @@ the checkpoint functions import it when called.
 
 from __future__ import annotations
 
+import datetime as dt
 import functools
 import json
 import os
@@ -76,6 +77,21 @@ def _json_default(obj: Any) -> Any:
     if hasattr(obj, "item"):
         return obj.item()
     raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+# -- setting files aside --------------------------------------------------------------------
+def utc_stamp() -> str:
+    """A compact UTC timestamp for names of things set aside (``20261130T054100Z``)."""
+    return dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
+
+
+def unused_name(path: Path) -> Path:
+    """``path``, or ``path`` with ``-2``, ``-3``, ... appended when it exists."""
+    candidate, n = path, 1
+    while candidate.exists():
+        n += 1
+        candidate = path.with_name(f"{path.name}-{n}")
+    return candidate
 
 
 # -- code version ---------------------------------------------------------------------------
