@@ -13,9 +13,8 @@ import os
 import shutil
 from pathlib import Path
 
+from sae.io import CORRUPT_MARK
 from sae.runs import PREVIOUS_PREFIX
-
-CORRUPT_MARK = ".corrupt-"  # the suffix of a checkpoint the trainer set aside (sae.trainer)
 
 
 def runs_root(root: Path) -> Path:

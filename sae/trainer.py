@@ -143,6 +143,14 @@ def train_step(model: TopKSAE, optimizer: torch.optim.Optimizer, x: torch.Tensor
 
 
 # -- checkpoints ------------------------------------------------------------------------------
+def older_checkpoint(path: Path) -> Path:
+    """Where the checkpoint before ``path`` is kept: ``prev.safetensors`` beside
+    ``last.safetensors`` (``<stem>-prev<suffix>`` for any other name)."""
+    if path.name == "last.safetensors":
+        return path.with_name("prev.safetensors")
+    return path.with_name(f"{path.stem}-prev{path.suffix}")
+
+
 def save_checkpoint(path: Path, model: TopKSAE, optimizer: torch.optim.Optimizer,
                     state: TrainState, config: dict[str, Any]) -> None:
     tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
@@ -157,7 +165,7 @@ def save_checkpoint(path: Path, model: TopKSAE, optimizer: torch.optim.Optimizer
             "config": config}
     from sae.io import save_tensors
 
-    save_tensors(path, tensors, meta)
+    save_tensors(path, tensors, meta, previous=older_checkpoint(path))
 
 
 def load_checkpoint(path: Path, model: TopKSAE, optimizer: torch.optim.Optimizer,
@@ -212,16 +220,34 @@ class Trainer:
         self.encoder_scale: float | None = None  # set by the initial calibration
 
     def initial_state(self) -> TrainState:
-        if self.checkpoint_path.exists():
-            state = load_checkpoint(self.checkpoint_path, self.model, self.optimizer, self.device)
-            self.resumed_from = state.step
-            log.info("resumed from checkpoint %s at step %d", self.checkpoint_path, state.step)
-            return state
+        resumed = self.resume()
+        if resumed is not None:
+            return resumed
         sample = self.x[: min(self.x.shape[0], 65536)]
         self.model.init_b_pre_(sample)
         self.encoder_scale = self.model.calibrate_encoder_scale_(sample)
         counters = torch.zeros(self.model.n_latents, dtype=torch.int64, device=self.device)
         return TrainState(0, counters)
+
+    def resume(self) -> TrainState | None:
+        """The state of the newest whole checkpoint (last, then the one before), or None. A
+        corrupt one is set aside with a one-line warning naming it (never trained from)."""
+        from sae.io import CorruptCheckpointError, set_aside_corrupt
+
+        for path in (self.checkpoint_path, older_checkpoint(self.checkpoint_path)):
+            if not path.exists():
+                continue
+            try:
+                state = load_checkpoint(path, self.model, self.optimizer, self.device)
+            except CorruptCheckpointError as exc:
+                aside = set_aside_corrupt(path)
+                log.warning("corrupt checkpoint %s moved to %s: %s; resuming from an older one "
+                            "or from scratch", path, aside, str(exc).removeprefix(f"{path}: "))
+                continue
+            self.resumed_from = state.step
+            log.info("resumed from checkpoint %s at step %d", path, state.step)
+            return state
+        return None
 
     def run(self) -> TrainState:
         if self.device.type == "cpu":

@@ -10,6 +10,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+import torch
+
 from sae.config import PathsConfig
 from tests.helpers import REPO, synthetic_cfg
 
@@ -70,3 +73,71 @@ def test_a_requeued_forced_job_resumes_its_own_checkpoint(tmp_path, monkeypatch)
 def clean(root: Path, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "sae.clean", str(root), *args], cwd=REPO,
                           capture_output=True, text=True, timeout=120)
+
+
+# -- checkpoints protect themselves (item 3) -----------------------------------------------------
+CKPT_CELL = dict(reg="l1l2", strength=0.05, n_train=2000, batch=256, n_latents=128, k=4,
+                 checkpoint_every=5)
+
+
+def train_to(ckpt: Path, max_steps: int):
+    from sae.data.synthetic import load_synthetic
+    from tests.test_trainer import train
+
+    cfg = synthetic_cfg(max_steps=max_steps, **CKPT_CELL)
+    return train(cfg, load_synthetic(cfg.dataset)[0].x, ckpt)
+
+
+def truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[:100])  # as a full disk or a killed copy leaves it
+
+
+def flip_a_weight_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[-9] ^= 0xFF  # in the tensor data: the header still parses
+    path.write_bytes(bytes(data))
+
+
+def test_the_last_two_checkpoints_are_kept_with_a_digest(tmp_path):
+    from sae.trainer import older_checkpoint
+
+    ckpt = tmp_path / "checkpoints" / "last.safetensors"
+    train_to(ckpt, 12)
+    older = older_checkpoint(ckpt)
+    assert older.name == "prev.safetensors"
+    last_meta = json.loads(ckpt.with_suffix(".json").read_text())
+    prev_meta = json.loads(older.with_suffix(".json").read_text())
+    assert (last_meta["step"], prev_meta["step"]) == (12, 10)
+    assert len(last_meta["digest"]) == 64 and last_meta["digest"] != prev_meta["digest"]
+
+
+@pytest.mark.parametrize("damage", [truncate, flip_a_weight_byte], ids=["truncated", "bitflip"])
+def test_a_corrupt_checkpoint_is_set_aside_and_the_older_one_resumes(tmp_path, damage, caplog):
+    straight, _, _ = train_to(tmp_path / "straight" / "last.safetensors", 20)
+    ckpt = tmp_path / "damaged" / "last.safetensors"
+    train_to(ckpt, 12)  # last: step 12, prev: step 10
+    damage(ckpt)
+    with caplog.at_level("WARNING"):
+        resumed, state, trainer = train_to(ckpt, 20)
+    assert trainer.resumed_from == 10 and state.step == 20
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    (aside,) = ckpt.parent.glob("last.safetensors.corrupt-*")
+    assert len(warnings) == 1 and str(ckpt) in warnings[0] and str(aside) in warnings[0]
+    assert "\n" not in warnings[0]
+    for name, value in straight.state_dict().items():  # the older checkpoint resumes exactly
+        assert torch.equal(value, resumed.state_dict()[name]), name
+
+
+def test_with_both_checkpoints_corrupt_training_starts_afresh(tmp_path, caplog):
+    from sae.trainer import older_checkpoint
+
+    ckpt = tmp_path / "last.safetensors"
+    train_to(ckpt, 12)
+    truncate(ckpt)
+    older = older_checkpoint(ckpt)
+    meta_end = older.read_bytes()
+    older.write_bytes(b"\xff" * 8 + meta_end[8:])  # a header length no file can have
+    with caplog.at_level("WARNING"):
+        _, state, trainer = train_to(ckpt, 12)
+    assert trainer.resumed_from is None and state.step == 12
+    assert len([r for r in caplog.records if r.levelname == "WARNING"]) == 2
