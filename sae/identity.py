@@ -6,6 +6,11 @@ with no effect are normalised away first: without a regularizer, ``mask``, ``str
 ``eps`` are dropped, so the two mask twins of a baseline cell are one run. The W&B run id, the
 run directory name and the "already done" check all use it.
 
+The identity of the data is part of it (:func:`data_identity`): the content digests of a files
+dataset's embedding, label and class-name files, of ``backbone.checkpoint_path``, and, for an
+image dataset, what its embedding cache key holds beyond the config. Generated data (synthetic,
+digits) is named by its config alone.
+
 This module imports no torch: the sweeper plans a grid and the report reads runs through it.
 """
 
@@ -16,6 +21,7 @@ import json
 from typing import Any
 
 from sae.config import RootConfig, to_dict
+from sae.io import content_identity
 
 # Keys that never change a run's numbers: how and where it runs, and how it is logged.
 NON_SEMANTIC_KEYS = {
@@ -42,7 +48,43 @@ def semantic_config(cfg: RootConfig) -> dict[str, Any]:
     if cfg.backbone.library == "none":
         config["backbone"] = {"name": "none"}
     config["dataset"] = cfg.dataset.identity()
+    if data := data_identity(cfg):
+        config["data"] = data
+    if cfg.backbone.library != "none" and cfg.backbone.checkpoint_path:
+        config["backbone"]["weights"] = content_identity(cfg.backbone.checkpoint_path,
+                                                         digest_cache_dir(cfg))
     return config
+
+
+FILES_DATA_FIELDS = ("train_path", "eval_path", "train_labels", "eval_labels", "class_names")
+
+
+def data_identity(cfg: RootConfig) -> dict[str, Any]:
+    """What names the data beyond the config: the digest of every file a files dataset reads;
+    for an image dataset, the fields its embedding cache key (``sae.data.cache.key_fields``)
+    holds that the run's config does not (the weights digest comes with the backbone). Empty for
+    generated data, so the demo's run ids stay as they were."""
+    dataset = cfg.dataset
+    if dataset.kind == "files":
+        cache = digest_cache_dir(cfg)
+        return {name: content_identity(getattr(dataset, name), cache)
+                for name in FILES_DATA_FIELDS if getattr(dataset, name)}
+    if dataset.kind == "images":
+        cache_fields: dict[str, Any] = {"layout": dataset.layout}
+        if dataset.max_per_split is not None:
+            cache_fields["subset_seed"] = dataset.split_seed
+        if dataset.layout == "digits_images":
+            cache_fields["generated_split"] = {"eval_fraction": dataset.eval_fraction,
+                                               "seed": dataset.split_seed}
+        return {"embedding_cache": cache_fields}
+    return {}
+
+
+def digest_cache_dir(cfg: RootConfig) -> str | None:
+    """Where file digests are cached when a file's own directory is not writable (None when the
+    output root is not resolved, as in a config built without Hydra)."""
+    cache = str(cfg.paths.cache)
+    return None if "${" in cache else cache
 
 
 # The readable part of a run id stays within SLUG_LIMIT characters (with the hash, a W&B id must

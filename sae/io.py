@@ -96,6 +96,81 @@ def unused_name(path: Path) -> Path:
     return candidate
 
 
+# -- content digests of input files --------------------------------------------------------
+# A file's sha256 is cached in a sidecar keyed by its size and mtime, so a 5 GB embedding file is
+# read once, not at every launch: ``<file>.sha256.json`` beside it, or, where its directory is
+# not writable (and for the files inside a directory, such as a Hugging Face snapshot, which is
+# left untouched), ``<cache_dir>/digests/``. Without a usable place the digest is recomputed.
+DIGEST_SUFFIX = ".sha256.json"
+_HASH_CHUNK = 1 << 24  # 16 MiB reads
+
+
+def writable_dir(directory: Path) -> bool:
+    return os.access(directory, os.W_OK)
+
+
+def stream_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(_HASH_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def digest_sidecar(path: Path, cache_dir: str | None, beside: bool = True) -> Path | None:
+    """Where the digest of ``path`` is cached (None: nowhere usable)."""
+    if beside and writable_dir(path.parent):
+        return path.with_name(path.name + DIGEST_SUFFIX)
+    if cache_dir is None:
+        return None
+    key = hashlib.sha256(str(path.absolute()).encode()).hexdigest()[:16]
+    return Path(cache_dir) / "digests" / f"{key}-{path.name}{DIGEST_SUFFIX}"
+
+
+@functools.cache
+def file_digest(path: Path, size: int, mtime_ns: int, cache_dir: str | None,
+                beside: bool = True) -> str:
+    """sha256 of the file ``path`` (whose stat gave ``size`` and ``mtime_ns``), from its
+    sidecar when that was written for this size and mtime, else streamed and cached."""
+    sidecar = digest_sidecar(path, cache_dir, beside)
+    try:
+        cached = json.loads(sidecar.read_text()) if sidecar else {}
+    except (OSError, json.JSONDecodeError):
+        cached = {}
+    if cached.get("size") == size and cached.get("mtime_ns") == mtime_ns:
+        return cached["sha256"]
+    sha256 = stream_sha256(path)
+    if sidecar is not None:
+        try:
+            atomic_write_json(sidecar, {"path": str(path.absolute()), "size": size,
+                                        "mtime_ns": mtime_ns, "sha256": sha256})
+        except OSError:  # a cache that cannot be written only costs a re-read
+            pass
+    return sha256
+
+
+def content_identity(path: str | Path, cache_dir: str | None) -> dict[str, Any]:
+    """What identifies the bytes at ``path`` (a file or a directory): its size and sha256 (a
+    directory: its file count and the sha256 of its files' relative paths and digests).
+    The mtime only keys the digest cache: a copy or a ``touch`` of the same bytes names the
+    same run. A missing path is ``{"missing": true}`` (reading it fails later, naming it)."""
+    path = Path(path)
+    if path.is_file():
+        stat = path.stat()
+        return {"size": stat.st_size,
+                "sha256": file_digest(path, stat.st_size, stat.st_mtime_ns, cache_dir)}
+    if path.is_dir():
+        combined = hashlib.sha256()
+        files = sorted(p for p in path.rglob("*")
+                       if p.is_file() and not p.name.endswith(DIGEST_SUFFIX))
+        for member in files:
+            stat = member.stat()
+            digest = file_digest(member, stat.st_size, stat.st_mtime_ns, cache_dir, False)
+            combined.update(f"{member.relative_to(path)}\0{digest}\n".encode())
+        return {"files": len(files), "sha256": combined.hexdigest()}
+    return {"missing": True}
+
+
 # -- code version ---------------------------------------------------------------------------
 @functools.cache
 def code_version() -> str:

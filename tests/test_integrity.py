@@ -141,3 +141,126 @@ def test_with_both_checkpoints_corrupt_training_starts_afresh(tmp_path, caplog):
         _, state, trainer = train_to(ckpt, 12)
     assert trainer.resumed_from is None and state.step == 12
     assert len([r for r in caplog.records if r.levelname == "WARNING"]) == 2
+
+
+# -- the run id holds the identity of the data (item 2) -------------------------------------------
+def files_cell(root: Path, x_path: Path, **dataset):
+    from sae.config import FilesDatasetConfig
+
+    cell = tiny_cell(root)
+    files = FilesDatasetConfig(name="files", train_path=str(x_path), **dataset)
+    return dataclasses.replace(cell, dataset=files)
+
+
+def write_embeddings(path: Path, n: int, d: int, seed: int) -> None:
+    import numpy as np
+
+    np.save(path, np.random.default_rng(seed).standard_normal((n, d)).astype(np.float32))
+
+
+def test_overwritten_embeddings_are_a_new_run_not_already_done(tmp_path):
+    from sae.identity import run_id
+    from sae.train import run_cell
+
+    x_path = tmp_path / "emb.npy"
+    write_embeddings(x_path, 600, 32, seed=0)
+    first = run_cell(files_cell(tmp_path, x_path))
+    assert first["state"] == "done"
+    write_embeddings(x_path, 900, 48, seed=1)  # same path, other data
+    second = run_cell(files_cell(tmp_path, x_path))
+    assert second["state"] == "done" and second["run_id"] != first["run_id"], second
+    assert metrics_of(second["run_dir"])["train"]["resumed_from_step"] is None
+    # Same size, other bytes: the content digest, not the size, tells them apart.
+    write_embeddings(x_path, 900, 48, seed=2)
+    assert run_id(files_cell(tmp_path, x_path)) != second["run_id"]
+
+
+def test_labels_and_class_names_files_are_part_of_the_id(tmp_path):
+    import numpy as np
+
+    from sae.identity import run_id
+
+    x_path, labels = tmp_path / "emb.npy", tmp_path / "labels.npy"
+    write_embeddings(x_path, 60, 8, seed=0)
+    np.save(labels, np.arange(60) % 3)
+    names = tmp_path / "names.txt"
+    names.write_text("a\nb\nc\n")
+    before = run_id(files_cell(tmp_path, x_path, train_labels=str(labels),
+                               class_names=str(names)))
+    names.write_text("a\nb\nd\n")
+    assert run_id(files_cell(tmp_path, x_path, train_labels=str(labels),
+                             class_names=str(names))) != before
+    np.save(labels, np.arange(60) % 2)
+    assert run_id(files_cell(tmp_path, x_path, train_labels=str(labels),
+                             class_names=str(names))) != before
+
+
+def test_a_file_is_hashed_once_per_size_and_mtime(tmp_path, monkeypatch):
+    import sae.io
+    from sae.identity import run_id
+
+    x_path = tmp_path / "emb.npy"
+    write_embeddings(x_path, 600, 32, seed=0)
+    first = run_id(files_cell(tmp_path, x_path))
+    sidecar = json.loads((tmp_path / "emb.npy.sha256.json").read_text())
+    assert sidecar["size"] == x_path.stat().st_size and len(sidecar["sha256"]) == 64
+    sae.io.file_digest.cache_clear()
+    monkeypatch.setattr(sae.io, "stream_sha256", lambda path: pytest.fail("hashed again"))
+    assert run_id(files_cell(tmp_path, x_path)) == first  # read from the sidecar
+
+
+def test_the_digest_of_a_file_in_a_read_only_directory_is_cached_under_the_output_root(
+        tmp_path, monkeypatch):
+    import sae.io
+    from sae.identity import run_id
+
+    data = tmp_path / "readonly"
+    data.mkdir()
+    x_path = data / "emb.npy"
+    write_embeddings(x_path, 60, 8, seed=0)
+    monkeypatch.setattr(sae.io, "writable_dir", lambda directory: directory != data)
+    run_id(files_cell(tmp_path / "out", x_path))
+    assert not list(data.glob("*.sha256.json"))
+    assert len(list((tmp_path / "out" / "cache" / "digests").glob("*.sha256.json"))) == 1
+
+
+def image_cell(root: Path, **backbone):
+    from sae.config import validate
+    from tests.test_config import compose_train
+
+    cfg = validate(compose_train(["dataset=digits_images", "backbone=vit_tiny",
+                                  f"paths.root={root}"]))
+    return dataclasses.replace(cfg, backbone=dataclasses.replace(cfg.backbone, **backbone))
+
+
+def test_another_backbone_checkpoint_is_another_run(tmp_path):
+    from sae.identity import run_id
+
+    a, b = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    a.write_bytes(b"weights A" * 100)
+    b.write_bytes(b"weights B" * 100)
+    assert run_id(image_cell(tmp_path, checkpoint_path=str(a))) != run_id(
+        image_cell(tmp_path, checkpoint_path=str(b)))
+    snapshot = tmp_path / "snapshot"
+    snapshot.mkdir()
+    (snapshot / "model.safetensors").write_bytes(b"weights A")
+    before = run_id(image_cell(tmp_path, checkpoint_path=str(snapshot)))
+    (snapshot / "model.safetensors").write_bytes(b"weights C")
+    assert run_id(image_cell(tmp_path, checkpoint_path=str(snapshot))) != before
+
+
+def test_an_image_run_changes_whenever_its_embedding_cache_key_does(tmp_path):
+    from sae.data.cache import cache_path
+    from sae.identity import run_id
+
+    base = image_cell(tmp_path)
+    variants = [dataclasses.replace(base.dataset, layout="imagenet"),
+                dataclasses.replace(base.dataset, eval_fraction=0.3),
+                dataclasses.replace(base.dataset, max_per_split=50),
+                dataclasses.replace(base.dataset, max_per_split=50, split_seed=1)]
+    cells = [base] + [dataclasses.replace(base, dataset=v) for v in variants]
+    for one in cells:
+        for other in cells:
+            if cache_path("c", one.backbone, one.dataset, "train") != cache_path(
+                    "c", other.backbone, other.dataset, "train"):
+                assert run_id(one) != run_id(other), (one.dataset, other.dataset)
