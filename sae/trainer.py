@@ -74,6 +74,9 @@ class TrainState:
     step: int
     samples_since_fired: torch.Tensor  # (n,) int64 on the device
     history: list[dict[str, float]] = field(default_factory=list)  # logged points
+    # The step losses since the last logged point, (m, 4): a checkpoint between log steps (a stop
+    # signal, a time-based one) keeps them, so the resumed run logs the same curve.
+    pending: list[torch.Tensor] = field(default_factory=list)
 
 
 def batch_indices(step: int, schedule: Schedule, seed: int, device: torch.device,
@@ -159,6 +162,8 @@ def save_checkpoint(path: Path, model: TopKSAE, optimizer: torch.optim.Optimizer
         for slot, value in slots.items():
             tensors[f"optim.{index}.{slot}"] = torch.as_tensor(value)
     tensors["samples_since_fired"] = state.samples_since_fired
+    if state.pending:
+        tensors["pending_losses"] = torch.stack(state.pending)
     tensors["torch_rng"] = torch.get_rng_state()
     meta = {"kind": "training_checkpoint", "step": state.step, "spec": model.spec(),
             "param_groups": opt_state["param_groups"], "history": state.history,
@@ -183,7 +188,9 @@ def load_checkpoint(path: Path, model: TopKSAE, optimizer: torch.optim.Optimizer
             slots.setdefault(int(index), {})[slot] = value.cpu() if slot == "step" else value
     optimizer.load_state_dict({"state": slots, "param_groups": meta["param_groups"]})
     torch.set_rng_state(tensors["torch_rng"].cpu())
-    return TrainState(meta["step"], tensors["samples_since_fired"], list(meta["history"]))
+    pending = list(tensors["pending_losses"].unbind(0)) if "pending_losses" in tensors else []
+    return TrainState(meta["step"], tensors["samples_since_fired"], list(meta["history"]),
+                      pending)
 
 
 def progress_line(progress: Progress, step: int, metrics: dict[str, float]) -> str:
@@ -261,7 +268,7 @@ class Trainer:
                             enabled=self.cfg.train.progress, final_line=False)
         perm_cache: dict[int, torch.Tensor] = {}
         window = self.schedule.dead_window
-        accumulated: list[torch.Tensor] = []
+        accumulated = state.pending  # the step losses since the last logged point
         self.last_checkpoint = time.monotonic()
         try:
             while state.step < total:
@@ -277,7 +284,7 @@ class Trainer:
                     progress.goto(state.step, loss=f"{metrics['loss']:.4f}", dead=metrics["dead"])
                     progress.note(progress_line(progress, state.step, metrics))
                     self.dead_bound = None  # read afresh by the next step's step_kwargs
-                    accumulated = []
+                    accumulated.clear()
                 elif progress.tty:
                     progress.goto(state.step)
                 stopping = self.stop.signum is not None and not at_end

@@ -264,3 +264,31 @@ def test_an_image_run_changes_whenever_its_embedding_cache_key_does(tmp_path):
             if cache_path("c", one.backbone, one.dataset, "train") != cache_path(
                     "c", other.backbone, other.dataset, "train"):
                 assert run_id(one) != run_id(other), (one.dataset, other.dataset)
+
+
+def test_a_stop_between_log_steps_resumes_the_same_curve(tmp_path):
+    """A stop signal checkpoints mid-window: the losses since the last logged point are kept,
+    so the resumed run logs the curve of an uninterrupted one (the chaos test compares it)."""
+    import signal
+
+    from sae.data.synthetic import load_synthetic
+    from sae.model import TopKSAE
+    from sae.preemption import Interrupted, StopRequest
+    from sae.tracking import NullTracker
+    from sae.trainer import Trainer
+
+    cfg = synthetic_cfg(max_steps=20, log_every=10, **{**CKPT_CELL, "checkpoint_every": 0})
+    x = load_synthetic(cfg.dataset)[0].x
+
+    def trainer(ckpt: Path, stop: StopRequest | None = None) -> Trainer:
+        torch.manual_seed(0)
+        return Trainer(cfg, TopKSAE(x.shape[1], cfg.sae.n_latents, cfg.k), x, ckpt,
+                       NullTracker(), {}, stop)
+
+    straight = trainer(tmp_path / "a.safetensors").run()
+    with pytest.raises(Interrupted):
+        trainer(tmp_path / "b.safetensors", StopRequest(signum=signal.SIGTERM)).run()
+    resumed_trainer = trainer(tmp_path / "b.safetensors")
+    resumed = resumed_trainer.run()
+    assert resumed_trainer.resumed_from == 1
+    assert resumed.history == straight.history
