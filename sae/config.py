@@ -224,9 +224,8 @@ class RunConfig:
     """How one cell's process behaves around other processes (never part of the run id)."""
 
     # A second process of the same cell (another sweep sharing it) waits for the first one's
-    # lock, saying whose it is; after this many seconds it gives up and the cell fails with the
-    # owner named. null = wait as long as it takes. 24 h: longer than any paper cell trains.
-    lock_timeout_s: float | None = 86_400.0
+    # lock, saying whose it is. 24 h: longer than any paper cell trains.
+    lock_timeout_s: float | None = 86_400.0  # seconds to wait for another process's lock on the cell before failing, naming its owner (null = no limit)
 
 
 @dataclass
@@ -247,7 +246,7 @@ class RootConfig:
     seed: int = 0  # seed of SAE initialisation and batch order
     sweep_name: str = "adhoc"  # W&B group and sweep directory name (set by sweep files)
     dry_run: bool = False  # multirun: list the cells and their run ids, run nothing
-    force: bool = False  # retrain a cell from scratch, even when done; its old outputs move to <run>/previous-<time>/ (sae-clean removes them)
+    force: bool = False  # retrain from scratch even when done; old outputs move to <run>/previous-<time>/ (sae-clean)
 
     def __post_init__(self) -> None:
         require(self.k > 0, "k", f"{self.k} is not positive", "use a budget such as k=32")
