@@ -261,7 +261,7 @@ class RootConfig:
     seed: int = 0  # seed of SAE initialisation and batch order
     sweep_name: str = "adhoc"  # W&B group and sweep directory name (set by sweep files)
     dry_run: bool = False  # multirun: list the cells and their run ids, run nothing
-    force: bool = False  # re-run a cell even when its status is done
+    force: bool = False  # retrain from scratch even when done; old outputs move to <run>/previous-<time>/ (sae-clean)
 
     def __post_init__(self) -> None:
         require(self.k > 0, "k", f"{self.k} is not positive", "use a budget such as k=32")

@@ -5,6 +5,8 @@ Run directory (``<paths.runs>/<run_id>/``, the id from :func:`sae.identity.run_i
     config.yaml           resolved config           identity.json   what run_id hashed
     status.json           {"state": running|done|failed, "reason", "updated", "slurm", ...}
     checkpoints/last.safetensors (+ last.json)     model.safetensors (+ model.json)
+    checkpoints/prev.safetensors (+ prev.json)     the checkpoint before last (a fallback)
+    previous-<UTC time>/  the outputs a force=true launch set aside (sae-clean removes them)
     metrics.json          method_card.md / .json    inspect/ (contact sheets)   wandb/
 
 Every file is written atomically (:mod:`sae.io`), so a killed job never leaves a half-written
@@ -24,7 +26,7 @@ from filelock import FileLock, Timeout
 
 from sae.config import RootConfig
 from sae.identity import run_id
-from sae.io import atomic_write_json
+from sae.io import atomic_write_json, unused_name, utc_stamp
 
 # preempted / interrupted: stopped by a signal after a checkpoint (sae.preemption), resumable.
 STATES = ("running", "done", "failed", "preempted", "interrupted")
@@ -90,3 +92,32 @@ def run_lock_held(directory: Path) -> bool:
         return True
     lock.release()
     return False
+
+
+# -- force=true --------------------------------------------------------------------------------
+PREVIOUS_PREFIX = "previous-"  # outputs set aside by force=true, never trained from
+
+
+def set_aside_outputs(directory: Path) -> Path | None:
+    """Move everything of the run (checkpoints, model, metrics, status, ...) except its lock into
+    ``previous-<UTC time>/``, so a forced run starts from nothing. Returns that directory, or
+    None when there was nothing to move."""
+    entries = [p for p in directory.iterdir()
+               if p.name != ".lock" and not p.name.startswith(PREVIOUS_PREFIX)]
+    if not entries:
+        return None
+    target = unused_name(directory / f"{PREVIOUS_PREFIX}{utc_stamp()}")
+    target.mkdir()
+    for entry in entries:
+        os.replace(entry, target / entry.name)
+    return target
+
+
+def is_own_requeue(directory: Path) -> bool:
+    """Whether this process is the same SLURM job (requeued: same job or array task id) as the
+    one that last ran the cell. A requeued job re-runs its command, ``force=true`` included; it
+    must resume its own checkpoint, not set it aside again at every preemption."""
+    status = read_status(directory) or {}
+    here = {k: v for k, v in slurm_facts().items() if k != "slurm_restart_count"}
+    there = {k: v for k, v in (status.get("slurm") or {}).items() if k != "slurm_restart_count"}
+    return bool(here) and here == there

@@ -34,7 +34,7 @@ from sae.locking import hold_run_lock
 from sae.method_card import render_markdown, run_card
 from sae.model import TopKSAE, save_model
 from sae.preemption import Interrupted, StopRequest, redeliver, stop_signals
-from sae.runs import run_dir, run_state, write_status
+from sae.runs import is_own_requeue, run_dir, run_state, set_aside_outputs, write_status
 from sae.threads import set_torch_threads
 from sae.tracking import start_tracking
 from sae.trainer import Trainer
@@ -68,10 +68,15 @@ def run_cell(cfg_node: DictConfig | RootConfig, command: str | None = None) -> d
     directory.mkdir(parents=True, exist_ok=True)
     # One process per cell at a time: a second launch of the same cell waits here, then skips.
     with hold_run_lock(directory, cfg.run.lock_timeout_s):
-        if run_state(directory) == "done" and not cfg.force:
+        # force=true retrains from scratch, except in the requeued job that already began it.
+        fresh_start = cfg.force and not is_own_requeue(directory)
+        if run_state(directory) == "done" and not fresh_start:
             log.info("run %s is already done (%s); skipping", rid, directory)
             return {"run_id": rid, "state": "skipped", "reason": "already done",
                     "run_dir": str(directory)}
+        if fresh_start and (previous := set_aside_outputs(directory)) is not None:
+            log.info("force=true: the previous outputs of run %s are set aside in %s (sae-clean "
+                     "removes them); training from scratch", rid, previous)
         return _execute(cfg, rid, directory, command or reproduce_command())
 
 

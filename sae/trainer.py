@@ -74,6 +74,9 @@ class TrainState:
     step: int
     samples_since_fired: torch.Tensor  # (n,) int64 on the device
     history: list[dict[str, float]] = field(default_factory=list)  # logged points
+    # The step losses since the last logged point, (m, 4): a checkpoint between log steps (a stop
+    # signal, a time-based one) keeps them, so the resumed run logs the same curve.
+    pending: list[torch.Tensor] = field(default_factory=list)
 
 
 def batch_indices(step: int, schedule: Schedule, seed: int, device: torch.device,
@@ -143,6 +146,14 @@ def train_step(model: TopKSAE, optimizer: torch.optim.Optimizer, x: torch.Tensor
 
 
 # -- checkpoints ------------------------------------------------------------------------------
+def older_checkpoint(path: Path) -> Path:
+    """Where the checkpoint before ``path`` is kept: ``prev.safetensors`` beside
+    ``last.safetensors`` (``<stem>-prev<suffix>`` for any other name)."""
+    if path.name == "last.safetensors":
+        return path.with_name("prev.safetensors")
+    return path.with_name(f"{path.stem}-prev{path.suffix}")
+
+
 def save_checkpoint(path: Path, model: TopKSAE, optimizer: torch.optim.Optimizer,
                     state: TrainState, config: dict[str, Any]) -> None:
     tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
@@ -151,13 +162,15 @@ def save_checkpoint(path: Path, model: TopKSAE, optimizer: torch.optim.Optimizer
         for slot, value in slots.items():
             tensors[f"optim.{index}.{slot}"] = torch.as_tensor(value)
     tensors["samples_since_fired"] = state.samples_since_fired
+    if state.pending:
+        tensors["pending_losses"] = torch.stack(state.pending)
     tensors["torch_rng"] = torch.get_rng_state()
     meta = {"kind": "training_checkpoint", "step": state.step, "spec": model.spec(),
             "param_groups": opt_state["param_groups"], "history": state.history,
             "config": config}
     from sae.io import save_tensors
 
-    save_tensors(path, tensors, meta)
+    save_tensors(path, tensors, meta, previous=older_checkpoint(path))
 
 
 def load_checkpoint(path: Path, model: TopKSAE, optimizer: torch.optim.Optimizer,
@@ -175,7 +188,9 @@ def load_checkpoint(path: Path, model: TopKSAE, optimizer: torch.optim.Optimizer
             slots.setdefault(int(index), {})[slot] = value.cpu() if slot == "step" else value
     optimizer.load_state_dict({"state": slots, "param_groups": meta["param_groups"]})
     torch.set_rng_state(tensors["torch_rng"].cpu())
-    return TrainState(meta["step"], tensors["samples_since_fired"], list(meta["history"]))
+    pending = list(tensors["pending_losses"].unbind(0)) if "pending_losses" in tensors else []
+    return TrainState(meta["step"], tensors["samples_since_fired"], list(meta["history"]),
+                      pending)
 
 
 def progress_line(progress: Progress, step: int, metrics: dict[str, float]) -> str:
@@ -212,16 +227,34 @@ class Trainer:
         self.encoder_scale: float | None = None  # set by the initial calibration
 
     def initial_state(self) -> TrainState:
-        if self.checkpoint_path.exists():
-            state = load_checkpoint(self.checkpoint_path, self.model, self.optimizer, self.device)
-            self.resumed_from = state.step
-            log.info("resumed from checkpoint %s at step %d", self.checkpoint_path, state.step)
-            return state
+        resumed = self.resume()
+        if resumed is not None:
+            return resumed
         sample = self.x[: min(self.x.shape[0], 65536)]
         self.model.init_b_pre_(sample)
         self.encoder_scale = self.model.calibrate_encoder_scale_(sample)
         counters = torch.zeros(self.model.n_latents, dtype=torch.int64, device=self.device)
         return TrainState(0, counters)
+
+    def resume(self) -> TrainState | None:
+        """The state of the newest whole checkpoint (last, then the one before), or None. A
+        corrupt one is set aside with a one-line warning naming it (never trained from)."""
+        from sae.io import CorruptCheckpointError, set_aside_corrupt
+
+        for path in (self.checkpoint_path, older_checkpoint(self.checkpoint_path)):
+            if not path.exists():
+                continue
+            try:
+                state = load_checkpoint(path, self.model, self.optimizer, self.device)
+            except CorruptCheckpointError as exc:
+                aside = set_aside_corrupt(path)
+                log.warning("corrupt checkpoint %s moved to %s: %s; resuming from an older one "
+                            "or from scratch", path, aside, str(exc).removeprefix(f"{path}: "))
+                continue
+            self.resumed_from = state.step
+            log.info("resumed from checkpoint %s at step %d", path, state.step)
+            return state
+        return None
 
     def run(self) -> TrainState:
         if self.device.type == "cpu":
@@ -235,7 +268,7 @@ class Trainer:
                             enabled=self.cfg.train.progress, final_line=False)
         perm_cache: dict[int, torch.Tensor] = {}
         window = self.schedule.dead_window
-        accumulated: list[torch.Tensor] = []
+        accumulated = state.pending  # the step losses since the last logged point
         self.last_checkpoint = time.monotonic()
         try:
             while state.step < total:
@@ -251,7 +284,7 @@ class Trainer:
                     progress.goto(state.step, loss=f"{metrics['loss']:.4f}", dead=metrics["dead"])
                     progress.note(progress_line(progress, state.step, metrics))
                     self.dead_bound = None  # read afresh by the next step's step_kwargs
-                    accumulated = []
+                    accumulated.clear()
                 elif progress.tty:
                     progress.goto(state.step)
                 stopping = self.stop.signum is not None and not at_end

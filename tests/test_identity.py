@@ -62,3 +62,41 @@ def test_semantic_config_drops_how_a_run_executes():
     semantic = semantic_config(cfg)
     assert "device" not in semantic["train"] and "paths" not in semantic
     assert semantic["dataset"] == cfg.dataset.identity()
+
+
+PAPER_AXES = {"backbone": ("clip_vitl14", "siglip2", "vit_l16"),
+              "dataset": ("imagenet", "openimages"), "k": (32, 64, 128),
+              "regularizer": ("none", "offsupport_l1", "l1l2"), "mask": (True, False),
+              "seed": (0, 1, 2)}
+
+
+def test_paper_run_ids_keep_every_axis_value():
+    """Before: the slug was cut at 48 characters, dropping the seed of 15 paper runs."""
+    import dataclasses
+    import itertools
+
+    ids = set()
+    for backbone, dataset in itertools.product(PAPER_AXES["backbone"], PAPER_AXES["dataset"]):
+        base = validate(compose_train(["+sweep=paper", f"dataset={dataset}",
+                                       f"backbone={backbone}"]))
+        for k, reg, mask, seed in itertools.product(*list(PAPER_AXES.values())[2:]):
+            regularizer = dataclasses.replace(base.regularizer, name=reg,
+                                              strength=0.0 if reg == "none" else 1e-3)
+            cfg = dataclasses.replace(base, k=k, mask=mask, seed=seed, regularizer=regularizer)
+            rid = run_id(cfg)
+            slug = rid.rsplit("-", 1)[0]
+            assert slug.endswith(f"-s{seed}") and f"-k{k}-" in slug, rid
+            if reg != "none":
+                assert ("-mask-" if mask else "-nomask-") in slug, rid
+            assert len(rid) <= 64, rid
+            ids.add(rid)
+    assert len(ids) == 270
+
+
+def test_the_abbreviation_table_leaves_short_slugs_alone():
+    from sae.identity import readable_slug
+
+    assert readable_slug(["synthetic", None, "k8", "offsupport_l1-mask", "s1"]) == (
+        "synthetic-k8-offsupport_l1-mask-s1")
+    assert readable_slug(["openimages", "clip_vitl14", "k128", "offsupport_l1-nomask", "s2"]) \
+        == "oi-clipL14-k128-offl1-nomask-s2"
