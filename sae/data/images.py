@@ -25,9 +25,8 @@ import os
 import shutil
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
-from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -36,6 +35,7 @@ from PIL import Image
 from sae.config import IMAGE_LAYOUTS as LAYOUTS
 from sae.config import ImagesDatasetConfig
 from sae.data.errors import DataError
+from sae.data.image_split import ImageSplit, RowReader, load_rgb  # noqa: F401 -- re-exported
 from sae.data.openimages import (
     OI_CLASSES_CSV,
     OI_LABELS_CSV,
@@ -55,47 +55,6 @@ DIGITS_IMAGE_SIZE = 32  # 8x8 digits upscaled 4x (nearest): big enough for any b
 
 class UnreadableImageError(DataError):
     """An image file cannot be decoded and ``dataset.on_unreadable`` is ``fail``."""
-
-
-class RowReader(Protocol):
-    """Images stored inside a dataset file rather than one file each (picklable)."""
-
-    def load(self, row: int) -> Image.Image: ...
-
-    def describe(self, row: int) -> str: ...
-
-
-@dataclass
-class ImageSplit:
-    """The samples of one split of one dataset, and their labels; no pixels are loaded."""
-
-    dataset: str  # dataset config name
-    split: str  # split directory name (train, val, validation, ...)
-    image_dir: Path  # file ids are relative to it (imagenet_hf: the dataset's location)
-    ids: list[str]  # e.g. "n01440764/n01440764_10026.JPEG", "000026e7ee790996.jpg" or a row "17"
-    labels: np.ndarray | None  # (N,) int64 class ids or (N, C) bool multi-hot
-    class_names: list[str]
-    info: dict[str, Any] = field(default_factory=dict)  # counts for the manifest
-    sources: list[Path] = field(default_factory=list)  # metadata files read (labels, class names): part of the cache key
-    reader: RowReader | None = None  # set when the ids are rows of a dataset file, not files
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    def path(self, i: int) -> Path:
-        return self.image_dir / self.ids[i]
-
-    def load(self, i: int) -> Image.Image:
-        """Sample i decoded fully as RGB (raises OSError / ValueError when it cannot be)."""
-        if self.reader is not None:
-            return self.reader.load(int(self.ids[i]))
-        return load_rgb(self.path(i))
-
-    def describe(self, i: int) -> str:
-        """Where sample i comes from, for error messages."""
-        if self.reader is not None:
-            return self.reader.describe(int(self.ids[i]))
-        return str(self.path(i))
 
 
 def check_layout(cfg: ImagesDatasetConfig) -> str:
@@ -309,12 +268,6 @@ def _subsample(split: ImageSplit, max_images: int | None, seed: int) -> ImageSpl
     labels = None if split.labels is None else split.labels[keep]
     info = {**split.info, "subsampled_from": len(split)}
     return replace(split, ids=[split.ids[i] for i in keep], labels=labels, info=info)
-
-
-def load_rgb(path: Path) -> Image.Image:
-    """Decode an image fully (truncated files fail here, not later) as RGB."""
-    with Image.open(path) as image:
-        return image.convert("RGB")
 
 
 def cached_images(cfg: ImagesDatasetConfig, split: str, ids: list[str]

@@ -27,16 +27,14 @@ from __future__ import annotations
 import io
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 from PIL import Image
 
 from sae.config import ImagesDatasetConfig
 from sae.data.errors import DataError
-
-if TYPE_CHECKING:
-    from sae.data.images import ImageSplit
+from sae.data.image_split import ImageSplit
 
 SPLIT_FALLBACK = {"val": "validation"}  # the folder layout's name -> the Hugging Face name
 IMAGE_COLUMN, LABEL_COLUMN = "image", "label"
@@ -76,8 +74,7 @@ class HFRows:
 
 
 def open_hf_split(cfg: ImagesDatasetConfig, split: str) -> ImageSplit:
-    """The :class:`~sae.data.images.ImageSplit` of one split of the copy at ``cfg.root``."""
-    from sae.data.images import ImageSplit
+    """The :class:`~sae.data.image_split.ImageSplit` of one split of the copy at ``cfg.root``."""
 
     root = Path(str(cfg.root))
     rows = open_rows(root, split)
