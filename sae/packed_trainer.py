@@ -1,0 +1,250 @@
+"""The packed training loop: G cells trained in lockstep, each as its own ``Trainer`` would.
+
+A pack is built from one ``sae.trainer.Trainer`` per member (its model, config, checkpoint
+path and logger). The members' Trainers still do everything that is per run -- the
+initialisation (``initial_state``: b_pre, the least-squares encoder scale, or the resume from
+the member's own checkpoint), the host read-out and divergence check (``_log``), the checkpoint
+policy -- and ``save_checkpoint`` writes each member's checkpoint exactly as a lone run would
+(so a member resumes packed or unpacked). The pack only replaces the step:
+
+* each member's batch is its own: the rows of ``epoch_permutation(epoch, N, its seed)``, one
+  (G, B) index gather from the shared on-device embeddings;
+* the objective is ``sae.packed.packed_training_loss``, Adam runs over the stacked parameters
+  (elementwise, so each member's own Adam), and the dead-latent counters are a (G, n) tensor
+  whose rows are the members' ``TrainState.samples_since_fired``.
+
+A member whose loss stops being finite is reported failed with the Trainer's reason and dropped
+from the pack; the others go on.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import torch
+
+from sae.packed import MemberSpec, PackCoefficients, PackedSAE, packed_training_loss
+from sae.trainer import (
+    DivergedError,
+    Progress,
+    Trainer,
+    TrainState,
+    autocast,
+    epoch_permutation,
+    make_optimizer,
+    save_checkpoint,
+)
+
+log = logging.getLogger(__name__)
+# Config fields every member of a pack must share: they shape the lockstep step or its Adam.
+SHARED_TRAIN_FIELDS = ("batch_size", "lr", "adam_eps", "adam_beta1", "adam_beta2", "epochs",
+                       "max_steps", "autocast_bf16", "log_every", "checkpoint_every",
+                       "checkpoint_every_s")
+SHARED_SAE_FIELDS = ("n_latents", "tied", "layernorm", "aux_alpha", "aux_k",
+                     "dead_window_samples", "dead_window_max_epochs")
+
+
+@dataclass
+class MemberResult:
+    state: TrainState | None  # None when the member failed
+    failure: str | None = None
+
+
+def check_compatible(trainers: list[Trainer]) -> None:
+    """Raise naming the first field in which a member differs from the pack's first one."""
+    first = trainers[0]
+    for index, trainer in enumerate(trainers[1:], start=1):
+        for group, fields in (("train", SHARED_TRAIN_FIELDS), ("sae", SHARED_SAE_FIELDS)):
+            for name in fields:
+                mine = getattr(getattr(trainer.cfg, group), name)
+                theirs = getattr(getattr(first.cfg, group), name)
+                if mine != theirs:
+                    raise ValueError(f"pack member {index} has {group}.{name}={mine!r}, member "
+                                     f"0 {theirs!r}: a pack shares its train and sae presets")
+        if trainer.x is not first.x and not torch.equal(trainer.x, first.x):
+            raise ValueError(f"pack member {index} trains on other data than member 0")
+
+
+class PackedTrainer:
+    def __init__(self, trainers: list[Trainer]) -> None:
+        check_compatible(trainers)
+        self.members = list(trainers)
+        lead = trainers[0]
+        self.cfg, self.x, self.device = lead.cfg, lead.x, lead.device
+        self.schedule = lead.schedule
+        self.aux_alpha = lead.loss_kwargs["aux_alpha"]
+        self.aux_k = lead.loss_kwargs["aux_k"]
+        self.specs = [member_spec(t) for t in trainers]
+        self.results: dict[int, MemberResult] = {}  # by index into the trainers given
+        self.alive = list(range(len(trainers)))  # indices of members still training
+        self.perm_epoch: int | None = None
+        self.perms: torch.Tensor | None = None  # (G, N) the members' orders of this epoch
+        self.last_checkpoint = 0.0
+
+    # -- building the pack from the members' own initial states ------------------------------
+    def initial_states(self) -> list[TrainState]:
+        states = [t.initial_state() for t in self.members]
+        steps = {s.step for s in states}
+        if len(steps) > 1:
+            raise ValueError(f"pack members start at different steps {sorted(steps)}: pack "
+                             "only cells resumed from the same step (or train them unpacked)")
+        return states
+
+    def _stack(self, states: list[TrainState]) -> None:
+        self.pack = PackedSAE([t.model for t in self.members])
+        self.optimizer = make_optimizer(self.pack, self.cfg)
+        member_slots = [t.optimizer.state for t in self.members]
+        for index, packed_param in enumerate(self.pack.parameters()):
+            slots = [state[param] for state, param in zip(
+                member_slots, (list(t.model.parameters())[index] for t in self.members))]
+            if slots[0]:  # resumed: stack the members' Adam moments, share their step counter
+                self.optimizer.state[packed_param] = {
+                    "step": slots[0]["step"].clone(),
+                    "exp_avg": torch.stack([s["exp_avg"] for s in slots]),
+                    "exp_avg_sq": torch.stack([s["exp_avg_sq"] for s in slots])}
+        for trainer in self.members:
+            trainer.optimizer.state.clear()  # the pack holds the moments now
+        self.counters = torch.stack([s.samples_since_fired for s in states])  # (G, n)
+        self.states = states
+        self._view_counters()
+        self.coeffs = PackCoefficients.build(self.specs, self.device)
+
+    def _view_counters(self) -> None:
+        for row, state in enumerate(self.states):
+            state.samples_since_fired = self.counters[row]
+
+    # -- the loop ----------------------------------------------------------------------------
+    def run(self) -> dict[int, MemberResult]:
+        """Train every member to the end; returns each member's final state or its failure."""
+        if self.device.type == "cpu":
+            torch.set_flush_denormal(True)  # as Trainer.run: the same values, faster
+        self._stack(self.initial_states())
+        total = self.schedule.total_steps
+        step = self.states[0].step
+        progress = Progress(total, step, self.cfg.train.progress)
+        accumulated: list[torch.Tensor] = []
+        self.last_checkpoint = time.monotonic()
+        try:
+            while step < total and self.alive:
+                accumulated.append(self.step(step))
+                step += 1
+                at_end = step == total
+                log_step = step % self.cfg.train.log_every == 0 or at_end
+                if log_step:
+                    progress.update(step, self._log(accumulated))
+                    accumulated = []
+                if self.alive and (at_end or self.members[0]._checkpoint_due(step, log_step)):
+                    self.save_checkpoints()
+                    self.last_checkpoint = time.monotonic()
+                    for trainer in self.members:
+                        trainer.last_checkpoint = self.last_checkpoint
+        finally:
+            progress.close()
+        for row, member in enumerate(self.alive):
+            self.pack.copy_member_to(row, self.members[member].model)
+            self.results[member] = MemberResult(self.states[row])
+        return self.results
+
+    def batch(self, step: int) -> torch.Tensor:
+        """(G, B, d): each member's batch at ``step``, as ``sae.trainer.batch_indices``."""
+        epoch, position = divmod(step, self.schedule.steps_per_epoch)
+        if self.perm_epoch != epoch:
+            self.perms = torch.stack([
+                epoch_permutation(epoch, self.schedule.n_samples, self.members[m].cfg.seed,
+                                  self.device) for m in self.alive])
+            self.perm_epoch = epoch
+        start = position * self.schedule.batch_size
+        index_gb = self.perms[:, start:start + self.schedule.batch_size]
+        return self.x[index_gb.reshape(-1)].view(*index_gb.shape, -1)
+
+    def step(self, step: int) -> torch.Tensor:
+        """One optimizer step of every member; returns the (G, 4) detached losses (total, nmse,
+        auxk, penalty), as ``sae.trainer.train_step`` does for one."""
+        x = self.batch(step)
+        self.optimizer.zero_grad(set_to_none=True)
+        dead = self.counters >= self.schedule.dead_window
+        # On the CPU the dead count is host memory: skip AuxK exactly when no member has one.
+        aux_needed = self.device.type != "cpu" or bool(dead.any())
+        with autocast(x.device.type, self.cfg.train.autocast_bf16):
+            out = packed_training_loss(self.pack, x, self.coeffs, dead_gn=dead,
+                                       aux_alpha=self.aux_alpha, aux_k=self.aux_k,
+                                       aux_needed=aux_needed)
+        out.parts.total.sum().backward()  # members share no parameter: each its own gradient
+        self.pack.project_decoder_grad_()
+        self.optimizer.step()
+        self.pack.normalize_decoder_()
+        self.counters.add_(x.shape[1]).masked_fill_(out.fired, 0)
+        for state in self.states:
+            state.step = step + 1
+        return torch.stack(out.parts).detach().T  # (G, 4)
+
+    # -- read-out, failures and checkpoints -------------------------------------------------
+    def _log(self, losses: list[torch.Tensor]) -> dict[str, float] | None:
+        """Each member's Trainer reads out its own losses; a diverged member is dropped."""
+        per_step = torch.stack(losses).cpu()  # (S, G, 4): one host transfer for the pack
+        failed, lead_metrics = [], None
+        for row, member in enumerate(self.alive):
+            trainer = self.members[member]
+            try:
+                metrics = trainer._log(self.states[row], list(per_step[:, row]),
+                                       self.schedule.dead_window)
+            except DivergedError as exc:
+                reason = f"{type(exc).__name__}: {exc}"
+                log.error("pack member %d failed: %s", member, reason)
+                self.results[member] = MemberResult(None, reason)
+                failed.append(row)
+                continue
+            lead_metrics = lead_metrics or metrics
+        if failed:
+            self._drop_rows(failed)
+        return lead_metrics
+
+    def _drop_rows(self, rows: list[int]) -> None:
+        keep = [r for r in range(len(self.alive)) if r not in rows]
+        moments = {name: self.optimizer.state.get(param, {})
+                   for name, param in self.pack.named_parameters()}
+        self.pack.keep_members_(keep)
+        self.optimizer = make_optimizer(self.pack, self.cfg)
+        index = torch.tensor(keep, device=self.device)
+        for name, param in self.pack.named_parameters():
+            slots = moments[name]
+            if slots:
+                self.optimizer.state[param] = {
+                    "step": slots["step"], "exp_avg": slots["exp_avg"].index_select(0, index),
+                    "exp_avg_sq": slots["exp_avg_sq"].index_select(0, index)}
+        self.counters = self.counters.index_select(0, index)
+        self.states = [self.states[r] for r in keep]
+        self._view_counters()
+        self.alive = [self.alive[r] for r in keep]
+        self.coeffs = PackCoefficients.build([self.specs[m] for m in self.alive], self.device)
+        if self.perms is not None:
+            self.perms = self.perms.index_select(0, index)
+
+    def save_checkpoints(self) -> None:
+        """Each member's checkpoint, exactly the file its lone run would write."""
+        for row, member in enumerate(self.alive):
+            trainer = self.members[member]
+            self.unpack_member(row, trainer)
+            save_checkpoint(trainer.checkpoint_path, trainer.model, trainer.optimizer,
+                            self.states[row], trainer.config_for_checkpoint)
+            trainer.optimizer.state.clear()
+
+    def unpack_member(self, row: int, trainer: Trainer) -> None:
+        """Copy the member's weights and Adam moments from the pack into its own model and
+        optimizer (as if it had trained alone)."""
+        self.pack.copy_member_to(row, trainer.model)
+        for packed_param, param in zip(self.pack.parameters(), trainer.model.parameters()):
+            slots = self.optimizer.state.get(packed_param)
+            if slots:
+                trainer.optimizer.state[param] = {
+                    "step": slots["step"].clone(), "exp_avg": slots["exp_avg"][row].clone(),
+                    "exp_avg_sq": slots["exp_avg_sq"][row].clone()}
+
+
+def member_spec(trainer: Trainer) -> MemberSpec:
+    kwargs = trainer.loss_kwargs
+    return MemberSpec(k=trainer.model.k, regularizer=kwargs["regularizer"],
+                      strength=float(kwargs["strength"]), mask=bool(kwargs["mask"]),
+                      eps=float(kwargs["eps"]))

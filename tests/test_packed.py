@@ -1,0 +1,193 @@
+"""The packed trainer: a pack of mixed cells equals the same cells trained one by one.
+
+Tolerance. The pack computes each member's objective with batched float32 products and
+reductions (a different summation order than the lone step), so the values agree to rounding,
+not bit for bit, and Adam amplifies rounding: with eps 6.25e-10 a gradient entry near zero
+whose rounding differs moves its weight by up to lr per step either way. The trainer's own two
+paths (the fused step, train.fast_path=true, and the reference, false) differ by up to 1.3e-4
+on these cells after 40 steps at lr 1e-3; the pack is held to the same bound, WEIGHT_ATOL =
+3e-4 (max absolute difference of any weight). A real difference -- another k, batch order,
+mask or strength for one member -- moves weights by 1e-2 or more (checked by the
+perturbation tests below). Logged losses: LOSS_RTOL = 1e-4.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from sae.data.synthetic import load_synthetic
+from sae.model import TopKSAE
+from sae.packed import MemberSpec, PackCoefficients, PackedSAE, packed_training_loss
+from sae.packed_trainer import PackedTrainer
+from sae.tracking import NullTracker
+from sae.trainer import Trainer
+from tests.helpers import synthetic_cfg
+
+WEIGHT_ATOL = 3e-4
+LOSS_RTOL = 1e-4
+# Two k, three regularizers, mask on and off, two seeds; n = 512 with k <= 4 on 2,000 samples
+# leaves latents dead after the 2-epoch window (16 steps), so AuxK is exercised too.
+CELLS = (
+    dict(k=4, reg="none", seed=0, mask=True),
+    dict(k=2, reg="offsupport_l1", seed=1, mask=True),
+    dict(k=4, reg="l1l2", seed=0, mask=False),
+    dict(k=2, reg="l1l2", seed=1, mask=True),
+    dict(k=2, reg="offsupport_l1", seed=0, mask=False),
+    dict(k=4, reg="none", seed=1, mask=True),
+)
+BASE = dict(n_train=2000, batch=256, n_latents=512, max_steps=40, log_every=10)
+
+
+def cell_cfg(cell: dict, **overrides):
+    strength = 0.05 if cell["reg"] != "none" else 0.0
+    cfg = synthetic_cfg(k=cell["k"], reg=cell["reg"], strength=strength, mask=cell["mask"],
+                        **{**BASE, **overrides})
+    return dataclasses.replace(cfg, seed=cell["seed"])
+
+
+@pytest.fixture(scope="module")
+def x():
+    return load_synthetic(cell_cfg(CELLS[0]).dataset)[0].x
+
+
+def make_trainer(cfg, x, path) -> Trainer:
+    torch.manual_seed(cfg.seed)  # as sae.train.build_model
+    model = TopKSAE(x.shape[1], cfg.sae.n_latents, cfg.k)
+    return Trainer(cfg, model, x, path, NullTracker(), {})
+
+
+def train_alone(cfgs, x, tmp_path):
+    out = []
+    for index, cfg in enumerate(cfgs):
+        trainer = make_trainer(cfg, x, tmp_path / f"alone{index}.safetensors")
+        out.append((trainer.model, trainer.run()))
+    return out
+
+
+def train_packed(cfgs, x, tmp_path, name="pack"):
+    trainers = [make_trainer(cfg, x, tmp_path / f"{name}{i}.safetensors")
+                for i, cfg in enumerate(cfgs)]
+    results = PackedTrainer(trainers).run()
+    return [(t.model, results[i].state) for i, t in enumerate(trainers)]
+
+
+def max_weight_difference(a: TopKSAE, b: TopKSAE) -> float:
+    return max(float((value - b.state_dict()[name]).abs().max())
+               for name, value in a.state_dict().items())
+
+
+def assert_same_runs(alone, packed):
+    for index, ((model_a, state_a), (model_p, state_p)) in enumerate(zip(alone, packed)):
+        assert state_p.step == state_a.step
+        assert max_weight_difference(model_a, model_p) <= WEIGHT_ATOL, (index, CELLS[index])
+        assert len(state_p.history) == len(state_a.history)
+        for point_a, point_p in zip(state_a.history, state_p.history):
+            assert point_p["dead"] == point_a["dead"], (index, point_a["step"])
+            for key in ("loss", "nmse", "auxk", "penalty"):
+                assert point_p[key] == pytest.approx(point_a[key], rel=LOSS_RTOL, abs=1e-7), (
+                    index, point_a["step"], key)
+
+
+@pytest.mark.parametrize("fast_path", [True, False])
+def test_pack_of_mixed_cells_equals_cells_trained_alone(x, tmp_path, fast_path):
+    cfgs = [cell_cfg(cell, fast_path=fast_path) for cell in CELLS]
+    alone = train_alone(cfgs, x, tmp_path)
+    packed = train_packed(cfgs, x, tmp_path)
+    # AuxK and the penalties did work in the comparison (not all zeros).
+    histories = [state.history for _, state in alone]
+    assert any(point["auxk"] > 0 for history in histories for point in history)
+    assert all(point["penalty"] > 0 for history, cell in zip(histories, CELLS)
+               if cell["reg"] != "none" for point in history)
+    assert_same_runs(alone, packed)
+
+
+@pytest.mark.parametrize("change", [
+    dict(k=4), dict(seed=0), dict(mask=False), dict(strength=0.1)])
+def test_a_changed_member_is_detected(x, tmp_path, change):
+    """The tolerance is tight enough: member 1 trained with one setting changed (k, batch
+    order, mask or strength) differs from its lone run by far more than WEIGHT_ATOL."""
+    cell = CELLS[1]
+    alone = train_alone([cell_cfg(cell)], x, tmp_path)[0][0]
+    changed = {**cell, **{k: v for k, v in change.items() if k != "strength"}}
+    cfg = cell_cfg(changed)
+    if "strength" in change:
+        cfg = dataclasses.replace(cfg, regularizer=dataclasses.replace(
+            cfg.regularizer, strength=change["strength"]))
+    packed = train_packed([cell_cfg(CELLS[0]), cfg], x, tmp_path)[1][0]
+    assert max_weight_difference(alone, packed) > 10 * WEIGHT_ATOL
+
+
+def test_packed_loss_equals_reference_loss_per_member(x):
+    """One step's objective, before any training: each member's (total, nmse, auxk, penalty)
+    equals sae.losses.training_loss of its lone model, with some latents marked dead."""
+    from sae.losses import training_loss
+
+    torch.manual_seed(3)
+    models, specs = [], []
+    for cell in CELLS:
+        models.append(TopKSAE(x.shape[1], 128, cell["k"]))
+        specs.append(MemberSpec(cell["k"], cell["reg"], 0.05, cell["mask"], 1e-8))
+    pack = PackedSAE(models)
+    batch = torch.stack([x[i * 64:(i + 1) * 64] for i in range(len(models))])
+    dead = torch.rand(len(models), 128) < 0.3
+    out = packed_training_loss(pack, batch, PackCoefficients.build(specs, x.device),
+                               dead_gn=dead, aux_alpha=1 / 32, aux_k=16)
+    for g, (model, spec) in enumerate(zip(models, specs)):
+        parts, ref = training_loss(model, batch[g], regularizer=spec.regularizer,
+                                   strength=spec.strength, mask=spec.mask, eps=spec.eps,
+                                   dead=dead[g], aux_alpha=1 / 32, aux_k=16)
+        for name in ("total", "nmse", "auxk", "penalty"):
+            assert float(getattr(out.parts, name)[g].detach()) == pytest.approx(
+                float(getattr(parts, name)), rel=1e-5, abs=1e-7), (g, name)
+        active = torch.zeros(128, dtype=torch.bool).index_fill_(0, ref.code.indices.reshape(-1),
+                                                                True)
+        assert torch.equal(out.fired[g], active)
+
+
+def test_pack_resumes_exactly(x, tmp_path):
+    """2N packed steps == N packed steps, stop, resume from the members' checkpoints, N more:
+    the same weights bit for bit."""
+    cfgs = [cell_cfg(cell) for cell in CELLS[:3]]
+    straight = train_packed(cfgs, x, tmp_path, "straight")
+    half = [dataclasses.replace(c, train=dataclasses.replace(c.train, max_steps=20))
+            for c in cfgs]
+    train_packed(half, x, tmp_path, "resumed")
+    resumed = train_packed(cfgs, x, tmp_path, "resumed")
+    for (model_s, state_s), (model_r, state_r) in zip(straight, resumed):
+        assert state_r.step == state_s.step == 40
+        for name, value in model_s.state_dict().items():
+            assert torch.equal(value, model_r.state_dict()[name]), name
+        assert state_r.history == state_s.history
+
+
+def test_member_checkpoint_resumes_unpacked(x, tmp_path):
+    """A member's checkpoint is the lone run's: the cell resumes from it unpacked."""
+    cfg = cell_cfg(CELLS[3])
+    half = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, max_steps=20))
+    train_packed([cell_cfg(CELLS[0], max_steps=20), half], x, tmp_path, "mixed")
+    trainer = make_trainer(cfg, x, tmp_path / "mixed1.safetensors")
+    state = trainer.run()
+    alone = train_alone([cfg], x, tmp_path)[0][0]
+    assert trainer.resumed_from == 20 and state.step == 40
+    assert max_weight_difference(alone, trainer.model) <= WEIGHT_ATOL
+
+
+def test_diverging_member_fails_and_the_others_go_on(x, tmp_path):
+    """Member 1's loss overflows (lambda 3e38 times an L1/L2 ratio > 1 is inf in float32): it
+    fails with the trainer's reason and writes no checkpoint; members 0 and 2 train on as alone."""
+    cfgs = [cell_cfg(CELLS[0]), cell_cfg(CELLS[2]), cell_cfg(CELLS[3])]
+    cfgs[1] = dataclasses.replace(cfgs[1], regularizer=dataclasses.replace(
+        cfgs[1].regularizer, strength=3e38))
+    trainers = [make_trainer(cfg, x, tmp_path / f"d{i}.safetensors")
+                for i, cfg in enumerate(cfgs)]
+    results = PackedTrainer(trainers).run()
+    assert results[1].state is None and "regularizer.strength" in results[1].failure
+    assert not (tmp_path / "d1.safetensors").exists()
+    assert (tmp_path / "d0.safetensors").exists() and (tmp_path / "d2.safetensors").exists()
+    alone = train_alone([cfgs[0], cfgs[2]], x, tmp_path)
+    for (model, state), member in zip(alone, (0, 2)):
+        assert results[member].state.step == state.step
+        assert max_weight_difference(model, trainers[member].model) <= WEIGHT_ATOL
