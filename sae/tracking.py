@@ -85,8 +85,10 @@ def flatten(metrics: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def start_tracking(cfg: RootConfig, run_id: str, run_dir: Path, job_type: str = "train"):
-    """A tracker for this cell: W&B (online or offline) or a no-op."""
+def start_tracking(cfg: RootConfig, run_id: str, run_dir: Path, job_type: str = "train", *,
+                   concurrent: bool = False):
+    """A tracker for this cell: W&B (online or offline) or a no-op. ``concurrent``: the run
+    lives beside other open runs of this process (the members of a pack)."""
     if cfg.logger.name == "none":
         return NullTracker()
     try:
@@ -96,7 +98,7 @@ def start_tracking(cfg: RootConfig, run_id: str, run_dir: Path, job_type: str = 
             project=cfg.logger.project, entity=cfg.logger.entity, id=run_id, name=run_id,
             group=cfg.sweep_name, job_type=job_type, tags=axis_tags(cfg), config=to_dict(cfg),
             dir=str(run_dir), mode=wandb_mode(cfg.logger.mode), resume="allow",
-            reinit="finish_previous", settings=wandb.Settings(console="off", silent=True),
+            reinit="create_new" if concurrent else "finish_previous", settings=wandb.Settings(console="off", silent=True),
         )
         return WandbTracker(run)
     except Exception as exc:  # noqa: BLE001 -- W&B unreachable, bad key, ...: train anyway

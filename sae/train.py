@@ -43,7 +43,7 @@ from sae.runs import (
     write_status,
 )
 from sae.tracking import start_tracking
-from sae.trainer import Trainer
+from sae.trainer import Trainer, TrainState
 
 log = logging.getLogger(__name__)
 # Absolute, so the console scripts find the config tree as `python -m` does.
@@ -82,20 +82,36 @@ def run_cell(cfg_node: DictConfig | RootConfig, command: str | None = None) -> d
 
 
 def _execute(cfg: RootConfig, rid: str, directory: Path, command: str) -> dict[str, Any]:
-    atomic_write_text(directory / "config.yaml", OmegaConf.to_yaml(OmegaConf.structured(cfg)))
-    atomic_write_json(directory / "identity.json", semantic_config(cfg))
-    write_status(directory, "running", command=command)
-    tracker = start_tracking(cfg, rid, directory)
+    tracker = begin_run(cfg, rid, directory, command)
     try:
         metrics = train_and_evaluate(cfg, directory, tracker, command)
     except Exception as exc:
-        reason = f"{type(exc).__name__}: {exc}"
-        write_status(directory, "failed", reason, command=command)
-        tracker.finish(failed=True)
-        log.error("run %s failed: %s", rid, reason)
+        outcome = fail_run(rid, directory, tracker, f"{type(exc).__name__}: {exc}", command)
         if is_multirun():  # let the sweep go on; the sweeper reports the failure
-            return {"run_id": rid, "state": "failed", "reason": reason, "run_dir": str(directory)}
+            return outcome
         raise
+    return finish_run(rid, directory, tracker, metrics, command)
+
+
+def begin_run(cfg: RootConfig, rid: str, directory: Path, command: str, *,
+              concurrent: bool = False):
+    """Write the run's config, identity and ``running`` status; start its tracker
+    (``concurrent``: beside other runs of this process, as in a pack)."""
+    atomic_write_text(directory / "config.yaml", OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+    atomic_write_json(directory / "identity.json", semantic_config(cfg))
+    write_status(directory, "running", command=command)
+    return start_tracking(cfg, rid, directory, concurrent=concurrent)
+
+
+def fail_run(rid: str, directory: Path, tracker, reason: str, command: str) -> dict[str, Any]:
+    write_status(directory, "failed", reason, command=command)
+    tracker.finish(failed=True)
+    log.error("run %s failed: %s", rid, reason)
+    return {"run_id": rid, "state": "failed", "reason": reason, "run_dir": str(directory)}
+
+
+def finish_run(rid: str, directory: Path, tracker, metrics: dict, command: str
+               ) -> dict[str, Any]:
     tracker.summary(metrics)
     tracker.finish()
     write_status(directory, "done", command=command)
@@ -110,24 +126,39 @@ def build_model(cfg: RootConfig, dim: int, device: torch.device) -> TopKSAE:
 
 
 def train_and_evaluate(cfg: RootConfig, directory: Path, tracker, command: str) -> dict:
-    from sae.data.cache import resolve_similarity
-    from sae.evaluate import evaluate
-
-    # Before training: a missing similarity cache must not cost a whole run.
-    eval_cfg = dataclasses.replace(cfg.eval, similarity=resolve_similarity(cfg))
+    eval_cfg = evaluation_config(cfg)  # before training: a missing cache must not cost a run
     device = resolve_device(cfg.train.device)
     started = time.perf_counter()
     train_set, eval_set = load_splits(cfg)
     check_dims(train_set, eval_set)
     model = build_model(cfg, train_set.dim, device)
-    config = to_dict(cfg)
-    trainer = Trainer(cfg, model, train_set.x.to(device),
-                      directory / "checkpoints" / "last.safetensors", tracker, config)
+    trainer = Trainer(cfg, model, train_set.x.to(device), checkpoint_path(directory), tracker,
+                      to_dict(cfg))
     state = trainer.run()
-    train_seconds = time.perf_counter() - started
+    return evaluate_and_write(cfg, directory, command, trainer, state, train_set, eval_set,
+                              eval_cfg, time.perf_counter() - started)
+
+
+def checkpoint_path(directory: Path) -> Path:
+    return directory / "checkpoints" / "last.safetensors"
+
+
+def evaluation_config(cfg: RootConfig):
+    from sae.data.cache import resolve_similarity
+
+    return dataclasses.replace(cfg.eval, similarity=resolve_similarity(cfg))
+
+
+def evaluate_and_write(cfg: RootConfig, directory: Path, command: str, trainer: Trainer,
+                       state: TrainState, train_set: EmbeddingSet, eval_set: EmbeddingSet,
+                       eval_cfg, train_seconds: float) -> dict:
+    """After training: the model file, the evaluation, metrics.json and the method card."""
+    from sae.evaluate import evaluate
+
+    model, config = trainer.model, trainer.config_for_checkpoint
     save_model(model, directory / "model.safetensors", config, step=state.step)
-    metrics = evaluate(model, train_set, eval_set, eval_cfg, cfg.k, directory, device,
-                       seed=cfg.seed)
+    metrics = evaluate(model, train_set, eval_set, eval_cfg, cfg.k, directory,
+                       trainer.device, seed=cfg.seed)
     metrics["train"] = {
         "steps": state.step, "resumed_from_step": trainer.resumed_from,
         "seconds": round(train_seconds, 3), "batch_size": trainer.schedule.batch_size,

@@ -14,6 +14,7 @@ perturbation tests below). Logged losses: LOSS_RTOL = 1e-4.
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import pytest
 import torch
@@ -191,3 +192,58 @@ def test_diverging_member_fails_and_the_others_go_on(x, tmp_path):
     for (model, state), member in zip(alone, (0, 2)):
         assert results[member].state.step == state.step
         assert max_weight_difference(model, trainers[member].model) <= WEIGHT_ATOL
+
+
+# -- a pack as a job: every member writes the run a lone cell writes --------------------------
+PACK_CELLS = (["k=8", "regularizer=none", "seed=0"],
+              ["k=16", "regularizer=l1l2", "mask=true", "seed=1"],
+              ["k=8", "regularizer=offsupport_l1", "mask=false", "seed=0"])
+RUN_FILES = ("config.yaml", "identity.json", "status.json", "model.safetensors",
+             "checkpoints/last.safetensors", "metrics.json", "method_card.md",
+             "method_card.json")
+
+
+def compose_cell(root, axes, logger="none"):
+    from hydra import compose, initialize_config_dir
+
+    from sae.config import register_configs
+    from tests.helpers import REPO
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        return compose("train", overrides=[
+            "dataset=digits", "sae=tiny", "train.batch_size=256", "train.max_steps=20",
+            "train.lr=1e-3", "train.log_every=10", "train.progress=false", "train.device=cpu",
+            "eval.probe_max_train=500", "eval.probe_epochs=5", f"logger={logger}",
+            f"paths.root={root}", *axes])
+
+
+def test_run_pack_writes_each_members_lone_run(tmp_path, monkeypatch):
+    import json
+
+    from sae.packed_run import run_pack
+    from sae.train import run_cell
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    lone = [run_cell(compose_cell(tmp_path / "lone", axes), "cmd") for axes in PACK_CELLS]
+    packed = run_pack([(compose_cell(tmp_path / "pack", axes, "wandb"), f"cmd{i}")
+                       for i, axes in enumerate(PACK_CELLS)])
+    assert [o["state"] for o in packed] == ["done"] * 3
+    assert [o["run_id"] for o in packed] == [o["run_id"] for o in lone]
+    for outcome_lone, outcome_pack in zip(lone, packed):
+        directory = tmp_path / "pack" / "runs" / outcome_pack["run_id"]
+        for name in RUN_FILES:
+            assert (directory / name).is_file(), name
+        assert list(directory.glob(f"wandb/offline-run-*-{outcome_pack['run_id']}/*.wandb"))
+        m_lone = json.loads((Path(outcome_lone["run_dir"]) / "metrics.json").read_text())
+        m_pack = json.loads((directory / "metrics.json").read_text())
+        assert sorted(m_pack) == sorted(m_lone)
+        assert m_pack["train"]["steps"] == m_lone["train"]["steps"] == 20
+        assert m_pack["train"]["final_loss"] == pytest.approx(m_lone["train"]["final_loss"],
+                                                             rel=LOSS_RTOL)
+        card = json.loads((directory / "method_card.json").read_text())
+        assert sorted(card) == sorted(json.loads(
+            (Path(outcome_lone["run_dir"]) / "method_card.json").read_text()))
+    again = run_pack([(compose_cell(tmp_path / "pack", axes), "cmd") for axes in PACK_CELLS])
+    assert [o["state"] for o in again] == ["skipped"] * 3
