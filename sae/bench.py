@@ -1,8 +1,9 @@
-"""Benchmarks, one JSON line per case: ``python -m sae.bench [step|monoscore] [options]``.
+"""Benchmarks, one JSON line per case: ``python -m sae.bench [step|monoscore|pack] [options]``.
 
 ``step`` (the default): the training step against one dense encoder product and the reference
 step (``sae.benchmarks.step``). ``monoscore``: the MonoSemanticity score
-(``sae.benchmarks.monoscore``). ``python -m sae.bench <name> --help`` lists the options.
+(``sae.benchmarks.monoscore``). ``pack``: the step per member of a pack of G cells against one
+unpacked step (``sae.benchmarks.pack``). ``python -m sae.bench <name> --help`` lists the options.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-BENCHMARKS = ("step", "monoscore")
+BENCHMARKS = ("step", "monoscore", "pack")
 
 
 def cli(argv: Sequence[str] | None = None) -> None:
@@ -23,6 +24,8 @@ def cli(argv: Sequence[str] | None = None) -> None:
     name = args.pop(0) if args and args[0] in BENCHMARKS else "step"
     if name == "monoscore":  # imported lazily: each benchmark pulls in only what it needs
         from sae.benchmarks.monoscore import main
+    elif name == "pack":
+        from sae.benchmarks.pack import main
     else:
         from sae.benchmarks.step import main
     main(args)

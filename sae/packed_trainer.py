@@ -25,13 +25,12 @@ from dataclasses import dataclass
 
 import torch
 
-from sae.packed import MemberSpec, PackCoefficients, PackedSAE, packed_training_loss
+from sae.packed import MemberSpec, PackCoefficients, PackedSAE, packed_train_step
 from sae.trainer import (
     DivergedError,
     Progress,
     Trainer,
     TrainState,
-    autocast,
     epoch_permutation,
     make_optimizer,
     save_checkpoint,
@@ -82,6 +81,7 @@ class PackedTrainer:
         self.perm_epoch: int | None = None
         self.perms: torch.Tensor | None = None  # (G, N) the members' orders of this epoch
         self.last_checkpoint = 0.0
+        self.aux_needed: bool | None = None  # accelerators: AuxK needed until the next log
 
     # -- building the pack from the members' own initial states ------------------------------
     def initial_states(self) -> list[TrainState]:
@@ -135,6 +135,7 @@ class PackedTrainer:
                 if log_step:
                     progress.update(step, self._log(accumulated))
                     accumulated = []
+                    self.aux_needed = None  # read afresh by the next step
                 if self.alive and (at_end or self.members[0]._checkpoint_due(step, log_step)):
                     self.save_checkpoints()
                     self.last_checkpoint = time.monotonic()
@@ -160,25 +161,22 @@ class PackedTrainer:
         return self.x[index_gb.reshape(-1)].view(*index_gb.shape, -1)
 
     def step(self, step: int) -> torch.Tensor:
-        """One optimizer step of every member; returns the (G, 4) detached losses (total, nmse,
-        auxk, penalty), as ``sae.trainer.train_step`` does for one."""
-        x = self.batch(step)
-        self.optimizer.zero_grad(set_to_none=True)
-        dead = self.counters >= self.schedule.dead_window
-        # On the CPU the dead count is host memory: skip AuxK exactly when no member has one.
-        aux_needed = self.device.type != "cpu" or bool(dead.any())
-        with autocast(x.device.type, self.cfg.train.autocast_bf16):
-            out = packed_training_loss(self.pack, x, self.coeffs, dead_gn=dead,
-                                       aux_alpha=self.aux_alpha, aux_k=self.aux_k,
-                                       aux_needed=aux_needed)
-        out.parts.total.sum().backward()  # members share no parameter: each its own gradient
-        self.pack.project_decoder_grad_()
-        self.optimizer.step()
-        self.pack.normalize_decoder_()
-        self.counters.add_(x.shape[1]).masked_fill_(out.fired, 0)
+        """One optimizer step of every member; returns the (G, 4) detached losses."""
+        if self.device.type != "cpu" and self.aux_needed is None:
+            self.aux_needed = self._dead_possible()
+        losses = packed_train_step(self.pack, self.optimizer, self.batch(step), self.counters,
+                                   self.coeffs, self.schedule.dead_window, self.aux_alpha,
+                                   self.aux_k, self.cfg.train.autocast_bf16, self.aux_needed)
         for state in self.states:
             state.step = step + 1
-        return torch.stack(out.parts).detach().T  # (G, 4)
+        return losses
+
+    def _dead_possible(self) -> bool:
+        """On an accelerator, as the trainer's dead bound (sae.fast.dead_count_bound): read
+        once per log interval, where the host synchronises anyway; counters grow by at most
+        log_every batches meanwhile. False: no member can have a dead latent, AuxK is skipped."""
+        horizon = self.cfg.train.log_every * self.schedule.batch_size
+        return bool((self.counters + horizon >= self.schedule.dead_window).any())
 
     # -- read-out, failures and checkpoints -------------------------------------------------
     def _log(self, losses: list[torch.Tensor]) -> dict[str, float] | None:

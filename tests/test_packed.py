@@ -123,7 +123,8 @@ def test_a_changed_member_is_detected(x, tmp_path, change):
 
 def test_packed_loss_equals_reference_loss_per_member(x):
     """One step's objective, before any training: each member's (total, nmse, auxk, penalty)
-    equals sae.losses.training_loss of its lone model, with some latents marked dead."""
+    and the gradients of its total equal sae.losses.training_loss of its lone model, with some
+    latents marked dead."""
     from sae.losses import training_loss
 
     torch.manual_seed(3)
@@ -146,6 +147,15 @@ def test_packed_loss_equals_reference_loss_per_member(x):
         active = torch.zeros(128, dtype=torch.bool).index_fill_(0, ref.code.indices.reshape(-1),
                                                                 True)
         assert torch.equal(out.fired[g], active)
+        parts.total.backward()
+    out.parts.total.sum().backward()
+    for g, model in enumerate(models):
+        for name in PackedSAE.PARAMETERS:
+            expected = getattr(model, name).grad
+            got = getattr(pack, name).grad[g]
+            scale = float(expected.abs().max())
+            assert scale > 0, (g, name)
+            assert float((got - expected).abs().max()) <= 1e-5 * scale, (g, name)
 
 
 def test_pack_resumes_exactly(x, tmp_path):
