@@ -20,6 +20,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+import torch
 from omegaconf import DictConfig
 
 from sae.config import RootConfig, to_dict, validate
@@ -109,11 +110,13 @@ def _train_and_evaluate(members: list[Member]) -> dict[str, dict[str, Any]]:
     train_set, eval_set = load_splits(lead)  # once for the pack
     check_dims(train_set, eval_set)
     x = train_set.x.to(device)
+    rng_states = []
     for member in members:
         model = build_model(member.cfg, train_set.dim, device)
+        rng_states.append(torch.get_rng_state())  # what the lone run's checkpoints store
         member.trainer = Trainer(member.cfg, model, x, checkpoint_path(member.directory),
                                  member.tracker, to_dict(member.cfg))
-    results = PackedTrainer([m.trainer for m in members]).run()
+    results = PackedTrainer([m.trainer for m in members], rng_states).run()
     train_seconds = time.perf_counter() - started
     outcomes = {}
     for index, member in enumerate(members):

@@ -67,7 +67,10 @@ def check_compatible(trainers: list[Trainer]) -> None:
 
 
 class PackedTrainer:
-    def __init__(self, trainers: list[Trainer]) -> None:
+    def __init__(self, trainers: list[Trainer],
+                 rng_states: list[torch.Tensor] | None = None) -> None:
+        """``rng_states``: each member's torch RNG state right after its model was built; its
+        checkpoints store it, as a lone run's do (training itself draws nothing from it)."""
         check_compatible(trainers)
         self.members = list(trainers)
         lead = trainers[0]
@@ -80,12 +83,17 @@ class PackedTrainer:
         self.alive = list(range(len(trainers)))  # indices of members still training
         self.perm_epoch: int | None = None
         self.perms: torch.Tensor | None = None  # (G, N) the members' orders of this epoch
+        self.rng_states = list(rng_states) if rng_states else [None] * len(trainers)
         self.last_checkpoint = 0.0
         self.aux_needed: bool | None = None  # accelerators: AuxK needed until the next log
 
     # -- building the pack from the members' own initial states ------------------------------
     def initial_states(self) -> list[TrainState]:
-        states = [t.initial_state() for t in self.members]
+        states = []
+        for member, trainer in enumerate(self.members):
+            states.append(trainer.initial_state())
+            if trainer.resumed_from is not None:  # load_checkpoint restored the member's RNG
+                self.rng_states[member] = torch.get_rng_state()
         steps = {s.step for s in states}
         if len(steps) > 1:
             raise ValueError(f"pack members start at different steps {sorted(steps)}: pack "
@@ -222,12 +230,16 @@ class PackedTrainer:
 
     def save_checkpoints(self) -> None:
         """Each member's checkpoint, exactly the file its lone run would write."""
+        outer_rng = torch.get_rng_state()
         for row, member in enumerate(self.alive):
             trainer = self.members[member]
             self.unpack_member(row, trainer)
+            if self.rng_states[member] is not None:
+                torch.set_rng_state(self.rng_states[member])
             save_checkpoint(trainer.checkpoint_path, trainer.model, trainer.optimizer,
                             self.states[row], trainer.config_for_checkpoint)
             trainer.optimizer.state.clear()
+        torch.set_rng_state(outer_rng)
 
     def unpack_member(self, row: int, trainer: Trainer) -> None:
         """Copy the member's weights and Adam moments from the pack into its own model and

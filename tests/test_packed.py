@@ -232,6 +232,7 @@ def test_run_pack_writes_each_members_lone_run(tmp_path, monkeypatch):
     import json
 
     from sae.packed_run import run_pack
+    from sae.runs import load_tensors
     from sae.train import run_cell
 
     monkeypatch.setenv("WANDB_MODE", "offline")
@@ -252,6 +253,14 @@ def test_run_pack_writes_each_members_lone_run(tmp_path, monkeypatch):
         assert m_pack["train"]["steps"] == m_lone["train"]["steps"] == 20
         assert m_pack["train"]["final_loss"] == pytest.approx(m_lone["train"]["final_loss"],
                                                              rel=LOSS_RTOL)
+        lone_ckpt, lone_meta = load_tensors(Path(outcome_lone["run_dir"]) / RUN_FILES[4])
+        pack_ckpt, pack_meta = load_tensors(directory / RUN_FILES[4])
+        assert sorted(pack_ckpt) == sorted(lone_ckpt) and pack_meta["step"] == lone_meta["step"]
+        assert torch.equal(pack_ckpt["torch_rng"], lone_ckpt["torch_rng"])
+        assert pack_meta["param_groups"] == lone_meta["param_groups"]
+        for name, value in lone_ckpt.items():
+            if value.is_floating_point():
+                assert float((pack_ckpt[name] - value).abs().max()) <= WEIGHT_ATOL, name
         card = json.loads((directory / "method_card.json").read_text())
         assert sorted(card) == sorted(json.loads(
             (Path(outcome_lone["run_dir"]) / "method_card.json").read_text()))
