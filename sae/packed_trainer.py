@@ -84,7 +84,6 @@ class PackedTrainer:
         self.perm_epoch: int | None = None
         self.perms: torch.Tensor | None = None  # (G, N) the members' orders of this epoch
         self.rng_states = list(rng_states) if rng_states else [None] * len(trainers)
-        self.last_checkpoint = 0.0
         self.aux_needed: bool | None = None  # accelerators: AuxK needed until the next log
 
     # -- building the pack from the members' own initial states ------------------------------
@@ -133,7 +132,7 @@ class PackedTrainer:
         step = self.states[0].step
         progress = Progress(total, step, self.cfg.train.progress)
         accumulated: list[torch.Tensor] = []
-        self.last_checkpoint = time.monotonic()
+        self._mark_checkpoint()  # the time-based policy counts training time from here
         try:
             while step < total and self.alive:
                 accumulated.append(self.step(step))
@@ -146,15 +145,19 @@ class PackedTrainer:
                     self.aux_needed = None  # read afresh by the next step
                 if self.alive and (at_end or self.members[0]._checkpoint_due(step, log_step)):
                     self.save_checkpoints()
-                    self.last_checkpoint = time.monotonic()
-                    for trainer in self.members:
-                        trainer.last_checkpoint = self.last_checkpoint
+                    self._mark_checkpoint()
         finally:
             progress.close()
         for row, member in enumerate(self.alive):
             self.pack.copy_member_to(row, self.members[member].model)
             self.results[member] = MemberResult(self.states[row])
         return self.results
+
+    def _mark_checkpoint(self) -> None:
+        """The members' Trainers decide when a checkpoint is due (``_checkpoint_due``)."""
+        now = time.monotonic()
+        for trainer in self.members:
+            trainer.last_checkpoint = now
 
     def batch(self, step: int) -> torch.Tensor:
         """(G, B, d): each member's batch at ``step``, as ``sae.trainer.batch_indices``."""

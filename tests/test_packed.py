@@ -270,3 +270,29 @@ def test_run_pack_writes_each_members_lone_run(tmp_path, monkeypatch):
             (Path(outcome_lone["run_dir"]) / "method_card.json").read_text()))
     again = run_pack([(compose_cell(tmp_path / "pack", axes), "cmd") for axes in PACK_CELLS])
     assert [o["state"] for o in again] == ["skipped"] * 3
+
+
+def test_pack_checkpoints_when_a_lone_run_would(x, tmp_path, monkeypatch):
+    """The members' own policy (sae.trainer.Trainer._checkpoint_due): by steps, by training
+    time at log steps, and at the end; one file per member each time."""
+    import itertools
+    import time
+    import types
+
+    saved_at = []
+    monkeypatch.setattr("sae.packed_trainer.save_checkpoint",
+                        lambda path, model, opt, state, config: saved_at.append(state.step))
+    # A clock far from 0 that advances 1 ms a reading: a timer left at 0 would fire at once.
+    ticks = itertools.count()
+    clock = types.SimpleNamespace(monotonic=lambda: 1e6 + 1e-3 * next(ticks),
+                                  perf_counter=time.perf_counter)
+    monkeypatch.setattr("sae.trainer.time", clock)
+    monkeypatch.setattr("sae.packed_trainer.time", clock)
+    for every, every_s, expected in ((0, 0.0, [12]), (4, 0.0, [4, 8, 12]),
+                                     (0, 1e-9, [5, 10, 12]), (0, 3600.0, [12])):
+        saved_at.clear()
+        overrides = dict(max_steps=12, log_every=5, checkpoint_every=every,
+                         checkpoint_every_s=every_s)
+        train_packed([cell_cfg(cell, **overrides) for cell in CELLS[:2]], x, tmp_path,
+                     f"c{every}-{every_s}")
+        assert saved_at == [step for step in expected for _ in range(2)], (every, every_s)
