@@ -4,12 +4,14 @@ A pack holds its members' parameters stacked on a leading member axis (``W_dec``
 (G, n, d); ``b_enc``: (G, n); ``b_pre``: (G, d)) and computes every member's objective of
 ``sae.losses.training_loss`` at once, with a launch count that does not depend on G:
 
-* the encoder product is one ``baddbmm`` over the members, each on its own batch (G, B, d);
-* Top-k runs over (G, B, n) with the largest k of the pack; a member with a smaller k keeps the
-  first k of the sorted selection (the same set) and zeroes the rest;
+* the encoder product is one ``bmm`` over the members, each on its own batch (G, B, d);
+* Top-k (``sae.fast.topk_by_chunks`` over the G B rows) takes the largest k of the pack; a
+  member with a smaller k keeps the first k of the sorted selection (the same set) and zeroes
+  the rest;
 * decoding (and AuxK's decoding) is one embedding-bag over the (G n, d) stacked atoms;
-* the penalties and AuxK reduce over each member's own (B, n) block; a member's regularizer,
-  strength and mask are per-member coefficient tensors (G,), so a mixed pack adds no launch.
+* the penalties (one hand-fused autograd function for both) and AuxK reduce over each member's
+  own (B, n) block; a member's regularizer, strength and mask are per-member coefficient
+  tensors (G,), so a mixed pack adds no launch.
 
 Each member's loss depends on its own slice of the parameters only, so the gradient of the
 summed loss is, slice by slice, each member's own gradient, and Adam (elementwise) over the
