@@ -5,7 +5,8 @@ The public surface, importable from ``sae`` (lazily, so ``import sae.config`` st
 
     TopKSAE, SparseCode           the model                        (sae.model)
     off_support_l1, l1_l2_ratio   the two regularizers             (sae.regularizers)
-    load_model, run_id            a saved SAE; the identity of a run (sae.runs)
+    load_model, save_model        a saved SAE                      (sae.model)
+    run_id                        the identity of a run            (sae.identity)
     RootConfig, validate          the typed config                 (sae.config)
     metrics                       the metric library               (sae.metrics)
 """
@@ -16,7 +17,7 @@ _EXPORTS = {
     "TopKSAE": "sae.model", "SparseCode": "sae.model",
     "off_support_l1": "sae.regularizers", "l1_l2_ratio": "sae.regularizers",
     "batch_active": "sae.regularizers",
-    "load_model": "sae.runs", "save_model": "sae.runs", "run_id": "sae.runs",
+    "load_model": "sae.model", "save_model": "sae.model", "run_id": "sae.identity",
     "RootConfig": "sae.config", "validate": "sae.config",
 }
 __all__ = [*_EXPORTS, "metrics"]

@@ -1,12 +1,16 @@
 """Frozen vision backbones: a backbone config -> (model, preprocess transform, embed function).
 
-Two libraries, each with the embedding METHOD.md s1 names:
+Three libraries, each with the embeddings METHOD.md s1 names:
 
 - open_clip, ``embedding: image_projected``: ``model.encode_image(x)``, the projected image
   embedding (CLIP ViT-L/14: 768-d, SigLIP2 SO400M: 1152-d), not normalised here;
 - timm, ``embedding: cls_pre_logits``: ``model.forward_head(model.forward_features(x),
   pre_logits=True)``, the pooled token after the final norm, before the classifier (ViT-L/16:
-  1024-d).
+  1024-d);
+- transformers (``AutoModel`` + its ``AutoImageProcessor``, the reference code's library),
+  ``embedding: image_features``: ``model.get_image_features(pixel_values)`` (SigLIP2: pooled and
+  projected, 1152-d); ``embedding: cls_last_hidden_state``: the CLS token of
+  ``model(pixel_values).last_hidden_state`` (ViT-L/16: after the final LayerNorm, 1024-d).
 
 Weights, in order of precedence:
 
@@ -15,7 +19,10 @@ Weights, in order of precedence:
   must hold that tag's weights.
 - ``checkpoint_path`` naming a *directory*: the libraries' download cache
   (``scripts/download_weights.py`` fills it on a login node); the tag is resolved from it.
-- ``pretrained``: an open_clip tag, or ``"true"`` for timm (the tag is part of the model name).
+- ``checkpoint_path`` naming a transformers *snapshot directory* (``config.json`` in it): loaded
+  from there (``save_pretrained`` output, or ``models--org--name/snapshots/<rev>``).
+- ``pretrained``: an open_clip tag, or ``"true"`` for timm and transformers (the model name
+  names the weights); read from the Hugging Face cache, offline with ``HF_HUB_OFFLINE=1``.
 - neither: the real architecture with random weights, seeded (``RANDOM_INIT_SEED``) so that every
   process -- the train and eval splits, two array tasks -- embeds with the same network.
 """
@@ -23,30 +30,19 @@ Weights, in order of precedence:
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from PIL import Image
 
+from sae.backbone_base import Backbone, output_dim
 from sae.config import BackboneConfig, ConfigError
+from sae.plain import plain
 
-EMBEDDINGS = {"open_clip": ("image_projected",), "timm": ("cls_pre_logits",)}
+EMBEDDINGS = {"open_clip": ("image_projected",), "timm": ("cls_pre_logits",),
+              "transformers": ("image_features", "cls_last_hidden_state")}
 RANDOM_INIT_SEED = 0  # random-weight variants are seeded: embeddings must not differ per process
 _FALSE_STRINGS = ("", "false", "none", "null", "0", "no")
-
-
-@dataclass
-class Backbone:
-    """A loaded backbone, ready to embed preprocessed image batches."""
-
-    model: torch.nn.Module
-    preprocess: Callable[[Image.Image], torch.Tensor]  # PIL image -> (3, H, W) float tensor
-    embed: Callable[[torch.Tensor], torch.Tensor]  # (B, 3, H, W) -> (B, d) float32
-    dim: int  # embedding dimension d
-    info: dict[str, Any] = field(default_factory=dict)  # preprocessing and weights, for the manifest
 
 
 def pretrained_flag(value: str | bool | None) -> bool:
@@ -105,6 +101,10 @@ def load_backbone(cfg: BackboneConfig, device: str | torch.device = "cpu") -> Ba
         torch.manual_seed(RANDOM_INIT_SEED)
         if cfg.library == "open_clip":
             backbone = _load_open_clip(cfg)
+        elif cfg.library == "transformers":
+            from sae.backbones_hf import load_transformers
+
+            backbone = load_transformers(cfg, random_init)
         else:
             backbone = _load_timm(cfg)
     backbone.model.eval().requires_grad_(False).to(device)
@@ -150,8 +150,8 @@ def _load_open_clip(cfg: BackboneConfig) -> Backbone:
     def embed(images: torch.Tensor) -> torch.Tensor:
         return model.encode_image(images).float()
 
-    info = {"preprocess": _plain(model.visual.preprocess_cfg), "transform": _describe(preprocess)}
-    return Backbone(model, preprocess, embed, _output_dim(embed, preprocess), info)
+    info = {"preprocess": plain(model.visual.preprocess_cfg), "transform": _describe(preprocess)}
+    return Backbone(model, preprocess, embed, output_dim(embed, preprocess), info)
 
 
 def _open_clip_tag_preprocess(model_name: str, tag: str) -> dict[str, Any]:
@@ -202,29 +202,8 @@ def _load_timm(cfg: BackboneConfig) -> Backbone:
     def embed(images: torch.Tensor) -> torch.Tensor:
         return model.forward_head(model.forward_features(images), pre_logits=True).float()
 
-    info = {"preprocess": _plain(data_cfg), "transform": _describe(preprocess)}
-    return Backbone(model, preprocess, embed, _output_dim(embed, preprocess), info)
-
-
-def _output_dim(embed: Callable[[torch.Tensor], torch.Tensor], preprocess: Callable) -> int:
-    """The embedding dimension, from one forward pass of a blank image."""
-    image = Image.new("RGB", (32, 32))
-    with torch.inference_mode():
-        out = embed(preprocess(image).unsqueeze(0))
-    if out.ndim != 2:
-        raise RuntimeError(f"the backbone returned shape {tuple(out.shape)}, expected (1, d)")
-    return int(out.shape[1])
-
-
-def _plain(value: Any) -> Any:
-    """JSON-friendly copy of a preprocessing config (tuples -> lists, objects -> str)."""
-    if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in sorted(value.items())}
-    if isinstance(value, list | tuple):
-        return [_plain(v) for v in value]
-    if value is None or isinstance(value, bool | int | float | str):
-        return value
-    return str(value)
+    info = {"preprocess": plain(data_cfg), "transform": _describe(preprocess)}
+    return Backbone(model, preprocess, embed, output_dim(embed, preprocess), info)
 
 
 def _describe(transform: Any) -> str:
@@ -240,7 +219,8 @@ def library_versions() -> dict[str, str]:
     from importlib import metadata
 
     versions = {"python": ".".join(map(str, sys.version_info[:3]))}
-    for package in ("torch", "torchvision", "open_clip_torch", "timm", "numpy", "pillow"):
+    for package in ("torch", "torchvision", "open_clip_torch", "timm", "transformers", "numpy",
+                    "pillow"):
         try:
             versions[package] = metadata.version(package)
         except metadata.PackageNotFoundError:  # not installed: it took no part

@@ -17,8 +17,8 @@ BENCHMARKS = ("step", "monoscore", "pack")
 
 def cli(argv: Sequence[str] | None = None) -> None:
     # OpenMP threads that spin while they wait turn a shared machine's contention into
-    # stalls: measured on 2 shared cores, a quick-size step took 6x longer spinning than
-    # sleeping. Set before torch (and its OpenMP runtime) is loaded; an explicit value wins.
+    # stalls (docs/performance.md). Set before torch (and its OpenMP runtime) is loaded; an
+    # explicit value wins.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     args = list(sys.argv[1:] if argv is None else argv)
     name = args.pop(0) if args and args[0] in BENCHMARKS else "step"

@@ -7,7 +7,9 @@ Cross-field rules (k <= n_latents, strength >= 0, ...) live in ``__post_init__``
 composed config is turned into objects by :func:`validate` -- for a sweep, for every cell before
 any job is submitted.
 
-Every field is documented once, here, by the comment beside it. This module imports no torch.
+Every field is documented once, by the comment beside it (one line: ``--help`` shows it,
+read from the source by ``sae.cli_help``): here, and for the dataset group in
+``sae/dataset_schemas.py`` (re-exported here). This module imports no torch.
 """
 
 from __future__ import annotations
@@ -19,19 +21,20 @@ from typing import Any
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-REGULARIZERS = ("none", "offsupport_l1", "l1l2")
-DATASET_KINDS = ("synthetic", "digits", "files", "images")
-IMAGE_LAYOUTS = ("imagenet", "openimages", "digits_images")
-BACKBONE_LIBRARIES = ("none", "open_clip", "timm")
+from sae import regularizers
+from sae.checks import ConfigError, require
+from sae.dataset_schemas import (  # noqa: F401 -- re-exported: the schemas of every group live here
+    DATASET_KINDS,
+    DATASET_SCHEMAS,
+    IMAGE_LAYOUTS,
+    DatasetConfig,
+    DigitsDatasetConfig,
+    FilesDatasetConfig,
+    ImagesDatasetConfig,
+    SyntheticDatasetConfig,
+)
 
-
-class ConfigError(ValueError):
-    """A config value is invalid. The message names the field, the problem and the fix."""
-
-
-def _require(ok: bool, field_name: str, problem: str, fix: str) -> None:
-    if not ok:
-        raise ConfigError(f"{field_name}: {problem}. Fix: {fix}")
+BACKBONE_LIBRARIES = ("none", "open_clip", "timm", "transformers")
 
 
 @dataclass
@@ -39,83 +42,33 @@ class BackboneConfig:
     """A frozen vision backbone that turns images into one embedding each (METHOD.md s1)."""
 
     name: str = "none"  # config key, e.g. clip_vitl14; "none" = the dataset already is embeddings
-    library: str = "none"  # open_clip | timm | none
-    model: str = ""  # library model identifier, e.g. "ViT-L-14" or "vit_large_patch16_224.augreg_in21k_ft_in1k"
-    pretrained: str | None = None  # open_clip pretrained tag / timm "true"; null = random weights (tests)
-    checkpoint_path: str | None = None  # local weights file, for compute nodes without network
-    embedding: str = "none"  # what is taken: image_projected (open_clip encode_image) | cls_pre_logits (timm)
+    library: str = "none"  # open_clip | timm | transformers | none
+    model: str = ""  # library model identifier, e.g. "ViT-L-14" (open_clip), "vit_large_patch16_224.augreg_in21k_ft_in1k" (timm), "google/vit-large-patch16-224" (transformers hub id)
+    pretrained: str | None = None  # open_clip pretrained tag / "true" for timm and transformers; null = random weights (tests)
+    checkpoint_path: str | None = None  # for compute nodes without network: a weights file, a Hugging Face hub cache directory, or a transformers snapshot directory (sae/backbones.py)
+    embedding: str = "none"  # what is taken: image_projected (open_clip encode_image) | cls_pre_logits (timm) | image_features (transformers get_image_features) | cls_last_hidden_state (transformers CLS of last_hidden_state)
     model_kwargs: dict[str, Any] = field(default_factory=dict)  # extra factory kwargs (small test variants)
     batch_size: int = 128  # images per forward pass during extraction
     num_workers: int = 4  # DataLoader workers decoding images
     storage_dtype: str = "float16"  # dtype of the cached array: float16 | float32
 
     def __post_init__(self) -> None:
-        _require(self.library in BACKBONE_LIBRARIES, "backbone.library",
+        require(self.library in BACKBONE_LIBRARIES, "backbone.library",
                  f"unknown library {self.library!r}", f"use one of {BACKBONE_LIBRARIES}")
-        _require(self.storage_dtype in ("float16", "float32"), "backbone.storage_dtype",
+        require(self.storage_dtype in ("float16", "float32"), "backbone.storage_dtype",
                  f"{self.storage_dtype!r} is not supported", "use float16 or float32")
-        _require(self.batch_size > 0, "backbone.batch_size", "must be positive", "set e.g. 128")
+        require(self.batch_size > 0, "backbone.batch_size", "must be positive", "set e.g. 128")
         if self.library != "none":
-            _require(bool(self.model), "backbone.model", "is empty",
-                     "give the open_clip / timm model identifier")
+            require(bool(self.model), "backbone.model", "is empty",
+                    "give the open_clip / timm / transformers model identifier")
 
-
-@dataclass
-class DatasetConfig:
-    """Where the embeddings come from. One flat schema; ``kind`` says which fields apply."""
-
-    name: str = MISSING  # config key: synthetic | digits | files | imagenet | openimages | digits_images
-    kind: str = MISSING  # synthetic | digits | files | images (images need a backbone)
-    multi_label: bool = False  # labels are (N, C) multi-hot instead of (N,) class ids
-    normalize: bool = True  # L2-normalise every embedding to unit norm (MonoLoss convention)
-    eval_fraction: float = 0.2  # digits: fraction held out (stratified) as the evaluation split
-    min_pixel_coverage: float = 0.05  # digits: keep pixels inked in >= this fraction of images
-    split_seed: int = 0  # seed of the train/eval split of datasets without an official one
-    # -- synthetic: a planted sparse dictionary (recovery is measurable) --
-    dim: int = 64  # embedding dimension d
-    n_atoms: int = 256  # planted dictionary size
-    atoms_per_sample: int = 4  # planted atoms active in each sample
-    n_classes: int = 8  # classes; each class prefers its own block of atoms
-    class_affinity: float = 0.8  # probability that an atom is drawn from the sample's class block
-    noise: float = 0.01  # std of isotropic Gaussian noise added before normalisation
-    n_train: int = 8192  # samples in the train split
-    n_eval: int = 2048  # samples in the evaluation split
-    data_seed: int = 0  # seed of the planted dictionary and the samples
-    # -- files: user-supplied embeddings (.npy or .safetensors) --
-    train_path: str | None = None  # (N, d) embeddings of the train split
-    eval_path: str | None = None  # (N, d) embeddings of the evaluation split; null = hold out eval_fraction
-    train_labels: str | None = None  # optional labels of the train split (.npy)
-    eval_labels: str | None = None  # optional labels of the evaluation split (.npy)
-    # -- images: real image datasets, embedded by the backbone into the cache --
-    root: str | None = None  # dataset root directory (from an environment variable in conf/dataset)
-    train_split: str = "train"  # split name that trains the SAE
-    eval_split: str = "val"  # split name that evaluates it
-    max_per_split: int | None = None  # keep at most this many images per split (smoke tests)
-    on_unreadable: str = "fail"  # an undecodable image: fail (naming its path) | skip (and count it)
-    layout: str = "imagenet"  # images on disk: imagenet (<split>/<class>/*) | openimages | digits_images (written once under root)
-
-    def __post_init__(self) -> None:
-        if MISSING in (self.name, self.kind):  # the bare schema, before a group fills it
-            return
-        _require(self.kind in DATASET_KINDS, "dataset.kind", f"unknown kind {self.kind!r}",
-                 f"use one of {DATASET_KINDS}")
-        _require(0.0 < self.eval_fraction < 1.0, "dataset.eval_fraction",
-                 f"{self.eval_fraction} is outside (0, 1)", "use e.g. 0.2")
-        _require(self.on_unreadable in ("fail", "skip"), "dataset.on_unreadable",
-                 f"{self.on_unreadable!r} is not an option", "use fail or skip")
-        if self.kind == "synthetic":
-            for name in ("dim", "n_atoms", "atoms_per_sample", "n_classes", "n_train", "n_eval"):
-                _require(getattr(self, name) > 0, f"dataset.{name}", "must be positive",
-                         "set a positive integer")
-            _require(self.atoms_per_sample <= self.n_atoms, "dataset.atoms_per_sample",
-                     "exceeds n_atoms", "lower atoms_per_sample or raise n_atoms")
-            _require(self.noise >= 0, "dataset.noise", "is negative", "use noise >= 0")
-        if self.kind == "images":
-            _require(self.layout in IMAGE_LAYOUTS, "dataset.layout",
-                     f"unknown layout {self.layout!r}", f"use one of {IMAGE_LAYOUTS}")
-        if self.kind == "files":
-            _require(bool(self.train_path), "dataset.train_path", "is not set",
-                     "point it to a .npy or .safetensors file of shape (N, d)")
+    @property
+    def checkpoint(self) -> str:
+        """The library and public name of the weights, e.g. "transformers google/vit-large-
+        patch16-224" or "open_clip ViT-L-14 / datacomp_xl_s13b_b90k" (dry runs, method card)."""
+        tag = f" / {self.pretrained}" if self.library == "open_clip" and self.pretrained else ""
+        weights = "" if self.pretrained else " (random weights)"
+        return f"{self.library} {self.model}{tag}{weights}"
 
 
 @dataclass
@@ -131,11 +84,11 @@ class SAEConfig:
     dead_window_max_epochs: float = 2.0  # ...capped at this many epochs of a small dataset
 
     def __post_init__(self) -> None:
-        _require(self.n_latents > 0, "sae.n_latents", "must be positive", "use e.g. 8192")
-        _require(self.aux_alpha >= 0, "sae.aux_alpha", "is negative", "use 1/32 or 0")
-        _require(self.aux_k is None or self.aux_k > 0, "sae.aux_k", "must be positive or null",
+        require(self.n_latents > 0, "sae.n_latents", "must be positive", "use e.g. 8192")
+        require(self.aux_alpha >= 0, "sae.aux_alpha", "is negative", "use 1/32 or 0")
+        require(self.aux_k is None or self.aux_k > 0, "sae.aux_k", "must be positive or null",
                  "use null for min(d // 2, n_latents)")
-        _require(self.dead_window_samples > 0 and self.dead_window_max_epochs > 0,
+        require(self.dead_window_samples > 0 and self.dead_window_max_epochs > 0,
                  "sae.dead_window_samples", "must be positive", "use e.g. 10000000")
 
 
@@ -143,16 +96,17 @@ class SAEConfig:
 class RegularizerConfig:
     """The sparsity penalty before Top-k (METHOD.md s3); its mask rule is the top-level ``mask``."""
 
-    name: str = "none"  # none | offsupport_l1 | l1l2
+    name: str = "none"  # a sae.regularizers name: none | offsupport_l1 | l1l2 | registered ones
     strength: float = 0.0  # lambda: weight of the penalty in the loss (calibration in README)
     eps: float = 1e-8  # l1l2: added to the L2 norm so an all-zero code has ratio 0
 
     def __post_init__(self) -> None:
-        _require(self.name in REGULARIZERS, "regularizer.name", f"unknown regularizer {self.name!r}",
-                 f"use one of {REGULARIZERS} (regularizer=<name> on the command line)")
-        _require(math.isfinite(self.strength) and self.strength >= 0, "regularizer.strength",
+        require(self.name in regularizers.names(), "regularizer.name",
+                f"unknown regularizer {self.name!r}",
+                f"use one of {regularizers.names()} (regularizer=<name> on the command line)")
+        require(math.isfinite(self.strength) and self.strength >= 0, "regularizer.strength",
                  f"{self.strength} is not a finite value >= 0", "use e.g. regularizer.strength=0.01")
-        _require(self.eps > 0, "regularizer.eps", "must be positive", "use 1e-8")
+        require(self.eps > 0, "regularizer.eps", "must be positive", "use 1e-8")
 
 
 @dataclass
@@ -171,20 +125,20 @@ class TrainConfig:
     log_every: int = 50  # steps between logged losses (the only host synchronisation points)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     autocast_bf16: bool = False  # bf16 autocast with fp32 master weights (GPU)
-    compile: bool = False  # torch.compile the training step
-    fast_path: bool = True  # fused sparse step (sae/fast.py); false = the plain reference step
+    compile: bool = False  # torch.compile only the fast path's fused penalty kernels; the step stays eager
+    fast_path: bool = True  # fused sparse step (sae/fast/); false = the plain reference step
     progress: bool = True  # progress bar (plain lines when stderr is not a terminal)
 
     def __post_init__(self) -> None:
-        _require(self.batch_size > 0, "train.batch_size", "must be positive", "use e.g. 2048")
-        _require(math.isfinite(self.lr) and self.lr > 0, "train.lr", f"{self.lr} is not > 0",
+        require(self.batch_size > 0, "train.batch_size", "must be positive", "use e.g. 2048")
+        require(math.isfinite(self.lr) and self.lr > 0, "train.lr", f"{self.lr} is not > 0",
                  "use e.g. 1e-4")
-        _require(self.epochs > 0, "train.epochs", "must be positive", "use e.g. 50")
-        _require(self.max_steps is None or self.max_steps > 0, "train.max_steps",
+        require(self.epochs > 0, "train.epochs", "must be positive", "use e.g. 50")
+        require(self.max_steps is None or self.max_steps > 0, "train.max_steps",
                  "must be positive or null", "use null to train for train.epochs")
-        _require(self.checkpoint_every >= 0 and self.log_every > 0, "train.checkpoint_every",
+        require(self.checkpoint_every >= 0 and self.log_every > 0, "train.checkpoint_every",
                  "must be >= 0 (log_every > 0)", "use e.g. 500 and 50")
-        _require(math.isfinite(self.checkpoint_every_s) and self.checkpoint_every_s >= 0,
+        require(math.isfinite(self.checkpoint_every_s) and self.checkpoint_every_s >= 0,
                  "train.checkpoint_every_s", f"{self.checkpoint_every_s} is not >= 0",
                  "use e.g. 300 (0 = by steps only)")
 
@@ -197,19 +151,45 @@ class EvalConfig:
     k_multiples: list[float] = field(default_factory=lambda: [0.25, 0.5, 1.0, 2.0, 4.0])  # inference k / train k
     probe_m: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16, 32])  # top-m kept for probing (k is added)
     probe_max_train: int = 100_000  # probe-train samples (a seeded subsample of the train split)
-    probe_epochs: int = 30  # L-BFGS iterations of the (full-batch) logistic-regression probe
+    probe_epochs: int = 30  # L-BFGS iterations (not epochs; key kept for run ids) of the full-batch logistic probe
     probe_weight_decay: float = 1e-4  # L2 penalty of the probe
-    similarity: str = "input"  # MonoScore similarity embeddings: input (the SAE's own), a backbone name (its cache of this eval split), a cache dir or an array file
+    similarity: str = "input"  # MonoScore similarity embeddings: input (the SAE's own) | backbone:NAME (its cache of this eval split) | cache:DIR | file:PATH (.npy / .safetensors)
     purity_top_n: int | None = None  # purity over each latent's top-N activations only; null = all
     inspect_latents: int = 12  # latents per selection rule on the contact sheets
     inspect_top_images: int = 16  # top-activating images per latent
 
     def __post_init__(self) -> None:
-        _require(self.chunk_size > 0, "eval.chunk_size", "must be positive", "use e.g. 8192")
-        _require(all(m > 0 for m in self.k_multiples), "eval.k_multiples",
+        require(self.chunk_size > 0, "eval.chunk_size", "must be positive", "use e.g. 8192")
+        parse_similarity(self.similarity)
+        require(all(m > 0 for m in self.k_multiples), "eval.k_multiples",
                  "holds a non-positive multiple", "use positive multiples such as [0.5, 1, 2]")
-        _require(all(m > 0 for m in self.probe_m), "eval.probe_m", "holds a non-positive m",
+        require(all(m > 0 for m in self.probe_m), "eval.probe_m", "holds a non-positive m",
                  "use positive budgets such as [1, 2, 4]")
+
+
+SIMILARITY_KINDS = ("input", "backbone", "cache", "file")
+
+
+@dataclass(frozen=True)
+class Similarity:
+    """``eval.similarity`` parsed: its kind, and the backbone name, directory or file."""
+
+    kind: str  # one of SIMILARITY_KINDS
+    target: str = ""  # "" for input
+
+    def __str__(self) -> str:
+        return self.kind if self.kind == "input" else f"{self.kind}:{self.target}"
+
+
+def parse_similarity(value: str) -> Similarity:
+    """``input`` or ``<kind>:<target>``; anything else fails naming the forms."""
+    if value == "input":
+        return Similarity("input")
+    kind, sep, target = value.partition(":")
+    require(bool(sep) and kind in SIMILARITY_KINDS[1:] and bool(target), "eval.similarity",
+             f"{value!r} does not name its kind",
+             "use input, backbone:NAME, cache:DIR or file:PATH (e.g. backbone:dinov2_vitl14)")
+    return Similarity(kind, target)
 
 
 @dataclass
@@ -219,12 +199,13 @@ class LoggerConfig:
     name: str = "wandb"  # wandb | none
     project: str = "sae-grid"  # W&B project
     entity: str | None = None  # W&B entity (team or user); null = the account default
-    mode: str = "auto"  # auto (offline without an API key) | online | offline
+    mode: str = "auto"  # auto (offline without an API key or a reachable server) | online | offline
+    probe_timeout_s: float = 3.0  # auto: seconds to wait for the W&B server before going offline
 
     def __post_init__(self) -> None:
-        _require(self.name in ("wandb", "none"), "logger.name", f"unknown logger {self.name!r}",
+        require(self.name in ("wandb", "none"), "logger.name", f"unknown logger {self.name!r}",
                  "use logger=wandb or logger=none")
-        _require(self.mode in ("auto", "online", "offline"), "logger.mode",
+        require(self.mode in ("auto", "online", "offline"), "logger.mode",
                  f"unknown mode {self.mode!r}", "use auto, online or offline")
 
 
@@ -258,31 +239,41 @@ class RootConfig:
     force: bool = False  # re-run a cell even when its status is done
 
     def __post_init__(self) -> None:
-        _require(self.k > 0, "k", f"{self.k} is not positive", "use a budget such as k=32")
-        _require(self.k <= self.sae.n_latents, "k",
+        require(self.k > 0, "k", f"{self.k} is not positive", "use a budget such as k=32")
+        require(self.k <= self.sae.n_latents, "k",
                  f"{self.k} exceeds sae.n_latents={self.sae.n_latents}",
                  "lower k or raise sae.n_latents")
         if self.dataset.kind == MISSING:
             return
         if self.dataset.kind == "images":
-            _require(self.backbone.library != "none", "backbone",
+            require(self.backbone.library != "none", "backbone",
                      f"dataset {self.dataset.name!r} holds images and needs a backbone",
                      "add backbone=clip_vitl14 (or another conf/backbone option)")
         else:
-            _require(self.backbone.library == "none", "backbone",
+            require(self.backbone.library == "none", "backbone",
                      f"dataset {self.dataset.name!r} already holds embeddings",
                      "use backbone=none with this dataset")
         if self.regularizer.name != "none":
-            _require(self.regularizer.strength > 0, "regularizer.strength",
+            require(self.regularizer.strength > 0, "regularizer.strength",
                      f"is 0 with regularizer {self.regularizer.name!r}",
                      "set a positive strength or use regularizer=none")
 
 
 def register_configs() -> None:
-    """Register the root schema with Hydra (called on import of the entry points)."""
+    """Register the root schemas, one ``dataset/<kind>_schema`` per dataset kind (which the
+    conf/dataset YAML files extend), and then the ``--help`` pages generated from them (last, so
+    that they see every registered schema), with Hydra; called on import of the entry points."""
     from hydra.core.config_store import ConfigStore
 
-    ConfigStore.instance().store(name="train_schema", node=RootConfig)
+    from sae.cli_help import register_help
+
+    store = ConfigStore.instance()
+    store.store(name="train_schema", node=RootConfig)
+    store.store(name="extract_schema", node=ExtractConfig)
+    for kind, dataset_schema in DATASET_SCHEMAS.items():
+        store.store(group="dataset", name=f"{kind}_schema", node=dataset_schema)
+    register_help("train", RootConfig)
+    register_help("extract", ExtractConfig)
 
 
 def validate(cfg: DictConfig | RootConfig, schema: type = RootConfig) -> Any:
@@ -297,6 +288,7 @@ def validate(cfg: DictConfig | RootConfig, schema: type = RootConfig) -> Any:
     OmegaConf.set_struct(node, False)
     node.pop("hydra", None)  # Hydra's own node, present in composed configs
     try:
+        _type_dataset(node)
         obj = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), node))
     except ConfigError:
         raise
@@ -306,6 +298,15 @@ def validate(cfg: DictConfig | RootConfig, schema: type = RootConfig) -> Any:
         raise ConfigError(str(exc)) from exc
     assert isinstance(obj, schema)
     return obj
+
+
+def _type_dataset(node: DictConfig) -> None:
+    """Give ``node.dataset`` the schema of its kind (a composed config already has it; a plain
+    one, e.g. built in a notebook, gets it here)."""
+    kind = OmegaConf.select(node, "dataset.kind", default=None, throw_on_missing=False)
+    schema = DATASET_SCHEMAS.get(kind) if isinstance(kind, str) else None
+    if schema is not None and OmegaConf.get_type(node.dataset) is not schema:
+        node.dataset = OmegaConf.merge(OmegaConf.structured(schema), node.dataset)
 
 
 def to_dict(cfg: RootConfig) -> dict[str, Any]:
@@ -325,13 +326,13 @@ class ExtractConfig:
     progress: bool = True  # progress bar (plain lines when stderr is not a terminal)
 
     def __post_init__(self) -> None:
-        _require(self.split in ("train", "eval", "both"), "split", f"unknown split {self.split!r}",
+        require(self.split in ("train", "eval", "both"), "split", f"unknown split {self.split!r}",
                  "use split=train, split=eval or split=both")
         if self.dataset.kind == MISSING:  # the bare schema, before a group fills it
             return
-        _require(self.dataset.kind == "images", "dataset",
+        require(self.dataset.kind == "images", "dataset",
                  f"dataset {self.dataset.name!r} already holds embeddings (kind "
                  f"{self.dataset.kind!r}); there is nothing to extract",
                  "use an image dataset: imagenet, openimages or digits_images")
-        _require(self.backbone.library != "none", "backbone", "is none",
+        require(self.backbone.library != "none", "backbone", "is none",
                  "add backbone=clip_vitl14 (or another conf/backbone option)")

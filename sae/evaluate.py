@@ -7,7 +7,7 @@ activations (contact sheets, top-N purity) and the codes of the probe's evaluati
 one chunk of pre-activations and codes exists at a time; the state kept across chunks is
 O(n d + n C) (plus at most ``probe_max_train`` codes of width k for the probe).
 
-Then: the truncated-code probes and the raw-embedding ceiling on a seeded probe-train
+Then: the truncated-code probes and the raw-embedding probe on a seeded probe-train
 subsample of the train split, planted recovery when the data has planted atoms, and the
 contact sheets when the split has images. The result is a dict with flat scalar keys (the
 final numbers, NaN written as null), nested ``curves``, ``protocols`` (the conventions, in
@@ -25,8 +25,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from sae.config import EvalConfig
-from sae.data.cache import is_similarity_name, open_cache
+from sae.config import EvalConfig, parse_similarity
+from sae.data.cache import open_cache
 from sae.data.types import EmbeddingSet
 from sae.inspect import inspect_latents
 from sae.metrics import (
@@ -52,6 +52,7 @@ from sae.model import SparseCode, TopKSAE
 # classes; bigger chunks mean fewer small kernel launches per L-BFGS evaluation.
 PROBE_CHUNK_ROWS = 65_536
 
+SMALL_M = (1, 2, 4)  # claim 4's small probe budgets (the report's --small-m default)
 PROTOCOLS = {
     "r2": "per-dimension R^2 = 1 - SS_res,d / SS_tot,d averaged uniformly over dimensions with "
           "SS_tot > 0 (scikit-learn uniform average), float64, on the evaluation split's inputs "
@@ -65,8 +66,8 @@ PROTOCOLS = {
     "monosemanticity": "MonoSemanticity score (Pach et al. 2025): per latent, min-max scaled "
                        "activations t, MS = sum_{i<l} t_i t_l cos(e_i, e_l) / sum_{i<l} t_i t_l, "
                        "exact linear form from the nonzeros; undefined (never fires, constant, "
-                       "or fewer than two weighted samples) counts as 0 in mono_mean_dead0 and "
-                       "is left out of mono_mean_live / median / p90",
+                       "or fewer than two weighted samples) counts as 0 in mono_dead0 (MonoLoss's "
+                       "convention) and is left out of mono_live / median / p90",
     "k_robustness": "R^2 with Top-k' at inference, k' = round(multiple * k) clamped to "
                     "[1, n], one encoder pass per chunk; ratio = R^2(k') / R^2(k) (null when "
                     "R^2(k) <= 0)",
@@ -119,34 +120,39 @@ def load_similarity(cfg: EvalConfig, eval_set: EmbeddingSet,
     """The MonoScore similarity embeddings (one row per evaluation sample) and their protocol.
 
     ``similarity_x`` given by the caller wins; else ``cfg.similarity``: ``input`` (the SAE's
-    own input embeddings, MonoLoss's default), a cache directory (the embeddings of the same
-    images by another backbone; ``resolve_similarity`` turns a backbone name into one), or a
-    path to a ``.npy`` (memory-mapped) or ``.safetensors`` (single tensor) array aligned with
-    the evaluation split.
+    own input embeddings, MonoLoss's default), ``cache:DIR`` (the embeddings of the same
+    images by another backbone; ``sae.data.similarity.resolve_similarity`` turns
+    ``backbone:NAME`` into one), or ``file:PATH``, a ``.npy`` (memory-mapped) or
+    ``.safetensors`` (single tensor) array aligned with the evaluation split.
     """
+    similarity = parse_similarity(cfg.similarity)
     if similarity_x is not None:
         source, array = "embeddings given by the caller", similarity_x
-    elif cfg.similarity == "input":
+    elif similarity.kind == "input":
         return eval_set.x, "input: the SAE's own input embeddings (MonoLoss), cosine similarity"
-    elif is_similarity_name(cfg.similarity):
+    elif similarity.kind == "backbone":
         raise ValueError(f"eval.similarity={cfg.similarity!r} names a backbone; resolve it to "
-                         "its cache first (sae.data.cache.resolve_similarity)")
+                         "its cache first (sae.data.similarity.resolve_similarity)")
+    elif similarity.kind == "cache":
+        array, source = _similarity_cache(Path(similarity.target), eval_set)
     else:
-        array, source = _similarity_file(Path(cfg.similarity), eval_set)
+        array, source = _similarity_file(Path(similarity.target))
     if array.shape[0] != eval_set.n:
         raise ValueError(f"similarity embeddings have {array.shape[0]} rows for {eval_set.n} "
                          "evaluation samples. Fix: embed the same evaluation split, same order")
     return array, f"{source}, cosine similarity"
 
 
-def _similarity_file(path: Path, eval_set: EmbeddingSet) -> tuple[Any, str]:
-    if path.is_dir():
-        cached = open_cache(path, verify_checksums=False)  # sizes and shapes still checked
-        if eval_set.ids is not None and cached.ids != eval_set.ids:
-            raise ValueError(f"similarity cache {path} holds other images, or the same in another "
-                             "order, than the evaluation split. Fix: extract the same dataset "
-                             "and split (same dataset.max_per_split and split_seed)")
-        return cached.embeddings, f"cache {path} ({cached.manifest['backbone'].get('model')})"
+def _similarity_cache(path: Path, eval_set: EmbeddingSet) -> tuple[Any, str]:
+    cached = open_cache(path, verify_checksums=False)  # sizes and shapes still checked
+    if eval_set.ids is not None and cached.ids != eval_set.ids:
+        raise ValueError(f"similarity cache {path} holds other images, or the same in another "
+                         "order, than the evaluation split. Fix: extract the same dataset "
+                         "and split (same dataset.max_per_split and split_seed)")
+    return cached.embeddings, f"cache {path} ({cached.manifest['backbone'].get('model')})"
+
+
+def _similarity_file(path: Path) -> tuple[Any, str]:
     if path.suffix == ".npy":
         return np.load(path, mmap_mode="r"), f"file {path}"
     if path.suffix == ".safetensors":
@@ -156,9 +162,8 @@ def _similarity_file(path: Path, eval_set: EmbeddingSet) -> tuple[Any, str]:
         if len(tensors) != 1:
             raise ValueError(f"{path} holds {len(tensors)} tensors. Fix: save one (N, d) array")
         return next(iter(tensors.values())), f"file {path}"
-    raise ValueError(f"eval.similarity={str(path)!r} is neither 'input', a backbone name, a cache "
-                     "directory nor a .npy / .safetensors file. Fix: point it to an (N_eval, d) "
-                     "array file, or name a backbone whose eval-split cache exists")
+    raise ValueError(f"eval.similarity=file:{path}: neither .npy nor .safetensors. Fix: point it "
+                     "to an (N_eval, d) array file in one of these formats")
 
 
 def _chunk_rows(array: Any, start: int, stop: int) -> torch.Tensor:
@@ -233,7 +238,7 @@ def _n_classes(eval_set: EmbeddingSet, train_set: EmbeddingSet | None) -> int:
     return max(n_classes_of(s.labels) for s in sets)
 
 
-def _reconstruction_metrics(stream: _Stream, train_k: int, n_latents: int) -> tuple[dict, dict]:
+def _reconstruction_metrics(stream: _Stream, train_k: int, multiples: list) -> tuple[dict, dict]:
     base = stream.r2_by_k[train_k].result()
     robust = k_robustness_from(train_k, stream.r2_by_k)
     dead = stream.firing.dead()
@@ -241,10 +246,8 @@ def _reconstruction_metrics(stream: _Stream, train_k: int, n_latents: int) -> tu
             "nmse": base.nmse, "fvu": base.fvu,
             "r2_constant_dims": base.n_constant_dims, "l0": stream.firing.l0(),
             "dead_count": int(dead.sum()), "dead_fraction": float(dead.double().mean()),
-            "k_robust_r2_ratio_min": robust.min_ratio()}
-    for k in robust.r2:
-        flat[f"k_robust_r2_k{k}"] = robust.r2[k]
-        flat[f"k_robust_ratio_k{k}"] = robust.ratio[k]
+            "k_robust_r2_ratio_min": robust.min_ratio(),
+            "k_robustness_mean_ratio": robust.mean_ratio(), **robust.by_multiple(multiples)}
     curves = {"k_robustness": {str(k): v for k, v in robust.r2.items()},
               "k_robustness_ratio": {str(k): v for k, v in robust.ratio.items()}}
     return flat, curves
@@ -252,7 +255,7 @@ def _reconstruction_metrics(stream: _Stream, train_k: int, n_latents: int) -> tu
 
 def _mono_metrics(scores_n: torch.Tensor) -> dict:
     summary = monosemanticity_summary(scores_n)
-    return {"mono_mean_live": summary.mean_live, "mono_mean_dead0": summary.mean_dead0,
+    return {"mono_live": summary.mean_live, "mono_dead0": summary.mean_dead0,
             "mono_median": summary.median, "mono_p90": summary.p90,
             "mono_scored": summary.n_scored}
 
@@ -294,16 +297,18 @@ def _probe_metrics(sae: TopKSAE, train_set: EmbeddingSet, eval_set: EmbeddingSet
     m_values = sorted({min(m, train_k) for m in cfg.probe_m} | {train_k})
     scores = truncated_probe(tuple(code_train), y_train, tuple(code_eval), y_eval, m_values,
                              n_latents=sae.n_latents, **common)
-    ceiling = linear_probe(train_set.x[train_rows], y_train, eval_set.x[eval_rows], y_eval,
-                           **common)
-    flat = {f"probe_m{m}": v for m, v in scores.items()} | {"probe_ceiling": ceiling}
+    raw = linear_probe(train_set.x[train_rows], y_train, eval_set.x[eval_rows], y_eval, **common)
+    small = torch.tensor([v for m, v in scores.items() if m in SMALL_M], dtype=torch.float64)
+    flat = {f"probe_m{m}": v for m, v in scores.items()} | {
+        "probe_raw": raw, "probe_small_m_mean": _nanmean(small)}  # claim 4's number
     protocol = (f"{probe_metric(y_eval)} of a logistic-regression probe (multinomial; "
                 f"multi-label: one-vs-rest, mAP) on codes truncated to their top-m activations, "
                 f"m in {m_values}; full-batch L-BFGS ({cfg.probe_epochs} iterations, L2 "
                 f"{cfg.probe_weight_decay}), latents scaled by their train RMS; trained on "
                 f"{train_rows.numel()} seeded train samples, scored on {eval_rows.numel()} "
                 f"evaluation samples (seeded subsample when the split exceeds "
-                f"{cfg.probe_max_train}); ceiling: the same probe on standardised raw embeddings")
+                f"{cfg.probe_max_train}); raw-embedding probe (probe_raw; a reference, not a "
+                f"ceiling: codes can beat it): the same probe on standardised raw embeddings")
     return flat, {"probe": {str(m): v for m, v in scores.items()}}, protocol
 
 
@@ -337,12 +342,9 @@ PER_LATENT_FILE = "latent_metrics.safetensors"
 
 def _write_per_latent(out_dir: Path, arrays: dict[str, torch.Tensor]) -> str:
     """Per-latent arrays (n,) for the report's distributions; written atomically."""
-    from safetensors.torch import save_file
+    from sae.io import save_tensor_file
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    partial = out_dir / (PER_LATENT_FILE + ".partial")
-    save_file({k: v.detach().cpu().contiguous() for k, v in arrays.items()}, str(partial))
-    partial.replace(out_dir / PER_LATENT_FILE)
+    save_tensor_file(out_dir / PER_LATENT_FILE, arrays)
     return PER_LATENT_FILE
 
 
@@ -373,7 +375,7 @@ def evaluate(
         ks = inference_ks(train_k, cfg.k_multiples, sae.n_latents)
         stream = _make_stream(sae, eval, similarity.shape[1], cfg, ks, device, seed)
         _stream_eval_split(sae, eval, similarity, cfg, train_k, stream, device)
-        flat, curves = _reconstruction_metrics(stream, train_k, sae.n_latents)
+        flat, curves = _reconstruction_metrics(stream, train_k, list(cfg.k_multiples))
         mono_n = stream.mono.scores()
         flat |= _mono_metrics(mono_n)
         purity_flat, purity_protocol, purity_n = _purity_metrics(stream, eval, cfg)
@@ -383,7 +385,7 @@ def evaluate(
         inspection = _inspection(stream, eval, mono_n, cfg, out_dir, seed)
         per_latent = {"monoscore": mono_n, "firing_count": stream.firing.counts_n}
         if purity_n is not None:
-            per_latent |= {"purity_binary": purity_n.binary, "purity_weighted": purity_n.weighted}
+            per_latent |= {f"purity_{k}": v for k, v in purity_n._asdict().items() if v is not None}
         per_latent_file = _write_per_latent(out_dir, per_latent)
     finally:
         sae.train(was_training)

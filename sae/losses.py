@@ -1,7 +1,7 @@
 """The training objective of METHOD.md s2:  L = NMSE + alpha * AuxK + lambda * R.
 
 NMSE is normalised by the batch's total variance (mean_i ||x_i - mean(x)||^2), the convention
-of Gao et al. 2024; the method card states it. ``training_loss`` is the plain reference
+of Gao et al. 2024; the method card states it (``sae.method_card.NMSE_CONVENTION``). ``training_loss`` is the plain reference
 implementation; the fast path in ``sae.fast`` must match it (tests/test_fast.py).
 """
 
@@ -12,10 +12,8 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from sae import regularizers
 from sae.model import ForwardOutput, TopKSAE
-from sae.regularizers import regularizer_penalty
-
-NMSE_CONVENTION = "batch: sum_i ||x_hat_i - x_i||^2 / sum_i ||x_i - mean_batch(x)||^2"
 
 
 class LossParts(NamedTuple):
@@ -65,6 +63,6 @@ def training_loss(
         auxk_loss(model, out.pre, (x - out.x_hat).detach(), dead, aux_k)
         if aux_alpha > 0 else x.new_zeros(())
     )
-    penalty = regularizer_penalty(regularizer, out.pre, out.code.indices, mask, eps)
+    penalty = regularizers.get(regularizer).bind(eps=eps)(out.pre, out.code.indices, mask)
     total = reconstruction + aux_alpha * auxk + strength * penalty
     return LossParts(total, reconstruction, auxk, penalty), out

@@ -10,8 +10,9 @@ from __future__ import annotations
 from typing import Any
 
 from sae.config import RootConfig
-from sae.losses import NMSE_CONVENTION
 
+# How training's NMSE is normalised (sae.losses.nmse), stated on every card.
+NMSE_CONVENTION = "batch: sum_i ||x_hat_i - x_i||^2 / sum_i ||x_i - mean_batch(x)||^2"
 # How every card asks to be read (METHOD.md s7: claims worded in proportion).
 PROPORTION_NOTE = (
     "Read these numbers as: under these conditions (backbone, data, budget, regularizer, mask, "
@@ -26,13 +27,30 @@ CARD_FIELDS = (
 )
 
 
+# How each library turns an image (converted to RGB first) into the network's input, and what
+# each embedding rule takes (METHOD.md s1; the loaders are in sae/backbones*.py).
+PREPROCESSING = {
+    "open_clip": "open_clip's inference transform for the model and tag (resize, centre crop, "
+                 "the tag's mean / std)",
+    "timm": "timm's eval transform from the model's pretrained data config "
+            "(resolve_model_data_config + create_transform)",
+    "transformers": "the checkpoint's own AutoImageProcessor (its preprocessor_config.json)",
+}
+OUTPUTS = {
+    "image_projected": "encode_image, the projected image embedding",
+    "cls_pre_logits": "the CLS token after the final norm, before the classifier",
+    "image_features": "get_image_features(pixel_values), pooled and projected",
+    "cls_last_hidden_state": "the CLS token of last_hidden_state, after the final LayerNorm",
+}
+
+
 def _source_model(cfg: RootConfig) -> str:
     b = cfg.backbone
     if b.library == "none":
         return f"none: the dataset {cfg.dataset.name!r} is already an embedding set"
-    weights = b.pretrained or "random initialisation (no pretrained weights)"
-    return (f"{b.library} {b.model} (weights: {weights}); layer: {b.embedding} "
-            f"(one embedding per image, no patch tokens)")
+    return (f"checkpoint: {b.checkpoint}; library: {b.library}; preprocessing: RGB, then "
+            f"{PREPROCESSING.get(b.library, b.library)}; layer: {b.embedding} = "
+            f"{OUTPUTS.get(b.embedding, b.embedding)} (one embedding per image, no patch tokens)")
 
 
 def _mask_rule(cfg: RootConfig) -> str:
@@ -71,12 +89,13 @@ def run_card(cfg: RootConfig, metrics: dict[str, Any], split_sizes: dict[str, in
                            "training_precision": (
                                "bf16 autocast for the matrix products, float32 weights and Adam"
                                if cfg.train.autocast_bf16 else "float32")},
-        "monosemanticity": {"metric": "MonoSemanticity score (Pach et al. 2025), mean over all "
-                                      "latents with dead = 0",
+        "monosemanticity": {"metric": "MonoSemanticity score (Pach et al. 2025): mono_dead0 = "
+                                      "mean over all latents, dead = 0; mono_live = mean over "
+                                      "live latents",
                             "similarity_embeddings": protocols.get("similarity",
                                                                    cfg.eval.similarity),
-                            "value": _get(metrics, "mono_mean_dead0"),
-                            "mean_live": _get(metrics, "mono_mean_live")},
+                            "mono_dead0": _get(metrics, "mono_dead0"),
+                            "mono_live": _get(metrics, "mono_live")},
         "class_purity": {"method": protocols.get("purity", "max-class share over firing images"),
                          "binary": _get(metrics, "purity_binary"),
                          "weighted": _get(metrics, "purity_weighted")},
@@ -93,14 +112,40 @@ def run_card(cfg: RootConfig, metrics: dict[str, Any], split_sizes: dict[str, in
 
 
 def render_markdown(card: dict[str, Any], title: str) -> str:
+    """A run's or a sweep's card as Markdown: ``CARD_FIELDS`` in order, then any other field."""
     lines = [f"# Method card: {title}", ""]
-    for key in CARD_FIELDS:
+    for key in [*CARD_FIELDS, *(k for k in card if k not in CARD_FIELDS)]:
         value = card.get(key)
         label = key.replace("_", " ").capitalize()
-        if isinstance(value, dict):
-            lines.append(f"- **{label}**:")
-            lines.extend(f"  - {k}: {v}" for k, v in value.items())
+        if isinstance(value, dict | list) and value:
+            lines += [f"- **{label}**:", *_render_value(value, 1)]
         else:
             lines.append(f"- **{label}**: {value}")
     lines += ["", PROPORTION_NOTE, ""]
     return "\n".join(lines)
+
+
+def _render_value(value: Any, indent: int) -> list[str]:
+    """Nested Markdown bullets; a small dict of plain values stays on one line."""
+    pad = "  " * indent
+    if isinstance(value, dict):
+        lines = []
+        for key, item in value.items():
+            if _flat_dict(item) and item:
+                lines.append(f"{pad}- {key}: {_inline(item)}")
+            elif isinstance(item, dict | list) and item:
+                lines += [f"{pad}- {key}:", *_render_value(item, indent + 1)]
+            else:
+                lines.append(f"{pad}- {key}: {item}")
+        return lines
+    if isinstance(value, list):
+        return [f"{pad}- {_inline(item) if _flat_dict(item) else item}" for item in value]
+    return [f"{pad}{value}"]
+
+
+def _flat_dict(value: Any) -> bool:
+    return isinstance(value, dict) and all(not isinstance(v, dict | list) for v in value.values())
+
+
+def _inline(value: dict[str, Any]) -> str:
+    return ", ".join(f"{k} {v}" for k, v in value.items())

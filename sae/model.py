@@ -9,16 +9,20 @@ embedding-bag over the k selected decoder atoms, never a dense (B, n) x (n, d) p
 mostly zeros. Decoder atoms are the rows of ``W_dec`` (n, d) and are kept at unit norm by the
 trainer (``project_decoder_grad_`` before the step, ``normalize_decoder_`` after it).
 
-This module knows nothing of training, logging or launching.
+This module knows nothing of training, logging or launching; a saved SAE is a checkpoint file
+of :mod:`sae.io` (:func:`save_model`, :func:`load_model`).
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from pathlib import Path
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from sae.io import load_tensors, save_tensors
 
 LAYERNORM_EPS = 1e-5
 
@@ -164,3 +168,20 @@ class TopKSAE(nn.Module):
     @torch.no_grad()
     def normalize_decoder_(self) -> None:
         self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12))
+
+
+# -- a saved SAE --------------------------------------------------------------------------------
+def save_model(model: TopKSAE, path: Path, config: dict[str, Any] | None = None,
+               **meta: Any) -> None:
+    """The SAE alone: weights, its spec (incl. LayerNorm), the run config, the code version."""
+    save_tensors(path, dict(model.state_dict()), {"spec": model.spec(), "config": config, **meta})
+
+
+def load_model(path: Path, device: str | torch.device = "cpu") -> TopKSAE:
+    """Rebuild a saved SAE; it reconstructs exactly as it did in training."""
+    tensors, meta = load_tensors(path, device)
+    spec = meta["spec"]
+    model = TopKSAE(spec["d"], spec["n_latents"], spec["k"], tied=spec["tied"],
+                    layernorm=spec["layernorm"]).to(device)
+    model.load_state_dict(tensors)
+    return model

@@ -26,8 +26,9 @@ from omegaconf import DictConfig
 from sae.config import RootConfig, to_dict, validate
 from sae.data import load_splits
 from sae.device import resolve_device
+from sae.identity import run_id
 from sae.packed_trainer import PackedTrainer
-from sae.runs import run_dir, run_id, run_lock, run_state
+from sae.runs import run_dir, run_lock, run_state
 from sae.train import (
     begin_run,
     build_model,
@@ -107,7 +108,7 @@ def _train_and_evaluate(members: list[Member]) -> dict[str, dict[str, Any]]:
     eval_cfgs = [evaluation_config(m.cfg) for m in members]
     device = resolve_device(lead.train.device)
     started = time.perf_counter()
-    train_set, eval_set = load_splits(lead)  # once for the pack
+    train_set, eval_set = load_splits(lead, lead.train.device, lead.train.progress)  # once
     check_dims(train_set, eval_set)
     x = train_set.x.to(device)
     rng_states = []

@@ -26,13 +26,14 @@ from dataclasses import dataclass
 import torch
 
 from sae.packed import MemberSpec, PackCoefficients, PackedSAE, packed_train_step
+from sae.progress import Progress
 from sae.trainer import (
     DivergedError,
-    Progress,
     Trainer,
     TrainState,
     epoch_permutation,
     make_optimizer,
+    progress_line,
     save_checkpoint,
 )
 
@@ -130,7 +131,8 @@ class PackedTrainer:
         self._stack(self.initial_states())
         total = self.schedule.total_steps
         step = self.states[0].step
-        progress = Progress(total, step, self.cfg.train.progress)
+        progress = Progress(total, "", "step", initial=step, enabled=self.cfg.train.progress,
+                            final_line=False)
         accumulated: list[torch.Tensor] = []
         self._mark_checkpoint()  # the time-based policy counts training time from here
         try:
@@ -140,9 +142,11 @@ class PackedTrainer:
                 at_end = step == total
                 log_step = step % self.cfg.train.log_every == 0 or at_end
                 if log_step:
-                    progress.update(step, self._log(accumulated))
+                    self._show(progress, step, self._log(accumulated))
                     accumulated = []
                     self.aux_needed = None  # read afresh by the next step
+                elif progress.tty:
+                    progress.goto(step)
                 if self.alive and (at_end or self.members[0]._checkpoint_due(step, log_step)):
                     self.save_checkpoints()
                     self._mark_checkpoint()
@@ -152,6 +156,15 @@ class PackedTrainer:
             self.pack.copy_member_to(row, self.members[member].model)
             self.results[member] = MemberResult(self.states[row])
         return self.results
+
+    @staticmethod
+    def _show(progress: Progress, step: int, metrics: dict[str, float] | None) -> None:
+        """The lead member's losses, as a lone Trainer shows its own."""
+        if metrics is None:  # every member failed at this step
+            progress.goto(step)
+            return
+        progress.goto(step, loss=f"{metrics['loss']:.4f}", dead=metrics["dead"])
+        progress.note(progress_line(progress, step, metrics))
 
     def _mark_checkpoint(self) -> None:
         """The members' Trainers decide when a checkpoint is due (``_checkpoint_due``)."""

@@ -2,6 +2,7 @@
 
     python -m sae.report outputs/sweeps/demo                 # writes outputs/sweeps/demo/report/
     python -m sae.report SWEEP_DIR --r2-tolerance 0.02 --small-m 1 2
+    python -m sae.report SWEEP_DIR --min-effect mono_dead0=0.02 purity_binary=0.005
     sae-report SWEEP_DIR                                      # the same, as a console script
 
 Writes into ``SWEEP_DIR/report/``::
@@ -9,11 +10,15 @@ Writes into ``SWEEP_DIR/report/``::
     runs.parquet, runs.csv     one row per cell (failed and missing ones too)
     tables.md, tables.tex      the paper's tables; tables.csv: every metric's mean/std per setting
     plots/*.png                metrics vs k, R^2 vs inference k', probe vs m, dead latents by mask
-    claims.md                  the five claims of METHOD.md s5, and the s6 reference numbers
+    claims.md                  the five claims of METHOD.md s5 (seed-paired intervals, verdicts),
+                               and the s6 reference numbers
     method_card.md / .json     the sweep's card (METHOD.md s7), seed stability filled in
     seed_stability.csv         atom stability and the spread of every metric, per setting
     notes.md                   what is missing (failed cells, one seed, no mask ablation, ...)
     index.html                 all of the above on one page (relative links: opens from disk)
+    wandb/                     when the sweep's runs were tracked with W&B: a job_type=report run
+                               in the sweep's group (tables and claims as tables, plots as
+                               images; offline unless W&B is online, see sae.tracking)
 
 Missing pieces are reported, never fatal: the only error is a directory that is not a sweep.
 """
@@ -22,23 +27,25 @@ from __future__ import annotations
 
 import argparse
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
 
-from sae.reporting import aggregate, card, claims, collect, html, plots, render, tables
-from sae.reporting.claims import Tolerances
+from sae.method_card import render_markdown
+from sae.reporting import aggregate, card, claims, collect, html, plots, render, stats, tables
+from sae.reporting.claims import DEFAULT_MIN_EFFECT, Tolerances
 
 
 @dataclass(frozen=True)
 class ReportOptions:
-    tolerances: Tolerances = Tolerances()
+    tolerances: Tolerances = field(default_factory=Tolerances)
     seed_stability: bool = True  # load the models and compare atoms (slow for n = 8192 grids)
+    wandb: bool = True  # log a report run when the sweep's runs were tracked with W&B
 
 
 def write_text(path: Path, text: str) -> Path:
-    from sae.runs import atomic_write_text
+    from sae.io import atomic_write_text
 
     atomic_write_text(path, text)
     return path
@@ -74,6 +81,44 @@ def missing_notes(runs: pd.DataFrame, summary: pd.DataFrame) -> list[str]:
     return notes
 
 
+def wandb_logger(runs: pd.DataFrame) -> dict | None:
+    """The logger settings of the sweep's W&B-tracked runs; None when none was tracked."""
+    if "config.logger.name" not in runs:
+        return None
+    tracked = runs[runs["config.logger.name"] == "wandb"]
+    if tracked.empty:
+        return None
+    first = tracked.iloc[0]
+    settings = {key: first.get(f"config.logger.{key}")
+                for key in ("project", "entity", "mode", "probe_timeout_s")}
+    return {k: v for k, v in settings.items() if v is not None and not pd.isna(v)}
+
+
+def claims_frames(verdicts: list[claims.Claim]) -> dict[str, pd.DataFrame]:
+    """The claims and the compared settings behind them, as tables."""
+    rows = [{"claim": c.number, "statement": c.statement, "verdict": c.verdict,
+             "settings": c.summary} for c in verdicts]
+    settings = [{"claim": c.number, "setting": s.setting, "metric": s.metric, "seeds": s.seeds,
+                 "reference": s.reference, "value": s.value, "difference": s.interval.mean,
+                 "ci_low": s.interval.low, "ci_high": s.interval.high,
+                 "threshold": s.threshold, "verdict": s.verdict}
+                for c in verdicts for s in c.comparisons]
+    return {"claims": pd.DataFrame(rows), "claim_settings": pd.DataFrame(settings)}
+
+
+def log_report_run(sweep: collect.SweepRuns, runs: pd.DataFrame, summary: pd.DataFrame,
+                   verdicts: list[claims.Claim], figures: list[plots.Figure], out: Path) -> None:
+    """The sweep's W&B report run, when its runs were tracked with W&B."""
+    logger = wandb_logger(runs)
+    if logger is None:
+        return
+    from sae.tracking import log_report
+
+    tables = {"paper_tables": parquet_ready(summary), **claims_frames(verdicts)}
+    images = {f"plots/{figure.path.stem}": figure.path for figure in figures}
+    log_report(sweep.name, out, logger, tables, images)
+
+
 @dataclass
 class Report:
     index: Path  # report/index.html
@@ -88,7 +133,7 @@ def build_report(sweep_dir: Path, options: ReportOptions | None = None) -> Path:
 
 def write_report(sweep_dir: Path, options: ReportOptions | None = None) -> Report:
     """:func:`build_report`, returning the verdicts and notes as well (for the CLI)."""
-    from sae.runs import atomic_write_json, code_version
+    from sae.io import atomic_write_json, code_version
 
     options = options or ReportOptions()
     tol = options.tolerances
@@ -100,11 +145,12 @@ def write_report(sweep_dir: Path, options: ReportOptions | None = None) -> Repor
     write_runs(runs, out)
     metrics = collect.metric_columns(runs)
     summary = aggregate.seed_summary(runs, metrics)
+    summary = stats.add_deltas(summary, aggregate.finished_runs(runs), level=tol.level)
     summary.to_csv(out / "tables.csv", index=False)
     write_text(out / "tables.md", tables.markdown_tables(summary, sweep.name))
     write_text(out / "tables.tex", tables.latex_tables(summary, sweep.name))
 
-    verdicts = claims.check_claims(summary, tol)
+    verdicts = claims.check_claims(runs, tol)
     claims_md = render.claims_markdown(sweep.name, verdicts, tol, claims.reference_rows(summary))
     write_text(out / "claims.md", claims_md)
 
@@ -117,14 +163,16 @@ def write_report(sweep_dir: Path, options: ReportOptions | None = None) -> Repor
         card.stability_field(stability, metrics, options.seed_stability), verdicts,
         code_version(), sweep.multirun)
     atomic_write_json(out / "method_card.json", sweep_card)
-    card_md = write_text(out / "method_card.md", card.card_markdown(sweep_card, sweep.name))
+    card_md = write_text(out / "method_card.md", render_markdown(sweep_card, f"sweep `{sweep.name}`"))
 
     notes = missing_notes(sweep.runs, summary) + plot_notes
     write_text(out / "notes.md", "# Missing pieces\n\n" + "".join(f"- {n}\n" for n in notes)
                if notes else "# Missing pieces\n\nNone.\n")
     page = html.PageInputs(sweep.name, out, runs, summary, verdicts, figures,
-                           card_md.read_text(), claims_md, notes)
+                           card_md.read_text(), claims_md, notes, sweep_card)
     index = write_text(out / "index.html", html.render_page(page))
+    if options.wandb:
+        log_report_run(sweep, runs, summary, verdicts, figures, out)
     return Report(index, verdicts, notes)
 
 
@@ -134,30 +182,53 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="sae-report", description=__doc__.split("\n")[0])
     parser.add_argument("sweep_dir", type=Path, help="a sweep directory (holds cells.json)")
     parser.add_argument("--r2-tolerance", type=float, default=defaults.r2_abs,
-                        help="claim 2: max absolute R^2 drop below the baseline "
-                             "(default %(default)s)")
-    parser.add_argument("--min-gain", type=float, default=defaults.min_gain,
-                        help="claims 1, 3, 4, 5: a difference must exceed this "
-                             "(default %(default)s)")
+                        help="claim 2: non-inferiority margin, the largest absolute R^2 loss "
+                             "against the baseline (default %(default)s)")
+    parser.add_argument("--min-effect", nargs="+", default=[], metavar="METRIC=VALUE",
+                        help="minimum effect per metric (report.min_effect), overriding the "
+                             f"defaults {DEFAULT_MIN_EFFECT}")
     parser.add_argument("--small-m", type=int, nargs="+", default=list(defaults.small_m),
                         help="claim 4: the small probe budgets (default %(default)s)")
-    parser.add_argument("--min-share", type=float, default=defaults.min_share,
-                        help="share of compared settings in which a claim must hold "
-                             "(default %(default)s)")
+    parser.add_argument("--level", type=float, default=defaults.level,
+                        help="confidence level of the intervals (default %(default)s)")
     parser.add_argument("--no-seed-stability", action="store_true",
                         help="skip loading the models to compare decoder atoms between seeds")
+    parser.add_argument("--no-wandb", action="store_true",
+                        help="do not log the report run to W&B (logged only when the sweep's "
+                             "runs were tracked with W&B)")
     return parser.parse_args(argv)
+
+
+def min_effects(items: list[str]) -> dict[str, float]:
+    """``["mono_dead0=0.02"]`` -> the defaults with that one replaced."""
+    effects = dict(DEFAULT_MIN_EFFECT)
+    for item in items:
+        metric, sep, value = item.partition("=")
+        try:
+            effects[metric.strip()] = float(value)
+        except ValueError:
+            sep = ""
+        if not sep:
+            raise SystemExit(f"sae-report: --min-effect {item!r}: expected METRIC=NUMBER, "
+                             "e.g. --min-effect mono_dead0=0.02")
+    return effects
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    tol = Tolerances(args.r2_tolerance, args.min_gain, tuple(args.small_m), args.min_share)
+    tol = Tolerances(args.r2_tolerance, tuple(args.small_m), args.level,
+                     min_effects(args.min_effect))
     try:
-        report = write_report(args.sweep_dir, ReportOptions(tol, not args.no_seed_stability))
+        report = write_report(args.sweep_dir, ReportOptions(tol, not args.no_seed_stability,
+                                                            not args.no_wandb))
     except collect.ReportError as exc:
         print(f"sae-report: {exc}", file=sys.stderr)
         return 2
     print(render.claims_table(report.claims))
+    undecided = sum(len(c.inconclusive()) for c in report.claims)
+    if undecided:
+        print(f"\n{undecided} compared settings are inconclusive: see the list at the top of "
+              f"{report.index.parent / 'claims.md'}")
     if report.notes:
         print("\nMissing pieces:\n" + "\n".join(f"- {n}" for n in report.notes))
     # Last line: the page to open (make demo ends with it).

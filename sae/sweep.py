@@ -21,8 +21,10 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from sae.config import ConfigError, RootConfig, validate
-from sae.data.cache import CacheError, resolve_similarity
-from sae.runs import run_dir, run_id, run_state
+from sae.data.errors import CacheError
+from sae.data.similarity import resolve_similarity
+from sae.identity import run_id
+from sae.runs import run_dir, run_state
 
 PROGRESS_EVERY = 50  # cells between progress lines while planning
 
@@ -41,6 +43,7 @@ class Cell:
     duplicate_of: int | None = None  # index of the cell with the same run id
     result: str | None = None  # done | failed | skipped, after this launch
     problem: str | None = None  # dry run only: why this cell could not launch from here
+    checkpoint: str = ""  # the backbone option and its weights, e.g. "vit_l16: transformers ..."
 
     @property
     def to_launch(self) -> bool:
@@ -68,9 +71,9 @@ def preflight(cfg: RootConfig) -> None:
         similarity = resolve_similarity(cfg)
     except CacheError as exc:
         raise ConfigError(str(exc)) from None
-    if similarity != "input" and not Path(similarity).exists():
-        raise ConfigError(f"eval.similarity: {similarity} does not exist. Fix: check the path, "
-                          "or use input or a backbone name")
+    if similarity.kind != "input" and not Path(similarity.target).exists():
+        raise ConfigError(f"eval.similarity: {similarity.target} does not exist. Fix: check the "
+                          "path, or use input or backbone:NAME")
 
 
 def plan_cells(cells: Sequence[Sequence[str]], compose: Callable[[list[str]], DictConfig],
@@ -80,8 +83,8 @@ def plan_cells(cells: Sequence[Sequence[str]], compose: Callable[[list[str]], Di
 
     A dry run lists cells whose data is not reachable from here (a dataset root that exists
     only on the cluster) with the problem instead of stopping; a real launch stops.
-    ``progress`` gets a line now and then: Hydra composes each cell anew (~0.35 s a cell on
-    2 cores), so the paper's 324 cells take about two minutes before anything is listed.
+    ``progress`` gets a line now and then: Hydra composes each cell anew, so a large grid
+    takes a while before anything is listed (docs/performance.md).
     """
     planned: list[Cell] = []
     first_of: dict[str, int] = {}
@@ -96,8 +99,11 @@ def plan_cells(cells: Sequence[Sequence[str]], compose: Callable[[list[str]], Di
         rid = run_id(cfg)
         directory = run_dir(cfg, rid)
         state = "new" if force else run_state(directory)
+        checkpoint = (f"{cfg.backbone.name}: {cfg.backbone.checkpoint}"
+                      if cfg.backbone.library != "none" else "")
         planned.append(Cell(index, list(overrides), rid, str(directory), state,
-                            duplicate_of=first_of.get(rid), problem=problem))
+                            duplicate_of=first_of.get(rid), problem=problem,
+                            checkpoint=checkpoint))
         first_of.setdefault(rid, index)
     return planned
 
@@ -131,6 +137,12 @@ def summary_line(name: str, cells: Sequence[Cell]) -> str:
             f"{states['done']} done (skipped), {states['failed']} failed (re-run), "
             f"{states['interrupted']} interrupted (resumed), {states['running']} running "
             f"elsewhere (waited for), {states['new']} new")
+
+
+def checkpoints_line(cells: Sequence[Cell]) -> str:
+    """The backbones of the grid with the weights each option names (METHOD.md s1)."""
+    names = list(dict.fromkeys(c.checkpoint for c in cells if c.checkpoint))
+    return "backbones: " + ("; ".join(names) if names else "none (embedding datasets)")
 
 
 def table(cells: Sequence[Cell]) -> str:

@@ -1,24 +1,49 @@
 """Experiment tracking: the only module that imports wandb.
 
 One W&B run per grid cell: ``id`` = the run id (so a requeued or re-launched cell continues the
-same W&B run), ``group`` = the sweep, ``job_type`` = the stage, ``tags`` = every axis,
-``config`` = the resolved config, explicit ``step=`` on every log (an offline resume starts a
-new run directory at step 0, see PITFALLS.md), final metrics in the summary.
+same W&B run), ``group`` = the sweep, ``job_type`` = the stage, explicit ``step=`` on every log
+(an offline resume starts a new run directory at step 0, see PITFALLS.md).
 
-Tracking never fails training: every W&B call is guarded, and a failure turns the tracker into
-a no-op with one warning.
+What a run holds, so that one W&B project carries the whole comparison:
+
+* config: flat, filterable axis keys (``backbone``, ``dataset``, ``k``, ``regularizer``,
+  ``strength``, ``mask``, ``seed``, ``n_latents``, ``sweep``; a baseline's ``mask`` is ``n/a``),
+  the same as tags (``mask:n/a``), and the whole resolved config under ``cfg``;
+* history: the training losses, dead latents, learning rate and samples seen;
+* summary: every numeric leaf of metrics.json under its metrics.json name (nested keys joined
+  with dots: ``r2``, ``mono_dead0``, ``r2_at_2k``, ``k_robustness_mean_ratio``, ...);
+* at the end: the weights as an artifact (a reference to the run directory when offline), a
+  per-latent table (firing rate, MonoScore, purity, top class), the feature-density histogram
+  (log10 firing rate, SAELens's convention) and the contact sheets as images.
+
+``python -m sae.report`` adds a ``job_type=report`` run in the sweep's group with the paper
+tables and claims as tables and the plots as images (:func:`log_report`).
+
+Tracking never fails or stalls training: under ``logger.mode=auto`` with an API key, a bounded
+reachability check (``logger.probe_timeout_s``) precedes ``wandb.init``; an unreachable server
+means an offline run and one warning line (upload later: ``sae-sync SWEEP_DIR``). Every W&B call
+is guarded; a failure turns the tracker into a no-op with one warning.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import socket
+import threading
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 from sae.config import RootConfig, to_dict
+from sae.plain import flatten
 
 log = logging.getLogger(__name__)
+
+NOT_APPLICABLE = "n/a"  # the mask of a run without a regularizer
+DEFAULT_BASE_URL = "https://api.wandb.ai"
+MAX_IMAGES = 16  # contact sheets logged per run
+DENSITY_FLOOR = 1e-10  # log10 of a dead latent's firing rate reads -10 (SAELens's convention)
 
 
 class NullTracker:
@@ -34,24 +59,74 @@ class NullTracker:
         pass
 
 
+# -- what identifies a run ------------------------------------------------------------------------
+def axis_values(cfg: RootConfig) -> dict[str, Any]:
+    """The grid axes as flat values (the W&B config keys to filter and group by)."""
+    baseline = cfg.regularizer.name == "none"
+    return {"backbone": cfg.backbone.name, "dataset": cfg.dataset.name, "k": cfg.k,
+            "regularizer": cfg.regularizer.name, "strength": cfg.regularizer.strength,
+            "mask": NOT_APPLICABLE if baseline else cfg.mask, "seed": cfg.seed,
+            "n_latents": cfg.sae.n_latents, "sweep": cfg.sweep_name}
+
+
 def axis_tags(cfg: RootConfig) -> list[str]:
-    return [f"backbone:{cfg.backbone.name}", f"dataset:{cfg.dataset.name}", f"k:{cfg.k}",
-            f"regularizer:{cfg.regularizer.name}", f"mask:{cfg.mask}", f"seed:{cfg.seed}",
-            f"sweep:{cfg.sweep_name}"]
+    return [f"{key}:{value}" for key, value in axis_values(cfg).items()]
 
 
-def wandb_mode(cfg_mode: str) -> str:
-    """auto -> online with an API key (or an explicit WANDB_MODE), otherwise offline."""
+def run_config(cfg: RootConfig) -> dict[str, Any]:
+    return {**axis_values(cfg), "cfg": to_dict(cfg)}
+
+
+# -- online, offline, or unreachable --------------------------------------------------------------
+def _connects(url: str, timeout_s: float) -> bool:
+    parsed = urlparse(url)
+    port = parsed.port or (443 if parsed.scheme == "https" else 80)
+    try:
+        socket.create_connection((parsed.hostname or "", port), timeout=timeout_s).close()
+        return True
+    except OSError:
+        return False
+
+
+def reachable(url: str, timeout_s: float) -> bool:
+    """Whether a TCP connection to ``url``'s host opens within ``timeout_s`` (name resolution
+    included: it runs in a daemon thread, which is abandoned when it takes longer)."""
+    answer: list[bool] = []
+    probe = threading.Thread(target=lambda: answer.append(_connects(url, timeout_s)),
+                             daemon=True)
+    probe.start()
+    probe.join(timeout_s)
+    return bool(answer and answer[0])
+
+
+def wandb_mode(cfg_mode: str, probe_timeout_s: float = 3.0) -> str:
+    """auto -> WANDB_MODE when set; else online with an API key and a reachable server,
+    offline otherwise (one warning line when the server did not answer)."""
     if cfg_mode != "auto":
         return cfg_mode
     if os.environ.get("WANDB_MODE"):
         return os.environ["WANDB_MODE"]
-    return "online" if os.environ.get("WANDB_API_KEY") else "offline"
+    if not os.environ.get("WANDB_API_KEY"):
+        return "offline"
+    url = os.environ.get("WANDB_BASE_URL", DEFAULT_BASE_URL)
+    if reachable(url, probe_timeout_s):
+        return "online"
+    log.warning("W&B server %s unreachable within %.1f s: logging offline (nothing is lost; "
+                "upload later with `sae-sync SWEEP_DIR`)", url, probe_timeout_s)
+    return "offline"
+
+
+# -- the run's tracker ----------------------------------------------------------------------------
+def summary_values(metrics: dict[str, Any]) -> dict[str, Any]:
+    """Numeric leaves under their metrics.json names (``train.steps``); text and lists (the
+    protocols, the training curve, which is in the history) are left out."""
+    return {name: value for name, value in flatten(metrics).items()
+            if isinstance(value, bool | int | float) or value is None}
 
 
 class WandbTracker:
-    def __init__(self, run: Any) -> None:
-        self.run = run
+    def __init__(self, run: Any, run_dir: Path | None = None, offline: bool = True) -> None:
+        self.run, self.run_dir, self.offline = run, run_dir, offline
 
     def _guard(self, what: str, fn, *args, **kwargs) -> None:
         if self.run is None:
@@ -66,23 +141,92 @@ class WandbTracker:
         self._guard("log", lambda: self.run.log(metrics, step=step))
 
     def summary(self, metrics: dict[str, Any]) -> None:
-        self._guard("summary", lambda: self.run.summary.update(flatten(metrics)))
+        """The final metrics, then the run's outputs (each optional: a missing piece is skipped
+        with a warning, the others are still logged)."""
+        self._guard("summary", lambda: self.run.summary.update(summary_values(metrics)))
+        if self.run is None or self.run_dir is None:
+            return
+        for what, log_output in OUTPUTS.items():
+            try:
+                log_output(self.run, self.run_dir, metrics, self.offline)
+            except Exception as exc:  # noqa: BLE001 -- an output is optional
+                log.warning("W&B %s not logged (%s)", what, exc)
 
     def finish(self, failed: bool = False) -> None:
         self._guard("finish", lambda: self.run.finish(exit_code=1 if failed else 0))
         self.run = None
 
 
-def flatten(metrics: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """Nested curves become ``curves/k_robustness/32``-style keys in the W&B summary."""
-    flat: dict[str, Any] = {}
-    for key, value in metrics.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            flat.update(flatten(value, f"{name}/"))
+# -- a run's outputs, logged at its end -----------------------------------------------------------
+def final_step(metrics: dict[str, Any]) -> int:
+    return int((metrics.get("train") or {}).get("steps") or 0)
+
+
+def log_weights(run: Any, run_dir: Path, metrics: dict[str, Any], offline: bool) -> None:
+    """The weights as a ``model`` artifact: offline, a reference to the run directory (no copy);
+    online, the files themselves."""
+    import wandb
+
+    artifact = wandb.Artifact(f"sae-{run.id}", type="model",
+                              metadata={"run_dir": str(run_dir.resolve())})
+    for name in ("model.safetensors", "model.json", "config.yaml", "metrics.json"):
+        path = run_dir / name
+        if not path.exists():
+            continue
+        if offline:
+            artifact.add_reference(path.resolve().as_uri(), name=name)
         else:
-            flat[name] = value
-    return flat
+            artifact.add_file(str(path), name=name)
+    run.log_artifact(artifact)
+
+
+def per_latent_columns(run_dir: Path, metrics: dict[str, Any]) -> dict[str, Any]:
+    """The evaluation's per-latent arrays (numpy): firing rate, MonoScore, purity, top class."""
+    from safetensors.numpy import load_file
+
+    arrays = load_file(str(run_dir / metrics["per_latent_file"]))
+    n_eval = max(int(metrics.get("n_eval") or 1), 1)
+    columns = {"firing_rate": arrays["firing_count"].astype("float64") / n_eval,
+               "monoscore": arrays["monoscore"]}
+    for name in ("purity_binary", "purity_weighted", "purity_top_class"):
+        if name in arrays:
+            columns[name] = arrays[name]
+    return columns
+
+
+def log_latents(run: Any, run_dir: Path, metrics: dict[str, Any], offline: bool) -> None:
+    """A per-latent table and the feature-density histogram (log10 firing rate)."""
+    import numpy as np
+    import wandb
+
+    columns = per_latent_columns(run_dir, metrics)
+    names = ["latent", *columns]
+    rows = [[j, *(v.item() for v in values)]
+            for j, values in enumerate(zip(*columns.values()))]
+    density = np.log10(columns["firing_rate"] + DENSITY_FLOOR)
+    run.log({"eval/latents": wandb.Table(columns=names, data=rows),
+             "eval/feature_density_log10": wandb.Histogram(density),
+             "eval/dead_density_count": int((columns["firing_rate"] == 0).sum())},
+            step=final_step(metrics))
+
+
+def log_contact_sheets(run: Any, run_dir: Path, metrics: dict[str, Any], offline: bool) -> None:
+    import wandb
+
+    sheets = sorted((run_dir / "inspect").glob("latent_*.png"))[:MAX_IMAGES]
+    if sheets:
+        run.log({"eval/contact_sheets": [wandb.Image(str(p), caption=p.stem) for p in sheets]},
+                step=final_step(metrics))
+
+
+OUTPUTS = {"weights artifact": log_weights, "per-latent table": log_latents,
+           "contact sheets": log_contact_sheets}
+
+
+def _settings() -> Any:
+    import wandb
+
+    return wandb.Settings(console="off", silent=True)
 
 
 def start_tracking(cfg: RootConfig, run_id: str, run_dir: Path, job_type: str = "train", *,
@@ -94,13 +238,39 @@ def start_tracking(cfg: RootConfig, run_id: str, run_dir: Path, job_type: str = 
     try:
         import wandb
 
+        mode = wandb_mode(cfg.logger.mode, cfg.logger.probe_timeout_s)
         run = wandb.init(
             project=cfg.logger.project, entity=cfg.logger.entity, id=run_id, name=run_id,
-            group=cfg.sweep_name, job_type=job_type, tags=axis_tags(cfg), config=to_dict(cfg),
-            dir=str(run_dir), mode=wandb_mode(cfg.logger.mode), resume="allow",
-            reinit="create_new" if concurrent else "finish_previous", settings=wandb.Settings(console="off", silent=True),
+            group=cfg.sweep_name, job_type=job_type, tags=axis_tags(cfg), config=run_config(cfg),
+            dir=str(run_dir), mode=mode, resume="allow",
+            reinit="create_new" if concurrent else "finish_previous", settings=_settings(),
         )
-        return WandbTracker(run)
+        return WandbTracker(run, Path(run_dir), offline=mode != "online")
     except Exception as exc:  # noqa: BLE001 -- W&B unreachable, bad key, ...: train anyway
         log.warning("W&B could not start (%s); continuing without tracking", exc)
         return NullTracker()
+
+
+# -- the sweep's report run -----------------------------------------------------------------------
+def log_report(sweep_name: str, report_dir: Path, logger: dict[str, Any],
+               tables: dict[str, Any], images: dict[str, Path]) -> str | None:
+    """A ``job_type=report`` run in the sweep's group: ``tables`` (name -> DataFrame) as W&B
+    tables, ``images`` (name -> PNG) as images. Returns the run's directory, None when W&B
+    could not log (a warning says why)."""
+    try:
+        import wandb
+
+        mode = wandb_mode(str(logger.get("mode", "auto")),
+                          float(logger.get("probe_timeout_s", 3.0)))
+        with wandb.init(project=logger.get("project", "sae-grid"), entity=logger.get("entity"),
+                        group=sweep_name, job_type="report", name=f"report-{sweep_name}",
+                        tags=[f"sweep:{sweep_name}", "report"], dir=str(report_dir), mode=mode,
+                        reinit="finish_previous", settings=_settings()) as run:
+            payload: dict[str, Any] = {name: wandb.Table(dataframe=frame)
+                                       for name, frame in tables.items()}
+            payload |= {name: wandb.Image(str(path)) for name, path in images.items()}
+            run.log(payload, step=0)
+            return str(Path(run.dir).parent)
+    except Exception as exc:  # noqa: BLE001 -- the report is written either way
+        log.warning("W&B report run not logged (%s)", exc)
+        return None

@@ -28,20 +28,11 @@ from omegaconf import DictConfig, OmegaConf
 from sae.config import RootConfig, register_configs, to_dict, validate
 from sae.data import EmbeddingSet, load_splits
 from sae.device import resolve_device
+from sae.identity import run_id, semantic_config
+from sae.io import atomic_write_json, atomic_write_text, code_version
 from sae.method_card import render_markdown, run_card
-from sae.model import TopKSAE
-from sae.runs import (
-    atomic_write_json,
-    atomic_write_text,
-    code_version,
-    run_dir,
-    run_id,
-    run_lock,
-    run_state,
-    save_model,
-    semantic_config,
-    write_status,
-)
+from sae.model import TopKSAE, save_model
+from sae.runs import run_dir, run_lock, run_state, write_status
 from sae.tracking import start_tracking
 from sae.trainer import Trainer, TrainState
 
@@ -126,10 +117,11 @@ def build_model(cfg: RootConfig, dim: int, device: torch.device) -> TopKSAE:
 
 
 def train_and_evaluate(cfg: RootConfig, directory: Path, tracker, command: str) -> dict:
-    eval_cfg = evaluation_config(cfg)  # before training: a missing cache must not cost a run
+    # Before training: a missing similarity cache must not cost a whole run.
+    eval_cfg = evaluation_config(cfg)
     device = resolve_device(cfg.train.device)
     started = time.perf_counter()
-    train_set, eval_set = load_splits(cfg)
+    train_set, eval_set = load_splits(cfg, cfg.train.device, cfg.train.progress)
     check_dims(train_set, eval_set)
     model = build_model(cfg, train_set.dim, device)
     trainer = Trainer(cfg, model, train_set.x.to(device), checkpoint_path(directory), tracker,
@@ -144,9 +136,9 @@ def checkpoint_path(directory: Path) -> Path:
 
 
 def evaluation_config(cfg: RootConfig):
-    from sae.data.cache import resolve_similarity
+    from sae.data.similarity import resolve_similarity
 
-    return dataclasses.replace(cfg.eval, similarity=resolve_similarity(cfg))
+    return dataclasses.replace(cfg.eval, similarity=str(resolve_similarity(cfg)))
 
 
 def evaluate_and_write(cfg: RootConfig, directory: Path, command: str, trainer: Trainer,

@@ -18,9 +18,9 @@ from __future__ import annotations
 
 import logging
 import math
-import sys
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -28,6 +28,7 @@ import torch
 
 from sae.losses import training_loss
 from sae.model import TopKSAE
+from sae.progress import Progress
 from sae.regularizers import batch_active
 
 # This module imports with torch alone (the config and the run directory only in annotations
@@ -95,24 +96,31 @@ def epoch_permutation(epoch: int, n_samples: int, seed: int, device: torch.devic
 
 def make_optimizer(model: TopKSAE, cfg: RootConfig) -> torch.optim.Adam:
     t = cfg.train
-    # fused: one kernel over all parameters; on 2 CPU cores the default per-tensor loop cost
-    # 0.44 of an encoder product per step, the fused one 0.12 (sae.bench step).
+    # fused: one kernel over all parameters instead of a loop over tensors, a sizeable share
+    # of a small step (docs/performance.md).
     return torch.optim.Adam(model.parameters(), lr=t.lr, eps=t.adam_eps,
                             betas=(t.adam_beta1, t.adam_beta2), fused=True)
 
 
 def loss_function(cfg: RootConfig):
     """The reference objective, or the fused sparse one (same values and gradients).
-    ``train.compile`` fuses the fast step's regularizer passes with torch.compile
-    (sae.fast.use_compiled_kernels; measured: 0 to 0.15 of an encoder product per step on CPU)."""
+    ``train.compile`` runs the fast step's fused penalty kernels through torch.compile (its
+    ``compiled`` argument); the rest of the step stays eager."""
     if cfg.train.fast_path:
         try:
-            from sae import fast
+            from sae.fast import fast_training_loss
         except ImportError:  # the fast path is optional; the reference is always there
             return training_loss
-        fast.use_compiled_kernels(cfg.train.compile)
-        return fast.fast_training_loss
+        return partial(fast_training_loss, compiled=cfg.train.compile)
     return training_loss
+
+
+def dead_count_bound(samples_since_fired: torch.Tensor, window: int, horizon_samples: int) -> int:
+    """Upper bound on the dead count (``samples_since_fired >= window``) for the next
+    ``horizon_samples`` training samples: counters grow by at most that much and only ever
+    reset. One host read-out, to be taken where the trainer synchronises anyway (its log step),
+    then passed as the fast step's ``dead_bound`` until the next one."""
+    return int((samples_since_fired + horizon_samples >= window).sum())
 
 
 def autocast(device_type: str, enabled: bool):
@@ -153,14 +161,14 @@ def save_checkpoint(path: Path, model: TopKSAE, optimizer: torch.optim.Optimizer
     meta = {"kind": "training_checkpoint", "step": state.step, "spec": model.spec(),
             "param_groups": opt_state["param_groups"], "history": state.history,
             "config": config}
-    from sae.runs import save_tensors
+    from sae.io import save_tensors
 
     save_tensors(path, tensors, meta)
 
 
 def load_checkpoint(path: Path, model: TopKSAE, optimizer: torch.optim.Optimizer,
                     device: torch.device) -> TrainState:
-    from sae.runs import load_tensors
+    from sae.io import load_tensors
 
     tensors, meta = load_tensors(path, device)
     model.load_state_dict({k[len("model."):]: v for k, v in tensors.items()
@@ -176,35 +184,11 @@ def load_checkpoint(path: Path, model: TopKSAE, optimizer: torch.optim.Optimizer
     return TrainState(meta["step"], tensors["samples_since_fired"], list(meta["history"]))
 
 
-# -- progress ---------------------------------------------------------------------------------
-class Progress:
-    """A tqdm bar on a terminal; in a log file, one plain line per logged point."""
-
-    def __init__(self, total: int, initial: int, enabled: bool) -> None:
-        self.total, self.enabled = total, enabled
-        self.tty = enabled and sys.stderr.isatty()
-        self.started, self.start_step = time.perf_counter(), initial
-        self.bar = None
-        if self.tty:
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True)
-
-    def update(self, step: int, metrics: dict[str, float] | None = None) -> None:
-        if self.bar is not None:
-            self.bar.n = step
-            if metrics:
-                self.bar.set_postfix(loss=f"{metrics['loss']:.4f}", dead=metrics["dead"])
-            self.bar.refresh()
-        elif self.enabled and metrics is not None:
-            rate = (step - self.start_step) / max(time.perf_counter() - self.started, 1e-9)
-            print(f"step {step}/{self.total} ({100 * step / self.total:.0f}%) "
-                  f"loss {metrics['loss']:.4f} nmse {metrics['nmse']:.4f} "
-                  f"dead {metrics['dead']:.0f} | {rate:.1f} steps/s", file=sys.stderr, flush=True)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
+def progress_line(progress: Progress, step: int, metrics: dict[str, float]) -> str:
+    """The plain line of a logged step, for log files."""
+    return (f"step {step}/{progress.total} ({100 * step / progress.total:.0f}%) "
+            f"loss {metrics['loss']:.4f} nmse {metrics['nmse']:.4f} "
+            f"dead {metrics['dead']:.0f} | {progress.rate():.1f} steps/s")
 
 
 # -- the loop -----------------------------------------------------------------------------------
@@ -245,12 +229,13 @@ class Trainer:
     def run(self) -> TrainState:
         if self.device.type == "cpu":
             # Adam's second moments of rarely-selected latents decay into denormal floats
-            # (< 1.2e-38), which x86 CPUs process ~100x slower; flushing them to zero halved
-            # the step time of the default synthetic run and changes no value above 1e-38.
+            # (< 1.2e-38), which x86 CPUs process far slower than normal floats
+            # (docs/performance.md); flushing them to zero changes no value above 1e-38.
             torch.set_flush_denormal(True)
         state = self.initial_state()
         total = self.schedule.total_steps
-        progress = Progress(total, state.step, self.cfg.train.progress)
+        progress = Progress(total, "", "step", initial=state.step,
+                            enabled=self.cfg.train.progress, final_line=False)
         perm_cache: dict[int, torch.Tensor] = {}
         window = self.schedule.dead_window
         accumulated: list[torch.Tensor] = []
@@ -265,11 +250,13 @@ class Trainer:
                 at_end = state.step == total
                 log_step = state.step % self.cfg.train.log_every == 0 or at_end
                 if log_step:
-                    progress.update(state.step, self._log(state, accumulated, window))
+                    metrics = self._log(state, accumulated, window)
+                    progress.goto(state.step, loss=f"{metrics['loss']:.4f}", dead=metrics["dead"])
+                    progress.note(progress_line(progress, state.step, metrics))
                     self.dead_bound = None  # read afresh by the next step's step_kwargs
                     accumulated = []
                 elif progress.tty:
-                    progress.update(state.step)
+                    progress.goto(state.step)
                 if at_end or self._checkpoint_due(state.step, log_step):
                     save_checkpoint(self.checkpoint_path, self.model, self.optimizer, state,
                                     self.config_for_checkpoint)
@@ -281,8 +268,9 @@ class Trainer:
     def _checkpoint_due(self, step: int, log_step: bool) -> bool:
         """Every ``checkpoint_every`` steps, and every ``checkpoint_every_s`` seconds of
         training. Time is read at log steps only, where the host has synchronised anyway. By
-        time because step times differ 100-fold between CPU and GPU: a 201 MB checkpoint takes
-        0.2-0.4 s, 8-15 % of 500 GPU steps of the paper's size (~5 ms each)."""
+        time because step times differ by orders of magnitude between CPU and GPU, so a step
+        count that suits one device checkpoints far too often or too rarely on the other
+        (docs/performance.md)."""
         t = self.cfg.train
         if t.checkpoint_every and step % t.checkpoint_every == 0:
             return True
@@ -296,8 +284,6 @@ class Trainer:
         if not self.pass_dead_bound:
             return self.loss_kwargs
         if self.dead_bound is None:
-            from sae.fast import dead_count_bound
-
             horizon = self.cfg.train.log_every * self.schedule.batch_size
             self.dead_bound = dead_count_bound(state.samples_since_fired, window, horizon)
         return {**self.loss_kwargs, "dead_bound": self.dead_bound}
@@ -313,7 +299,9 @@ class Trainer:
                 f"regularizer.strength (now {self.cfg.regularizer.strength})")
         dead = int((state.samples_since_fired >= window).sum())
         metrics = {"loss": means[0], "nmse": means[1], "auxk": means[2], "penalty": means[3],
-                   "dead": float(dead), "dead_fraction": dead / self.model.n_latents}
+                   "dead": float(dead), "dead_fraction": dead / self.model.n_latents,
+                   "lr": self.optimizer.param_groups[0]["lr"],  # SAELens logs both of these
+                   "samples_seen": float(state.step * self.schedule.batch_size)}
         state.history.append({"step": state.step, **metrics})
         self.logger.log({f"train/{k}": v for k, v in metrics.items()}, step=state.step)
         return metrics

@@ -64,10 +64,10 @@ def from_kaggle(kaggle: Path, root: Path, copy: bool) -> None:
 
 def check(root: Path) -> None:
     """List both splits as dataset=imagenet would and print their sizes."""
-    from sae.config import DatasetConfig
+    from sae.config import ImagesDatasetConfig
     from sae.data.images import open_split
 
-    cfg = DatasetConfig(name="imagenet", kind="images", layout="imagenet", root=str(root))
+    cfg = ImagesDatasetConfig(name="imagenet", kind="images", layout="imagenet", root=str(root))
     expected = {"train": 1_281_167, "val": 50_000}
     for split, count in expected.items():
         listed = open_split(cfg, split)

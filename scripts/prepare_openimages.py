@@ -35,10 +35,10 @@ def image_list(root: Path, split: str, max_images: int | None) -> None:
 
 def check(root: Path, splits: list[str]) -> None:
     """Read each split as dataset=openimages would and print its label statistics."""
-    from sae.config import DatasetConfig
+    from sae.config import ImagesDatasetConfig
     from sae.data.images import open_split
 
-    cfg = DatasetConfig(name="openimages", kind="images", layout="openimages", root=str(root),
+    cfg = ImagesDatasetConfig(name="openimages", kind="images", layout="openimages", root=str(root),
                         multi_label=True)
     for split in splits:
         listed = open_split(cfg, split)

@@ -7,7 +7,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-from sae.config import DatasetConfig, RegularizerConfig, RootConfig, SAEConfig, TrainConfig
+from sae.config import (
+    RegularizerConfig,
+    RootConfig,
+    SAEConfig,
+    SyntheticDatasetConfig,
+    TrainConfig,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -17,7 +23,7 @@ def synthetic_cfg(*, n_latents=256, k=4, reg="none", strength=0.0, mask=True, ma
                   checkpoint_every=0, **train_kw) -> RootConfig:
     """A cell on a small planted dictionary that trains in seconds on 2 cores."""
     return RootConfig(
-        dataset=DatasetConfig(name="synthetic", kind="synthetic", dim=dim, n_atoms=n_atoms,
+        dataset=SyntheticDatasetConfig(name="synthetic", dim=dim, n_atoms=n_atoms,
                               atoms_per_sample=3, n_train=n_train, n_eval=1000),
         sae=SAEConfig(n_latents=n_latents),
         regularizer=RegularizerConfig(name=reg, strength=strength),

@@ -12,8 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from sae.benchmarks import common, train_run
+from sae.benchmarks import graph as graphs
 from sae.benchmarks import step as bench
-from sae.fast import dead_count_bound
+from sae.trainer import dead_count_bound
 
 TINY = ["--batch", "64", "--dim", "32", "--latents", "512", "--k", "8", "--repeats", "2",
         "--no-tune-allocator"]
@@ -53,16 +55,16 @@ def test_train_bench_runs_the_requested_epochs_and_extrapolates(one_thread):
 def _graph_and_eager(window: int):
     args = bench.parse(["--train", "--device", "cuda", "--samples", "4096", "--batch", "256",
                         "--dim", "64", "--latents", "512", "--k", "8"])
-    data = bench.unit_embeddings(args.samples, args.dim, "cuda", seed=0)
-    kwargs = bench.loss_kwargs(args, bench.Case("l1l2+mask", "l1l2", True))
-    trainee = bench.make_trainee(args, seed=0, capturable=True)
+    data = train_run.unit_embeddings(args.samples, args.dim, "cuda", seed=0)
+    kwargs = common.loss_kwargs(args, common.Case("l1l2+mask", "l1l2", True))
+    trainee = common.make_trainee(args, seed=0, capturable=True)
     trainee.model.init_b_pre_(data[:1024])
-    eager = bench.EagerStep(copy.deepcopy(trainee), kwargs, window, autocast=False)
-    graph = bench.GraphStep(trainee, kwargs, window, False, args.batch, args.dim)
-    return data.split(args.batch), eager, graph
+    eager = graphs.EagerStep(copy.deepcopy(trainee), kwargs, window, autocast=False)
+    replayed = graphs.GraphStep(trainee, kwargs, window, False, args.batch, args.dim)
+    return data.split(args.batch), eager, replayed
 
 
-def _assert_same_training_state(eager: bench.EagerStep, graph: bench.GraphStep) -> None:
+def _assert_same_training_state(eager: graphs.EagerStep, graph: graphs.GraphStep) -> None:
     for (name, p_eager), p_graph in zip(eager.trainee.model.named_parameters(),
                                         graph.trainee.model.parameters()):
         torch.testing.assert_close(p_graph, p_eager, rtol=1e-4, atol=1e-6, msg=name)

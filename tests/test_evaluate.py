@@ -65,9 +65,9 @@ def _run(tmp_path, train, evaluation, cfg=None, sae=None, **kwargs) -> dict:
 
 
 FLAT_KEYS = {
-    "r2", "nmse", "fvu", "l0", "dead_count", "dead_fraction", "mono_mean_live", "mono_mean_dead0",
+    "r2", "nmse", "fvu", "l0", "dead_count", "dead_fraction", "mono_live", "mono_dead0",
     "mono_median", "mono_p90", "purity_binary", "purity_weighted", "k_robust_r2_ratio_min",
-    "probe_m1", "probe_m2", "probe_m4", "probe_ceiling", "n_eval", "n_latents", "train_k",
+    "probe_m1", "probe_m2", "probe_m4", "probe_raw", "n_eval", "n_latents", "train_k",
 }
 
 
@@ -75,7 +75,9 @@ def test_all_keys_contact_sheets_and_strict_json(tmp_path):
     train, evaluation = _split("t", 150, 1), _split("e", 90, 2, images=True)
     metrics = _run(tmp_path, train, evaluation)
     assert FLAT_KEYS <= metrics.keys()
-    assert {f"k_robust_r2_k{k}" for k in (1, 2, 4, 8, 16)} <= metrics.keys()
+    # Robustness is keyed by the multiple of the training k, not by the absolute k'.
+    assert {f"r2_at_{m}k" for m in ("0.25", "0.5", "1", "2", "4")} <= metrics.keys()
+    assert not [key for key in metrics if key.startswith("k_robust_r2_k")]
     assert set(metrics["curves"]["k_robustness"]) == {"1", "2", "4", "8", "16"}
     assert set(metrics["curves"]["probe"]) == {"1", "2", "4"}
     assert {"nmse", "similarity", "purity", "probe", "inspection", "monosemanticity"} <= \
@@ -91,7 +93,7 @@ def test_all_keys_contact_sheets_and_strict_json(tmp_path):
         sheet = tmp_path / "inspect" / f"latent_{j:05d}.png"
         assert sheet.exists() and sheet.name in html
         assert Image.open(sheet).size[0] > 0
-    assert 0.0 <= metrics["probe_m1"] <= 1.0 and metrics["probe_ceiling"] > 0.8
+    assert 0.0 <= metrics["probe_m1"] <= 1.0 and metrics["probe_raw"] > 0.8
 
 
 @pytest.mark.parametrize("layernorm", [False, True])
@@ -108,7 +110,7 @@ def test_streamed_numbers_equal_one_shot_metrics(tmp_path, layernorm):
     assert metrics["l0"] == pytest.approx(M.l0(dense))
     assert metrics["dead_count"] == int(M.dead_latents(dense).sum())
     summary = M.monosemanticity_summary(M.monosemanticity(dense, evaluation.x))
-    assert metrics["mono_mean_dead0"] == pytest.approx(summary.mean_dead0, abs=1e-9)
+    assert metrics["mono_dead0"] == pytest.approx(summary.mean_dead0, abs=1e-9)
     assert metrics["mono_p90"] == pytest.approx(summary.p90, abs=1e-9)
     for weighted, key in [(False, "purity_binary"), (True, "purity_weighted")]:
         purity = M.class_purity(dense, evaluation.labels, weighted=weighted, n_classes=3)
@@ -122,6 +124,14 @@ def test_streamed_numbers_equal_one_shot_metrics(tmp_path, layernorm):
     robust = M.k_robustness(sae, evaluation.x, _cfg().k_multiples, chunk_size=50)
     for k, r2 in robust.r2.items():
         assert metrics["curves"]["k_robustness"][str(k)] == pytest.approx(r2, abs=1e-9)
+    for multiple in _cfg().k_multiples:  # the same numbers under r2_at_<multiple>k
+        k = max(1, round(multiple * K))
+        assert metrics[f"r2_at_{multiple:g}k"] == pytest.approx(robust.r2[k], abs=1e-9)
+    others = [r / robust.r2[K] for k, r in robust.r2.items() if k != K and robust.r2[K] > 0]
+    expected = sum(others) / len(others) if others else None  # NaN is written as null
+    assert metrics["k_robustness_mean_ratio"] == pytest.approx(expected)
+    small = [metrics[f"probe_m{m}"] for m in (1, 2, 4) if f"probe_m{m}" in metrics]
+    assert metrics["probe_small_m_mean"] == pytest.approx(sum(small) / len(small), abs=1e-12)
 
 
 def test_purity_top_n_and_multilabel_map(tmp_path):
@@ -134,7 +144,7 @@ def test_purity_top_n_and_multilabel_map(tmp_path):
     assert metrics["purity_binary"] == pytest.approx(float(purity[~purity.isnan()].mean()))
     assert "top-6" in metrics["protocols"]["purity"]
     assert metrics["protocols"]["probe"].startswith("mAP")
-    assert 0.0 < metrics["probe_ceiling"] <= 1.0
+    assert 0.0 < metrics["probe_raw"] <= 1.0
 
 
 def test_without_labels_or_images_the_metrics_are_skipped_and_said(tmp_path):
@@ -146,7 +156,7 @@ def test_without_labels_or_images_the_metrics_are_skipped_and_said(tmp_path):
     assert metrics["protocols"]["inspection"].startswith("skipped")
     assert metrics["inspection"]["index"] is None
     assert not (tmp_path / "inspect").exists()
-    assert "r2" in metrics and "mono_mean_live" in metrics
+    assert "r2" in metrics and "mono_live" in metrics
 
 
 def test_planted_recovery_when_atoms_exist(tmp_path):
@@ -164,11 +174,11 @@ def test_similarity_embeddings_from_a_file(tmp_path):
     other = torch.randn(60, 5, generator=torch.Generator().manual_seed(0))
     path = tmp_path / "dino.npy"
     np.save(path, other.numpy())
-    from_file = _run(tmp_path, train, evaluation, cfg=_cfg(similarity=str(path)))
+    from_file = _run(tmp_path, train, evaluation, cfg=_cfg(similarity=f"file:{path}"))
     given = _run(tmp_path, train, evaluation, similarity_x=other)
     own = _run(tmp_path, train, evaluation)
-    assert from_file["mono_mean_live"] == pytest.approx(given["mono_mean_live"], abs=1e-12)
-    assert from_file["mono_mean_live"] != pytest.approx(own["mono_mean_live"], abs=1e-6)
+    assert from_file["mono_live"] == pytest.approx(given["mono_live"], abs=1e-12)
+    assert from_file["mono_live"] != pytest.approx(own["mono_live"], abs=1e-6)
     with pytest.raises(ValueError, match="rows"):
         _run(tmp_path, train, evaluation, similarity_x=other[:10])
 

@@ -13,7 +13,6 @@ import shutil
 import subprocess
 import sys
 import time
-from io import StringIO
 from pathlib import Path
 
 import numpy as np
@@ -24,16 +23,14 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from sae.backbones import load_backbone, weights_id
-from sae.config import BackboneConfig, ConfigError, DatasetConfig, RootConfig
+from sae.config import BackboneConfig, ConfigError, ImagesDatasetConfig, RootConfig
 from sae.data.cache import (
     CacheError,
     cache_path,
     ensure_cache,
-    find_eval_cache,
     key_fields,
     load_image_split,
     open_cache,
-    resolve_similarity,
 )
 from sae.data.embedded import DataError
 from sae.data.images import (
@@ -42,8 +39,9 @@ from sae.data.images import (
     materialize_digits_images,
     open_split,
 )
+from sae.data.similarity import find_eval_cache, resolve_similarity
 from sae.evaluate import load_similarity
-from sae.extract import Progress, validate_extract
+from sae.extract import validate_extract
 from sae.sweep import preflight
 from tests.fixtures_images import (
     OI_CLASSES,
@@ -65,23 +63,29 @@ def backbone_cfg(name: str, **overrides) -> BackboneConfig:
     return OmegaConf.to_object(node)
 
 
-def imagenet_cfg(root: Path, **overrides) -> DatasetConfig:
-    return DatasetConfig(name="imagenet", kind="images", layout="imagenet", root=str(root),
+def imagenet_cfg(root: Path, **overrides) -> ImagesDatasetConfig:
+    return ImagesDatasetConfig(name="imagenet", kind="images", layout="imagenet", root=str(root),
                          train_split="train", eval_split="val", **overrides)
 
 
-def openimages_cfg(root: Path, **overrides) -> DatasetConfig:
-    return DatasetConfig(name="openimages", kind="images", layout="openimages", root=str(root),
+def openimages_cfg(root: Path, **overrides) -> ImagesDatasetConfig:
+    return ImagesDatasetConfig(name="openimages", kind="images", layout="openimages", root=str(root),
                          train_split="validation", eval_split="validation", multi_label=True,
                          **overrides)
 
 
-def root_cfg(tmp: Path, backbone: BackboneConfig, dataset: DatasetConfig) -> RootConfig:
+def root_cfg(tmp: Path, backbone: BackboneConfig, dataset: ImagesDatasetConfig) -> RootConfig:
     cfg = RootConfig(backbone=backbone, dataset=dataset, k=4)
     cfg.paths.cache = str(tmp / "cache")
     cfg.train.device = "cpu"
     cfg.train.progress = False
     return cfg
+
+
+def load_split(cfg: RootConfig, split: str):
+    """The image split of a run's config, as training loads it."""
+    return load_image_split(cfg.backbone, cfg.dataset, cfg.paths.cache, split,
+                            device=cfg.train.device, progress=cfg.train.progress)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -103,7 +107,7 @@ def clip_cache(tmp_path_factory, imagenet_root):
     """ImageNet fixture train split extracted once through the random-weight open_clip model."""
     tmp = tmp_path_factory.mktemp("clip_cache")
     cfg = root_cfg(tmp, backbone_cfg("clip_tiny"), imagenet_cfg(imagenet_root))
-    return cfg, load_image_split(cfg, "train")
+    return cfg, load_split(cfg, "train")
 
 
 # ---------------------------------------------------------------- layouts, no backbone
@@ -147,7 +151,7 @@ def test_digits_images_written_once_with_the_digits_split(tmp_path):
     stamp = (root / ".complete").stat().st_mtime_ns
     materialize_digits_images(root, 0.2, 0)  # second call: nothing rewritten
     assert (root / ".complete").stat().st_mtime_ns == stamp
-    cfg = DatasetConfig(name="digits_images", kind="images", layout="digits_images",
+    cfg = ImagesDatasetConfig(name="digits_images", kind="images", layout="digits_images",
                         root=str(root), eval_split="val")
     train, val = open_split(cfg, "train"), open_split(cfg, "val")
     assert len(train) + len(val) == 1797 and len(val) == 359
@@ -160,7 +164,7 @@ def test_missing_root_names_the_fix(tmp_path):
     with pytest.raises(DataError, match="IMAGENET_ROOT"):
         open_split(imagenet_cfg(tmp_path / "nowhere"), "train")
     with pytest.raises(DataError, match="not set"):
-        open_split(DatasetConfig(name="imagenet", kind="images", root=None), "train")
+        open_split(ImagesDatasetConfig(name="imagenet", kind="images", root=None), "train")
 
 
 def test_missing_split_and_empty_class_folder(tmp_path):
@@ -206,9 +210,14 @@ def test_unreadable_image_fails_with_its_path_or_is_skipped(tmp_path):
 def test_backbone_configs_carry_the_method_identifiers():
     expected = {
         "clip_vitl14": ("open_clip", "ViT-L-14", "datacomp_xl_s13b_b90k", "image_projected"),
-        "siglip2": ("open_clip", "ViT-SO400M-14-SigLIP2-378", "webli", "image_projected"),
-        "vit_l16": ("timm", "vit_large_patch16_224.augreg_in21k_ft_in1k", "true",
-                    "cls_pre_logits"),
+        "siglip2": ("transformers", "google/siglip2-so400m-patch14-384", "true",
+                    "image_features"),
+        "vit_l16": ("transformers", "google/vit-large-patch16-224", "true",
+                    "cls_last_hidden_state"),
+        "siglip2_openclip": ("open_clip", "ViT-SO400M-14-SigLIP2-378", "webli",
+                             "image_projected"),
+        "vit_l16_timm": ("timm", "vit_large_patch16_224.augreg_in21k_ft_in1k", "true",
+                         "cls_pre_logits"),
         "dinov2_vitl14": ("timm", "vit_large_patch14_dinov2.lvd142m", "true", "cls_pre_logits"),
     }
     for name, (library, _, tag, _) in expected.items():
@@ -299,13 +308,13 @@ def test_second_run_reuses_the_cache(clip_cache, monkeypatch):
     def no_extraction(*args, **kwargs):
         raise AssertionError("extracted again although the cache exists")
 
-    monkeypatch.setattr("sae.extract.embed_split", no_extraction)
-    again = load_image_split(cfg, "train")
+    monkeypatch.setattr("sae.data.cache.embed_split", no_extraction)
+    again = load_split(cfg, "train")
     torch.testing.assert_close(again.x, first.x)
     # a cache used where the images are not (another cluster): embeddings, but no images
     moved = root_cfg(Path(cfg.paths.cache).parent, cfg.backbone,
                      imagenet_cfg(Path("/nonexistent/imagenet")))
-    elsewhere = load_image_split(moved, "train")
+    elsewhere = load_split(moved, "train")
     assert elsewhere.image_getter is None and torch.equal(elsewhere.x, first.x)
 
 
@@ -315,7 +324,7 @@ def test_timm_openimages_float16_skips_and_counts_unreadable(tmp_path):
     broken.write_bytes(b"not a jpeg")
     dataset = openimages_cfg(root, on_unreadable="skip")
     cfg = root_cfg(tmp_path, backbone_cfg("vit_tiny", storage_dtype="float16"), dataset)
-    data = load_image_split(cfg, "eval")
+    data = load_split(cfg, "eval")
     assert data.x.shape == (3, 192) and data.multi_label
     np.testing.assert_array_equal(data.labels.numpy(), OI_EXPECTED[[0, 1, 3]])
     assert data.ids == [f"{i}.jpg" for i in np.array(OI_IMAGE_IDS)[[0, 1, 3]]]
@@ -328,7 +337,7 @@ def test_timm_openimages_float16_skips_and_counts_unreadable(tmp_path):
     cfg.dataset.on_unreadable = "fail"
     cfg.backbone.storage_dtype = "float32"
     with pytest.raises(UnreadableImageError, match=OI_IMAGE_IDS[2]):
-        load_image_split(cfg, "eval")
+        load_split(cfg, "eval")
     assert not [p for p in (tmp_path / "cache").iterdir() if p.name.startswith(".tmp-")]
     assert not cache_path(cfg.paths.cache, cfg.backbone, cfg.dataset, "eval").exists()
 
@@ -383,6 +392,7 @@ def test_interrupted_extraction_leftovers_are_not_a_cache(clip_cache, tmp_path):
     assert open_cache(path).manifest["count"] == 6
 
 
+@pytest.mark.slow  # two extraction subprocesses: ~26 s on 2 cores (--durations)
 def test_two_processes_extract_once(tmp_path, imagenet_root):
     """Two `python -m sae.extract` started together: one extracts, the other waits and reuses.
 
@@ -430,20 +440,22 @@ def test_two_processes_extract_once(tmp_path, imagenet_root):
 # ---------------------------------------------------------------- configs and progress
 
 def test_similarity_embeddings_found_by_backbone_name(tmp_path, imagenet_root):
-    """eval.similarity=<backbone>: the same evaluation images embedded by another backbone,
+    """eval.similarity=backbone:<name>: the same evaluation images embedded by another backbone,
     found in the cache by name before any training, and checked image by image."""
     cfg = root_cfg(tmp_path, backbone_cfg("clip_tiny"), imagenet_cfg(imagenet_root))
-    cfg.eval.similarity = "vit_tiny"
+    cfg.eval.similarity = "backbone:vit_tiny"
     with pytest.raises(ConfigError, match="python -m sae.extract backbone=vit_tiny "
                                           "dataset=imagenet split=eval"):
         preflight(cfg)  # the sweep's check, before anything is submitted
-    eval_set = load_image_split(cfg, "eval")
-    other = load_image_split(root_cfg(tmp_path, backbone_cfg("vit_tiny"),
+    eval_set = load_split(cfg, "eval")
+    other = load_split(root_cfg(tmp_path, backbone_cfg("vit_tiny"),
                                       imagenet_cfg(imagenet_root)), "eval")
     preflight(cfg)
-    resolved = resolve_similarity(cfg)
+    similarity = resolve_similarity(cfg)
+    resolved = similarity.target
+    assert similarity.kind == "cache"
     assert Path(resolved).name.startswith("imagenet__vit_tiny__val__")
-    eval_cfg = dataclasses.replace(cfg.eval, similarity=resolved)
+    eval_cfg = dataclasses.replace(cfg.eval, similarity=str(similarity))
     array, protocol = load_similarity(eval_cfg, eval_set, None)
     assert protocol.startswith(f"cache {resolved}")
     rows = F.normalize(torch.tensor(np.asarray(array, dtype=np.float32)), dim=1)
@@ -466,7 +478,8 @@ def test_extract_configs_compose_and_validate(tmp_path, monkeypatch):
         node = compose("extract", overrides=["backbone=clip_tiny", "dataset=digits_images"])
         cfg = validate_extract(node)
         assert cfg.dataset.root == f"{tmp_path}/cache/datasets/digits_images"
-        for backbone in ("clip_vitl14", "siglip2", "vit_l16", "dinov2_vitl14", "vit_tiny"):
+        for backbone in ("clip_vitl14", "siglip2", "vit_l16", "siglip2_openclip",
+                         "vit_l16_timm", "dinov2_vitl14", "vit_tiny"):
             for dataset in ("imagenet", "openimages"):
                 validate_extract(compose("extract", overrides=[f"backbone={backbone}",
                                                                f"dataset={dataset}"]))
@@ -483,16 +496,7 @@ def test_extract_help_needs_no_arguments():
     result = subprocess.run([sys.executable, "-m", "sae.extract", "--help"], capture_output=True,
                             text=True, timeout=120, cwd=REPO)
     assert result.returncode == 0, result.stderr
-    assert "backbone: clip_tiny, clip_vitl14" in result.stdout.replace("\n", " ")
-
-
-def test_progress_lines_are_readable_in_a_log_file(monkeypatch):
-    monkeypatch.setattr("sae.extract.LOG_EVERY_S", 0.0)
-    stream = StringIO()
-    bar = Progress(10, "extract x/train", stream=stream)
-    bar.update(4)
-    bar.close()
-    lines = stream.getvalue().splitlines()
-    assert "\r" not in stream.getvalue() and len(lines) == 2
-    assert lines[0].startswith("extract x/train:  40%") and "img/s" in lines[1]
+    # the generated page (sae/cli_help.py): each group, then one option per line
+    groups = result.stdout.split("== Config groups", 1)[1].split("== Fields", 1)[0]
+    assert "backbone  (backbone=OPTION)" in groups and "\n    clip_vitl14 " in groups
 

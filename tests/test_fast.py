@@ -17,20 +17,21 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sae import fast
+from sae import fast, regularizers
 from sae.fast import (
-    _group_size,
-    _support_dots,
-    _support_dots_gathered,
+    Formulation,
     active_capacity,
-    dead_count_bound,
     fast_training_loss,
     make_plan,
+    penalties,
     topk_by_chunks,
 )
+from sae.fast.sparse import support_dots, support_dots_gathered
+from sae.fast.topk import group_size
 from sae.losses import training_loss
 from sae.model import TopKSAE
 from sae.regularizers import batch_active
+from sae.trainer import dead_count_bound
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: one CPU thread is faster
 
@@ -44,17 +45,16 @@ D, N, K, AUX_K = 16, 256, 4, 6
 # The masked penalty's columns: B k <= n / 2 bounds |A| on the host ("gathered"); on the CPU
 # the exact |A| (~0.34 n at B = 48) is read too ("counted"); "dense" forbids gathering.
 BATCH = {"gathered": 24, "counted": 48, "dense": 96}
-# The two formulations of the k-sparse parts (sae.fast.set_formulation), each on any device:
+# The two formulations of the k-sparse parts (sae.fast.Formulation), each on any device:
 # gathers / embedding-bags with Top-k by group maxima (the CPU's), and products with the dense
 # code with torch.topk (CUDA's under bf16).
-FORMULATIONS = {"sparse": ("sparse", "chunks"), "dense": ("dense", "plain")}
+FORMULATIONS = {"sparse": Formulation("sparse", "chunks"), "dense": Formulation("dense", "plain")}
 
 
 @pytest.fixture(params=list(FORMULATIONS))
-def formulation(request):
-    fast.set_formulation(*FORMULATIONS[request.param])
-    yield request.param
-    fast.set_formulation()
+def formulation(request) -> Formulation:
+    """The formulation a test's fast steps are asked for (an explicit argument of each)."""
+    return FORMULATIONS[request.param]
 
 
 def make_model(*, d=D, n=N, k=K, tied=False, layernorm=False, device="cpu", seed=0) -> TopKSAE:
@@ -106,10 +106,13 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, what: str, rel: f
 
 
 def assert_same_step(model: TopKSAE, x: torch.Tensor, kwargs: dict, part: str = "total",
-                     rel: float = 2e-5) -> tuple:
-    """Fast and reference agree on every loss part and every parameter gradient."""
+                     rel: float = 2e-5, formulation: Formulation = fast.AUTO,
+                     compiled: bool = False) -> tuple:
+    """Fast (in ``formulation``, kernels ``compiled`` or not) and reference agree on every loss
+    part and every parameter gradient."""
     ref_parts, ref_out, ref_grads = evaluate(training_loss, model, x, kwargs, part)
-    parts, out, grads = evaluate(fast_training_loss, model, x, kwargs, part)
+    fast_kwargs = {**kwargs, "formulation": formulation, "compiled": compiled}
+    parts, out, grads = evaluate(fast_training_loss, model, x, fast_kwargs, part)
     ref_parts = type(ref_parts)(*(p.detach() for p in ref_parts))
     for name in ("total", "nmse", "auxk", "penalty"):
         assert_close(getattr(parts, name).detach(), getattr(ref_parts, name).detach(), name, rel)
@@ -122,18 +125,19 @@ def assert_same_step(model: TopKSAE, x: torch.Tensor, kwargs: dict, part: str = 
 
 
 # -- equivalence over the grid ----------------------------------------------------------------
-def check_case(regularizer, mask, tied, layernorm, n_dead, path, device, monkeypatch):
+def check_case(regularizer, mask, tied, layernorm, n_dead, path, device, monkeypatch,
+               formulation=fast.AUTO):
     if path == "dense":
-        monkeypatch.setattr(fast, "GATHER_FRACTION", -1.0)
+        monkeypatch.setattr(penalties, "GATHER_FRACTION", -1.0)
     model = make_model(tied=tied, layernorm=layernorm, device=device)
     x = unit_batch(BATCH[path], device=device)
     kwargs = loss_kwargs(regularizer, mask, dead_mask(n_dead, device=device), device=device)
-    plan = make_plan(model, x, dead_bound=None, **kwargs)
-    if fast._formulation["decoder"] != "auto":  # the formulation asked for is the one tested
-        assert plan.dense_decoder == (fast._formulation["decoder"] == "dense")
-        assert plan.chunked_topk == (fast._formulation["topk"] == "chunks")
+    plan = make_plan(model, x, dead_bound=None, formulation=formulation, **kwargs)
+    if formulation.decoder != "auto":  # the formulation asked for is the one tested
+        assert plan.dense_decoder == (formulation.decoder == "dense")
+        assert plan.chunked_topk == (formulation.topk == "chunks")
     assert (plan.active_cols < N) == (mask and regularizer != "none" and path == "gathered")
-    ref_parts, ref_grads = assert_same_step(model, x, kwargs)
+    ref_parts, ref_grads = assert_same_step(model, x, kwargs, formulation=formulation)
     if mask and regularizer != "none":  # which columns the masked penalty works on
         active = batch_active(training_loss(model, x, **kwargs)[1].code.indices, N)
         gathers = active_capacity(plan, active) is not None
@@ -152,7 +156,8 @@ def check_case(regularizer, mask, tied, layernorm, n_dead, path, device, monkeyp
 def test_matches_reference(regularizer, mask, tied, layernorm, device, monkeypatch, formulation):
     """Every regularizer x mask x tied x LayerNorm; 3 dead latents (< aux_k: AuxK on all of
     them); masked penalties on the gathered batch-active columns."""
-    check_case(regularizer, mask, tied, layernorm, 3, "gathered", device, monkeypatch)
+    check_case(regularizer, mask, tied, layernorm, 3, "gathered", device, monkeypatch,
+               formulation)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -164,13 +169,13 @@ def test_matches_reference_more_columns(regularizer, mask, n_dead, path, device,
                                         formulation):
     """No dead latent (AuxK an exact zero, skipped) and more dead latents than aux_k (a Top-k
     among them); masked penalties on the counted active columns, or on all n."""
-    check_case(regularizer, mask, False, False, n_dead, path, device, monkeypatch)
+    check_case(regularizer, mask, False, False, n_dead, path, device, monkeypatch, formulation)
 
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("regularizer", REGULARIZERS)
 def test_matches_reference_tied_layernorm_many_dead(regularizer, device, monkeypatch, formulation):
-    check_case(regularizer, True, True, True, 20, "dense", device, monkeypatch)
+    check_case(regularizer, True, True, True, 20, "dense", device, monkeypatch, formulation)
 
 
 @pytest.mark.parametrize("folded", [True, False], ids=["folded", "unfolded"])
@@ -181,8 +186,8 @@ def test_penalty_row_scale_paths(regularizer, path, mask, folded, monkeypatch):
     default) or applied on the (B, m) pass (other devices, compiled kernels, a scale out of
     range); with AuxK folded into the penalised columns or added apart."""
     if not folded:
-        monkeypatch.setattr(fast, "FOLD_RANGE", (float("inf"), float("inf")))
-    assert fast._foldable(torch.tensor([0.01]), True) == folded
+        monkeypatch.setattr(penalties, "FOLD_RANGE", (float("inf"), float("inf")))
+    assert penalties.foldable(torch.tensor([0.01])) == folded
     check_case(regularizer, mask, False, False, 20, path, "cpu", monkeypatch)
 
 
@@ -192,7 +197,8 @@ def test_gradient_of_each_part(part, device, formulation):
     """Backward from one part alone (the others' gradients are None in the Function)."""
     model = make_model(device=device)
     kwargs = loss_kwargs("l1l2", True, dead_mask(3, device=device), device=device)
-    assert_same_step(model, unit_batch(40, device=device), kwargs, part=part)
+    assert_same_step(model, unit_batch(40, device=device), kwargs, part=part,
+                     formulation=formulation)
 
 
 @pytest.mark.parametrize("regularizer", REGULARIZERS)
@@ -200,7 +206,7 @@ def test_k_equals_n(regularizer, formulation):
     model = make_model(n=32, k=32)
     x = unit_batch(16)
     kwargs = loss_kwargs(regularizer, True, dead_mask(2, n=32), n=32, aux_k=8)
-    assert_same_step(model, x, kwargs)
+    assert_same_step(model, x, kwargs, formulation=formulation)
 
 
 @pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
@@ -209,7 +215,7 @@ def test_batch_of_one(regularizer, tied, formulation):
     """The batch variance is 0 (floored): huge but finite values, still equal."""
     model = make_model(tied=tied)
     kwargs = loss_kwargs(regularizer, True, dead_mask(3))
-    assert_same_step(model, unit_batch(1), kwargs)
+    assert_same_step(model, unit_batch(1), kwargs, formulation=formulation)
 
 
 @pytest.mark.parametrize("regularizer", REGULARIZERS)
@@ -221,7 +227,7 @@ def test_all_zero_codes(regularizer, formulation):
         model.b_enc.fill_(-10.0)
     x = unit_batch(24)
     kwargs = loss_kwargs(regularizer, True, dead_mask(3))
-    ref_parts, ref_grads = assert_same_step(model, x, kwargs)
+    ref_parts, ref_grads = assert_same_step(model, x, kwargs, formulation=formulation)
     assert float(ref_parts.penalty) == 0 and float(ref_parts.auxk) > 0
     assert float(ref_grads["b_pre"].abs().max()) > 0  # the reconstruction still pulls b_pre
 
@@ -233,7 +239,20 @@ def test_zero_input_and_biases(formulation):
         model.b_enc.zero_()
         model.b_pre.zero_()
     x = torch.zeros(8, D)
-    assert_same_step(model, x, loss_kwargs("l1l2", True, dead_mask(3)))
+    assert_same_step(model, x, loss_kwargs("l1l2", True, dead_mask(3)), formulation=formulation)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mask", [True, False], ids=["mask", "nomask"])
+@pytest.mark.parametrize("regularizer", ["offsupport_l1", "l1l2"])
+def test_compiled_kernels_match_reference(regularizer, mask):
+    """``compiled=True`` (train.compile): the fused kernels through torch.compile (the first
+    call compiles, ~70 s on 2 cores)."""
+    model = make_model()
+    kwargs = loss_kwargs(regularizer, mask, dead_mask(3))
+    plan = make_plan(model, unit_batch(48), dead_bound=None, compiled=True, **kwargs)
+    assert plan.kernels is not regularizers.get(regularizer).kernels
+    assert_same_step(model, unit_batch(48), kwargs, compiled=True)
 
 
 def test_strength_zero_still_reports_the_penalty():
@@ -281,7 +300,7 @@ def test_autocast_bf16_close_to_float32(formulation):
     kwargs = loss_kwargs("l1l2", True, dead_mask(4, n=512), n=512)
     ref_parts, _, ref_grads = evaluate(training_loss, model, x, kwargs)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        parts, out = fast_training_loss(model, x, **kwargs)
+        parts, out = fast_training_loss(model, x, formulation=formulation, **kwargs)
     assert out.pre.dtype == torch.float32
     model.zero_grad(set_to_none=True)
     parts.total.backward()
@@ -313,9 +332,10 @@ def test_optimizer_steps_give_the_same_weights(regularizer, tied, device, formul
     fast_opt = torch.optim.Adam(fast_model.parameters(), lr=1e-3)
     ref_opt = torch.optim.Adam(ref_model.parameters(), lr=1e-3)
     kwargs = loss_kwargs(regularizer, True, dead_mask(3, device=device), device=device)
+    fast_kwargs = {**kwargs, "formulation": formulation}
     for step in range(3):
         x = unit_batch(48, device=device, seed=10 + step)
-        trainer_step(fast_model, fast_opt, x, fast_training_loss, kwargs)
+        trainer_step(fast_model, fast_opt, x, fast_training_loss, fast_kwargs)
         trainer_step(ref_model, ref_opt, x, training_loss, kwargs)
     for (name, p), (_, q) in zip(fast_model.named_parameters(), ref_model.named_parameters()):
         assert_close(p.detach(), q.detach(), name, rel=1e-4)
@@ -346,10 +366,10 @@ def test_topk_by_chunks_with_ties():
 
 
 def test_group_size_halves_the_work_or_declines():
-    assert _group_size(12288, 32) > 1 and _group_size(8192, 64) > 1
-    assert _group_size(64, 32) == 1 and _group_size(7, 3) == 1
+    assert group_size(12288, 32) > 1 and group_size(8192, 64) > 1
+    assert group_size(64, 32) == 1 and group_size(7, 3) == 1
     for width, k in itertools.product([256, 1024, 12288], [4, 32, 64]):
-        c = _group_size(width, k)
+        c = group_size(width, k)
         assert c == 1 or 2 * (width // c + k * c) <= width
 
 
@@ -359,8 +379,8 @@ def test_support_dots_paths_agree():
     grad, weight = torch.randn(50, 16, generator=g), torch.randn(300, 16, generator=g)
     indices = torch.rand(50, 300, generator=g).argsort(dim=1)[:, :7].sort(dim=1).values
     expected = (weight[indices] * grad.unsqueeze(1)).sum(dim=2)
-    assert_close(_support_dots(grad, weight, indices), expected, "sampled")
-    assert_close(_support_dots_gathered(grad, weight, indices, max_elements=1000), expected,
+    assert_close(support_dots(grad, weight, indices), expected, "sampled")
+    assert_close(support_dots_gathered(grad, weight, indices, max_elements=1000), expected,
                  "gathered in chunks")
 
 
@@ -380,10 +400,8 @@ def test_auto_formulation_by_device_and_dtype():
     assert resolved("cuda", torch.bfloat16)["decoder"] == "dense"
     assert resolved("cuda", torch.float16)["decoder"] == "dense"
     assert resolved("cuda", None)["decoder"] == "sparse"  # float32 matmuls at full precision
-    try:
-        fast.set_formulation("dense", "plain")
-        assert resolved("cpu", None) == {"decoder": "dense", "topk": "plain"}
-        with pytest.raises(ValueError, match="decoder must be one of"):
-            fast.set_formulation("fused")
-    finally:
-        fast.set_formulation()
+    forced = Formulation("dense", "plain")
+    assert resolved("cpu", None, forced) == {"decoder": "dense", "topk": "plain"}
+    assert resolved("cuda", torch.bfloat16, Formulation(topk="plain"))["topk"] == "plain"
+    with pytest.raises(ValueError, match="decoder must be one of"):
+        Formulation("fused")

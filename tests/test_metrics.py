@@ -259,6 +259,26 @@ def test_purity_matches_loop_reference(multi, weighted, top_n):
     np.testing.assert_allclose(got, expected, rtol=1e-12, equal_nan=True)
 
 
+@pytest.mark.parametrize("multi", [False, True])
+def test_purity_top_class_is_the_class_behind_binary_purity(multi):
+    codes = special_codes(8, n_samples=30)
+    labels = _labels_multi(9, 30) if multi else _labels_single(9, 30)
+    sparse, n = M.as_sparse(torch.from_numpy(codes))
+    acc = M.PurityAccumulator(n, labels.shape[1] if multi else int(labels.max()) + 1)
+    acc.update(sparse, torch.from_numpy(labels))
+    scores = acc.result()
+    for j in range(n):  # naive: count each class over the images where latent j fires
+        firing = np.flatnonzero(codes[:, j] > 0)
+        if firing.size == 0:
+            assert scores.top_class[j] == -1
+            continue
+        rows = labels[firing].astype(int) if multi else np.eye(labels.max() + 1)[
+            labels[firing][labels[firing] >= 0]]
+        counts = rows.sum(0) if rows.size else np.zeros(1)
+        assert scores.top_class[j] == int(np.argmax(counts)), j
+        assert scores.binary[j] == pytest.approx(counts.max() / firing.size)
+
+
 def test_purity_streamed_equals_one_shot():
     codes = torch.from_numpy(special_codes(10, n_samples=50))
     labels = torch.from_numpy(_labels_multi(11, 50))

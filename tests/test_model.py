@@ -3,8 +3,7 @@
 import pytest
 import torch
 
-from sae.model import TopKSAE
-from sae.runs import load_model, save_model
+from sae.model import TopKSAE, load_model, save_model
 
 
 def dense_reference(model: TopKSAE, x: torch.Tensor, k: int) -> torch.Tensor:

@@ -235,8 +235,8 @@ def compose_cell(root, axes, logger="none"):
 def test_run_pack_writes_each_members_lone_run(tmp_path, monkeypatch):
     import json
 
+    from sae.io import load_tensors
     from sae.packed_run import run_pack
-    from sae.runs import load_tensors
     from sae.train import run_cell
 
     monkeypatch.setenv("WANDB_MODE", "offline")

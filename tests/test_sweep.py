@@ -8,9 +8,10 @@ import pytest
 from omegaconf import OmegaConf
 
 from sae.config import ConfigError, register_configs
-from sae.runs import run_id, write_status
-from sae.sweep import Cell, SweepError, plan_cells
-from tests.helpers import run_cli, synthetic_cfg
+from sae.identity import run_id
+from sae.runs import write_status
+from sae.sweep import Cell, SweepError, checkpoints_line, plan_cells
+from tests.helpers import REPO, run_cli, synthetic_cfg
 from tests.test_config import compose_train
 
 register_configs()
@@ -53,6 +54,21 @@ def test_plan_dedupes_and_classifies(tmp_path, monkeypatch):
     assert [c.to_launch for c in again] == [True, False, False, True]
 
 
+def test_paper_dry_run_names_the_reference_checkpoints(tmp_path, monkeypatch):
+    """METHOD.md s1: the paper grid's backbones are the reference code's checkpoints."""
+    monkeypatch.setenv("SAE_OUTPUT_ROOT", str(tmp_path))
+    monkeypatch.delenv("IMAGENET_ROOT", raising=False)  # a dry run lists the cell anyway
+    params = OmegaConf.load(REPO / "sweeps" / "paper.yaml").hydra.sweeper.params
+    grid = [["dataset=imagenet", f"backbone={name}"] for name in params.backbone.split(",")]
+    cells = plan_cells(grid, compose_cell, dry_run=True)
+    assert checkpoints_line(cells) == (
+        "backbones: clip_vitl14: open_clip ViT-L-14 / datacomp_xl_s13b_b90k; "
+        "siglip2: transformers google/siglip2-so400m-patch14-384; "
+        "vit_l16: transformers google/vit-large-patch16-224")
+    assert checkpoints_line(plan_cells([["k=8"]], compose_cell)) == (
+        "backbones: none (embedding datasets)")
+
+
 def test_a_done_status_without_metrics_is_not_done(tmp_path, monkeypatch):
     monkeypatch.setenv("SAE_OUTPUT_ROOT", str(tmp_path))
     cell = plan_cells([["k=8"]], compose_cell)[0]
@@ -91,6 +107,7 @@ def tiny_sweep(tmp_path_factory):
     return root, first
 
 
+@pytest.mark.slow  # a subprocess sweep: > 20 s on 2 cores (--durations)
 def test_demo_sweep_runs_every_cell_once(tiny_sweep):
     root, first = tiny_sweep
     assert "6 cells -> 5 unique runs (1 duplicates" in first.stdout
@@ -109,6 +126,7 @@ def test_demo_sweep_runs_every_cell_once(tiny_sweep):
         assert {"r2", "nmse", "l0", "dead_count"} <= set(metrics)
 
 
+@pytest.mark.slow  # a subprocess sweep: > 20 s on 2 cores (--durations)
 def test_relaunch_skips_done_cells(tiny_sweep):
     root, _ = tiny_sweep
     again = sweep(root)
@@ -140,6 +158,7 @@ def wandb_summary(run_dir: Path) -> dict:
     return json.loads(out.stdout)
 
 
+@pytest.mark.slow  # a subprocess sweep: > 20 s on 2 cores (--durations)
 def test_wandb_offline_run_holds_config_and_summary(tiny_sweep):
     root, _ = tiny_sweep
     run = next(r for r in (root / "runs").iterdir() if "l1l2-mask" in r.name)
@@ -148,13 +167,14 @@ def test_wandb_offline_run_holds_config_and_summary(tiny_sweep):
     text = json.dumps(summary)
     assert run.name in text  # the W&B run id is the run id
     flat = json.dumps(summary)
-    for key in ("r2", "mono_mean_dead0"):
+    for key in ("r2", "mono_dead0"):
         assert key in flat
         assert f"{metrics[key]:.6g}"[:6] in flat
     config = OmegaConf.load(run / "config.yaml")
     assert config.regularizer.name == "l1l2" and str(config.regularizer.strength) in flat
 
 
+@pytest.mark.slow  # a subprocess sweep: > 20 s on 2 cores (--durations)
 def test_failing_cell_ends_failed_and_the_others_complete(tmp_path):
     # lr=1e30 diverges; the sweep exits non-zero after running both cells.
     result = sweep(tmp_path, "regularizer=none", "train.lr=1e30,1e-3", "train.log_every=2",

@@ -3,8 +3,9 @@
 import torch
 import torch.nn.functional as F
 
-from sae import fast
+from sae import fast, regularizers
 from sae.data.synthetic import load_synthetic
+from sae.losses import training_loss
 from sae.model import TopKSAE
 from sae.tracking import NullTracker
 from sae.trainer import DivergedError, Schedule, Trainer, loss_function
@@ -92,13 +93,20 @@ def test_bf16_autocast_trains_close_to_float32_with_float32_weights(tmp_path):
     assert float(drift) < 0.05
 
 
-def test_compile_option_swaps_the_regularizer_kernels():
-    try:
-        loss_function(synthetic_cfg(compile=True))
-        assert fast._Kernels.l1l2_forward is not fast._l1l2_forward
-    finally:
-        loss_function(synthetic_cfg())
-    assert fast._Kernels.l1l2_forward is fast._l1l2_forward
+def test_compile_option_is_an_argument_of_the_fast_step():
+    """train.compile reaches the fast step as its ``compiled`` argument, nothing process-wide;
+    the plan then holds torch.compile'd kernels (compiled lazily, at their first call)."""
+    compiled, eager = loss_function(synthetic_cfg(compile=True)), loss_function(synthetic_cfg())
+    assert compiled.func is fast.fast_training_loss and compiled.keywords == {"compiled": True}
+    assert eager.keywords == {"compiled": False}
+    model, x = TopKSAE(8, 32, 2), torch.randn(4, 8)
+    kwargs = dict(regularizer="l1l2", strength=0.1, mask=True, eps=1e-8,
+                  dead=torch.zeros(32, dtype=torch.bool), aux_alpha=0.0, aux_k=4, dead_bound=0)
+    reference = regularizers.get("l1l2").kernels
+    assert fast.make_plan(model, x, compiled=False, **kwargs).kernels is reference
+    compiled_kernels = fast.make_plan(model, x, compiled=True, **kwargs).kernels
+    assert compiled_kernels is not reference and compiled_kernels.forward is not reference.forward
+    assert loss_function(synthetic_cfg(fast_path=False)) is training_loss
 
 
 def test_dead_bound_covers_the_dead_count_until_the_next_log(tmp_path):

@@ -56,7 +56,7 @@ class SaeSweeper(BasicSweeper):
 
     def sweep(self, arguments: list[str]) -> Any:
         from sae import sweep as planning
-        from sae.runs import atomic_write_json
+        from sae.io import atomic_write_json
 
         name = self.config.sweep_name
         sweep_dir = Path(self.config.hydra.sweep.dir)
@@ -64,6 +64,7 @@ class SaeSweeper(BasicSweeper):
                                     force=bool(self.config.force),
                                     dry_run=bool(self.config.dry_run), progress=_to_stderr)
         print(planning.summary_line(name, cells), flush=True)
+        print(planning.checkpoints_line(cells), flush=True)
         if self.config.dry_run:
             print(planning.table(cells), flush=True)
             return []

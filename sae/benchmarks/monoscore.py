@@ -145,7 +145,7 @@ def _report(args: argparse.Namespace, times: dict, per_chunk: dict[str, list[flo
         "dense_over_monoscore": round(dense_extrapolated / times["mono"], 2),
         "dense_vs_sparse_max_abs_diff": dense_vs_sparse,
         "scored_latents": int((~torch.isnan(scores)).sum()),
-        "mono_mean_live": float(scores[~torch.isnan(scores)].mean()),
+        "mono_live": float(scores[~torch.isnan(scores)].mean()),
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "load_average_1min": round(os.getloadavg()[0], 2),  # other processes skew timings
     }

@@ -26,7 +26,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from sae.fast import fast_training_loss, tune_cpu_allocator
+from sae.benchmarks.common import tune_cpu_allocator
+from sae.fast import fast_training_loss
 from sae.model import TopKSAE
 from sae.packed import MemberSpec, PackCoefficients, PackedSAE, packed_train_step
 from sae.trainer import TrainState, train_step

@@ -42,24 +42,26 @@ import numpy as np
 import torch
 from PIL import Image
 
-from sae.config import BackboneConfig, DatasetConfig, RootConfig
-from sae.data.embedded import DataError
+from sae.config import BackboneConfig, ImagesDatasetConfig
+from sae.data.embedding import embed_split
+from sae.data.errors import CacheError
+from sae.data.layout import (
+    CLASS_NAMES_FILE,
+    EMBEDDINGS_FILE,
+    IDS_FILE,
+    LABELS_FILE,
+    MANIFEST_FILE,
+    SCHEMA_VERSION,
+    cache_dir_name,
+    split_dir_name,
+)
 from sae.data.types import EmbeddingSet
+from sae.io import atomic_write_json
+from sae.plain import plain
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
-EMBEDDINGS_FILE = "embeddings.npy"
-LABELS_FILE = "labels.npy"
-IDS_FILE = "ids.txt"
-CLASS_NAMES_FILE = "class_names.json"
-MANIFEST_FILE = "manifest.json"
 _HASH_CHUNK = 1 << 24  # 16 MiB reads while hashing
-
-
-class CacheError(DataError):
-    """A cache directory does not match its manifest. The message names it and the fix."""
-
 
 @dataclass
 class CachedSplit:
@@ -75,14 +77,7 @@ class CachedSplit:
 
 # ---------------------------------------------------------------- identity
 
-def split_dir_name(dataset: DatasetConfig, split: str) -> str:
-    """The dataset's directory name of ``split`` ("train" or "eval")."""
-    if split not in ("train", "eval"):
-        raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
-    return dataset.train_split if split == "train" else dataset.eval_split
-
-
-def key_fields(backbone: BackboneConfig, dataset: DatasetConfig, split_name: str
+def key_fields(backbone: BackboneConfig, dataset: ImagesDatasetConfig, split_name: str
                ) -> dict[str, Any]:
     """Everything that determines the cached numbers, and nothing else (no paths)."""
     from sae.backbones import weights_id
@@ -94,7 +89,7 @@ def key_fields(backbone: BackboneConfig, dataset: DatasetConfig, split_name: str
         "schema": SCHEMA_VERSION,
         "backbone": {"library": backbone.library, "model": backbone.model,
                      "weights": weights_id(backbone), "embedding": backbone.embedding,
-                     "model_kwargs": _plain(backbone.model_kwargs)},
+                     "model_kwargs": plain(backbone.model_kwargs)},
         "dataset": {"name": dataset.name, "layout": dataset.layout, "split": split_name,
                     "subset": subset},
         "dtype": backbone.storage_dtype,
@@ -110,26 +105,17 @@ def cache_key(fields: dict[str, Any]) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
 
-def cache_path(cache_root: str | Path, backbone: BackboneConfig, dataset: DatasetConfig,
+def cache_path(cache_root: str | Path, backbone: BackboneConfig, dataset: ImagesDatasetConfig,
                split: str) -> Path:
     """The directory of one split's cache ("train" or "eval"), whether it exists or not."""
     split_name = split_dir_name(dataset, split)
     key = cache_key(key_fields(backbone, dataset, split_name))
-    return Path(cache_root) / f"{dataset.name}__{backbone.name}__{split_name}__{key}"
-
-
-def _plain(value: Any) -> Any:
-    """JSON-canonical form of config values (OmegaConf containers included)."""
-    if isinstance(value, dict) or hasattr(value, "items"):
-        return {str(k): _plain(v) for k, v in sorted(value.items())}
-    if isinstance(value, list | tuple):
-        return [_plain(v) for v in value]
-    return value
+    return Path(cache_root) / cache_dir_name(dataset.name, backbone.name, split_name, key)
 
 
 # ---------------------------------------------------------------- extract once, under a lock
 
-def ensure_cache(backbone: BackboneConfig, dataset: DatasetConfig, split: str,
+def ensure_cache(backbone: BackboneConfig, dataset: ImagesDatasetConfig, split: str,
                  cache_root: str | Path, device: str = "auto", progress: bool = True) -> Path:
     """The verified cache directory of one split, extracting it first when it is missing.
 
@@ -158,13 +144,9 @@ def ensure_cache(backbone: BackboneConfig, dataset: DatasetConfig, split: str,
     return path
 
 
-def _extract(path: Path, backbone: BackboneConfig, dataset: DatasetConfig, split: str,
+def _extract(path: Path, backbone: BackboneConfig, dataset: ImagesDatasetConfig, split: str,
              device: str, progress: bool) -> None:
     from sae.data.images import open_split
-
-    # The inference loop lives with the extract stage; imported here because training extracts
-    # on a cache miss too.
-    from sae.extract import embed_split
 
     for stale in path.parent.glob(f".tmp-{path.name}-*"):  # left by a killed extraction
         shutil.rmtree(stale, ignore_errors=True)
@@ -185,7 +167,7 @@ def _extract(path: Path, backbone: BackboneConfig, dataset: DatasetConfig, split
         (tmp / IDS_FILE).write_text("".join(f"{i}\n" for i in ids))
         (tmp / CLASS_NAMES_FILE).write_text(json.dumps(images.class_names))
         manifest = _manifest(tmp, backbone, dataset, split_name, images, result, labels, ids)
-        _write_json(tmp / MANIFEST_FILE, manifest)  # last: it vouches for the files above
+        atomic_write_json(tmp / MANIFEST_FILE, manifest)  # last: it vouches for the files above
         os.rename(tmp, path)
         log.info("cache complete: %s (%d x %d %s)", path, manifest["count"], manifest["dim"],
                  manifest["dtype"])
@@ -193,7 +175,7 @@ def _extract(path: Path, backbone: BackboneConfig, dataset: DatasetConfig, split
         shutil.rmtree(tmp, ignore_errors=True)  # only still there when something failed
 
 
-def _manifest(tmp: Path, backbone: BackboneConfig, dataset: DatasetConfig, split_name: str,
+def _manifest(tmp: Path, backbone: BackboneConfig, dataset: ImagesDatasetConfig, split_name: str,
               images: Any, result: Any, labels: np.ndarray | None, ids: list[str]
               ) -> dict[str, Any]:
     from sae.backbones import library_versions
@@ -223,12 +205,6 @@ def _manifest(tmp: Path, backbone: BackboneConfig, dataset: DatasetConfig, split
     }
 
 
-def _write_json(path: Path, payload: dict[str, Any]) -> None:
-    path.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
-
-
 def _sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
@@ -238,44 +214,6 @@ def _sha256(path: Path) -> str:
 
 
 # ---------------------------------------------------------------- verified reads
-
-def is_similarity_name(value: str) -> bool:
-    """Whether ``eval.similarity`` names a backbone (its cache is looked up by
-    ``find_eval_cache``) rather than being ``input`` or a path."""
-    path = Path(value)
-    return value != "input" and "/" not in value and not path.suffix and not path.exists()
-
-
-def resolve_similarity(cfg: RootConfig) -> str:
-    """``eval.similarity`` with a backbone name replaced by its cache directory (found under
-    ``paths.cache`` for this run's dataset); ``input`` and paths unchanged."""
-    value = cfg.eval.similarity
-    if not is_similarity_name(value):
-        return value
-    return str(find_eval_cache(cfg.paths.cache, cfg.dataset, value))
-
-
-def find_eval_cache(cache_root: str | Path, dataset: DatasetConfig, backbone_name: str) -> Path:
-    """The cache of ``dataset``'s evaluation split embedded by the backbone called
-    ``backbone_name`` (a conf/backbone option), found by name: for MonoScore's similarity
-    embeddings (``eval.similarity=<backbone>``). Exactly one such cache must exist."""
-    split_name = split_dir_name(dataset, "eval")
-    pattern = f"{dataset.name}__{backbone_name}__{split_name}__*"
-    matches = sorted(p for p in Path(cache_root).glob(pattern) if (p / MANIFEST_FILE).is_file())
-    if not matches:
-        raise CacheError(
-            f"eval.similarity={backbone_name!r}: no cache of {dataset.name}/{split_name} "
-            f"embedded by {backbone_name} under {cache_root}. Fix: python -m sae.extract "
-            f"backbone={backbone_name} dataset={dataset.name} split=eval (same paths.root), or "
-            "set eval.similarity to an array file")
-    if len(matches) > 1:
-        listing = ", ".join(str(p) for p in matches)
-        raise CacheError(
-            f"eval.similarity={backbone_name!r}: {len(matches)} caches of {dataset.name}/"
-            f"{split_name} embedded by {backbone_name} (different weights or settings): "
-            f"{listing}. Fix: set eval.similarity to one of these directories")
-    return matches[0]
-
 
 def open_cache(path: str | Path, verify_checksums: bool = True) -> CachedSplit:
     """Read and verify a cache directory. Raises :class:`CacheError` on any mismatch."""
@@ -335,44 +273,50 @@ def _open_array(file: Path, fail: Any) -> np.ndarray:
 
 # ---------------------------------------------------------------- the trainer's entry
 
-def load_image_split(cfg: RootConfig, split: str) -> EmbeddingSet:
-    """The "train" or "eval" split of an image dataset as embeddings, extracted on a miss.
+def load_image_split(backbone: BackboneConfig, dataset: ImagesDatasetConfig, cache_root: str | Path,
+                     split: str, device: str = "auto", progress: bool = True) -> EmbeddingSet:
+    """The "train" or "eval" split of an image dataset as embeddings, extracted on a miss
+    (on ``device``, with a progress bar when ``progress``).
 
     ``x`` is float32, unit-normalised when ``dataset.normalize``; images are reopened from the
     dataset root of *this* config, so a cache moved to another cluster still shows its images.
     """
-    from sae.data.images import image_dir, materialize_digits_images
-
-    device = cfg.train.device
-    path = ensure_cache(cfg.backbone, cfg.dataset, split, cfg.paths.cache, device=device,
-                        progress=cfg.train.progress)
+    path = ensure_cache(backbone, dataset, split, cache_root, device=device, progress=progress)
     cached = open_cache(path, verify_checksums=False)  # ensure_cache verified it just now
     x = torch.from_numpy(np.array(cached.embeddings, dtype=np.float32))  # a copy in memory
     if not torch.isfinite(x).all():
         raise CacheError(f"{path}: embeddings hold NaN or inf. Fix: delete the directory and "
                          "re-extract with backbone.storage_dtype=float32")
-    if cfg.dataset.normalize:
+    if dataset.normalize:
         x = x / x.norm(dim=1, keepdim=True).clamp_min(1e-12)
     labels = None
     if cached.labels is not None:
         labels = torch.from_numpy(np.array(cached.labels))
-    split_name = split_dir_name(cfg.dataset, split)
-    if cfg.dataset.layout == "digits_images":  # a cache copied here without its images
-        materialize_digits_images(Path(str(cfg.dataset.root)), cfg.dataset.eval_fraction,
-                                  cfg.dataset.split_seed)
-    folder = image_dir(cfg.dataset, split_name) if cfg.dataset.root else None
-    getter = ImageGetter(folder, cached.ids) if folder is not None and folder.is_dir() else None
-    if getter is None:  # a cache used where its images are not: train, but show no images
-        log.warning("images of %s are not at %s: contact sheets will have no images", path,
-                    folder)
+    split_name = split_dir_name(dataset, split)
     return EmbeddingSet(
-        name=f"{cfg.dataset.name}/{split}", x=x, labels=labels, class_names=cached.class_names,
-        ids=cached.ids, image_getter=getter,
-        info={"source": f"{cfg.backbone.name} embeddings of {cfg.dataset.name}/{split_name}",
-              "cache": str(path), "embedding": cfg.backbone.embedding,
-              "backbone_model": cfg.backbone.model, "weights": cached.manifest["backbone"]
+        name=f"{dataset.name}/{split}", x=x, labels=labels, class_names=cached.class_names,
+        ids=cached.ids, image_getter=_image_getter(dataset, split_name, cached.ids, path),
+        info={"source": f"{backbone.name} embeddings of {dataset.name}/{split_name}",
+              "cache": str(path), "embedding": backbone.embedding,
+              "backbone_model": backbone.model, "weights": cached.manifest["backbone"]
               .get("weights"), "n_skipped": cached.manifest["dataset"].get("n_skipped", 0)},
     )
+
+
+def _image_getter(dataset: ImagesDatasetConfig, split_name: str, ids: list[str], path: Path
+                  ) -> ImageGetter | None:
+    """The cached images, from this config's dataset root (None where they are not)."""
+    from sae.data.images import image_dir, materialize_digits_images
+
+    if dataset.layout == "digits_images":  # a cache copied here without its images
+        materialize_digits_images(Path(str(dataset.root)), dataset.eval_fraction,
+                                  dataset.split_seed)
+    folder = image_dir(dataset, split_name) if dataset.root else None
+    if folder is not None and folder.is_dir():
+        return ImageGetter(folder, ids)
+    # a cache used where its images are not: train, but show no images
+    log.warning("images of %s are not at %s: contact sheets will have no images", path, folder)
+    return None
 
 
 class ImageGetter:

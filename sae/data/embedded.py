@@ -9,12 +9,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from sae.config import DatasetConfig
+from sae.config import DatasetConfig, DigitsDatasetConfig, FilesDatasetConfig
+from sae.data.errors import DataError
 from sae.data.types import EmbeddingSet
-
-
-class DataError(ValueError):
-    """Input data is missing or malformed. The message names the file and the fix."""
 
 
 def _finish(x: np.ndarray | torch.Tensor, cfg: DatasetConfig, source: str) -> torch.Tensor:
@@ -58,7 +55,7 @@ def _digit_image_getter(images: np.ndarray):
     return get
 
 
-def load_digits(cfg: DatasetConfig) -> tuple[EmbeddingSet, EmbeddingSet]:
+def load_digits(cfg: DigitsDatasetConfig) -> tuple[EmbeddingSet, EmbeddingSet]:
     from sklearn.datasets import load_digits as sklearn_digits
 
     bunch = sklearn_digits()
@@ -118,7 +115,7 @@ def _labels(path: str | None, n: int, what: str) -> torch.Tensor | None:
     return torch.as_tensor(labels.astype(np.int64))
 
 
-def load_files(cfg: DatasetConfig) -> tuple[EmbeddingSet, EmbeddingSet]:
+def load_files(cfg: FilesDatasetConfig) -> tuple[EmbeddingSet, EmbeddingSet]:
     x = _finish(read_array(cfg.train_path, "train_path"), cfg, str(cfg.train_path))
     y = _labels(cfg.train_labels, x.shape[0], "train_labels")
     if cfg.eval_path:

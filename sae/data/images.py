@@ -34,8 +34,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from sae.config import DatasetConfig
-from sae.data.embedded import DataError
+from sae.config import ImagesDatasetConfig
+from sae.data.errors import DataError
 
 LAYOUTS = ("imagenet", "openimages", "digits_images")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
@@ -69,7 +69,7 @@ class ImageSplit:
         return self.image_dir / self.ids[i]
 
 
-def check_layout(cfg: DatasetConfig) -> str:
+def check_layout(cfg: ImagesDatasetConfig) -> str:
     """The layout of an images dataset, or an error naming the options."""
     if cfg.layout not in LAYOUTS:
         raise DataError(f"dataset.layout: {cfg.layout!r} is not a known layout. "
@@ -77,7 +77,7 @@ def check_layout(cfg: DatasetConfig) -> str:
     return cfg.layout
 
 
-def image_dir(cfg: DatasetConfig, split: str) -> Path:
+def image_dir(cfg: ImagesDatasetConfig, split: str) -> Path:
     """Directory that a split's image ids are relative to (no listing, no checks)."""
     root = Path(str(cfg.root))
     if check_layout(cfg) == "openimages":
@@ -85,7 +85,7 @@ def image_dir(cfg: DatasetConfig, split: str) -> Path:
     return root / split
 
 
-def open_split(cfg: DatasetConfig, split: str) -> ImageSplit:
+def open_split(cfg: ImagesDatasetConfig, split: str) -> ImageSplit:
     """List the images and read the labels of one split (``split`` = the directory name)."""
     layout = check_layout(cfg)
     if layout == "digits_images" and cfg.root:
@@ -98,7 +98,7 @@ def open_split(cfg: DatasetConfig, split: str) -> ImageSplit:
     return _subsample(full, cfg.max_per_split, cfg.split_seed)
 
 
-def _check_root(cfg: DatasetConfig) -> None:
+def _check_root(cfg: ImagesDatasetConfig) -> None:
     env = {"imagenet": "IMAGENET_ROOT", "openimages": "OPENIMAGES_ROOT"}.get(cfg.layout)
     fix = (f"Fix: set dataset.root=/path/to/{cfg.name}"
            + (f" or export {env}" if env else "")
@@ -133,7 +133,7 @@ def _image_files(folder: Path) -> list[str]:
 
 # ---------------------------------------------------------------- imagenet-style class folders
 
-def _open_imagefolder(cfg: DatasetConfig, split: str) -> ImageSplit:
+def _open_imagefolder(cfg: ImagesDatasetConfig, split: str) -> ImageSplit:
     root = Path(str(cfg.root))
     folder = _split_dir(root / split, split, root)
     classes = _class_folders(_split_dir(root / cfg.train_split, cfg.train_split, root))
@@ -182,7 +182,7 @@ def _class_names(root: Path, wnids: list[str]) -> list[str]:
 
 # ---------------------------------------------------------------- open images v7
 
-def _open_openimages(cfg: DatasetConfig, split: str) -> ImageSplit:
+def _open_openimages(cfg: ImagesDatasetConfig, split: str) -> ImageSplit:
     root = Path(str(cfg.root))
     folder = _split_dir(root / "images" / split, split, root / "images")
     label_names, display_names = read_oi_classes(root / OI_CLASSES_CSV)

@@ -11,17 +11,17 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from sae.config import DatasetConfig
+from sae.config import SyntheticDatasetConfig
 from sae.data.types import EmbeddingSet
 
 
-def planted_dictionary(cfg: DatasetConfig) -> torch.Tensor:
+def planted_dictionary(cfg: SyntheticDatasetConfig) -> torch.Tensor:
     """(n_atoms, dim) unit atoms, a pure function of ``data_seed``."""
     generator = torch.Generator().manual_seed(cfg.data_seed)
     return F.normalize(torch.randn(cfg.n_atoms, cfg.dim, generator=generator), dim=1)
 
 
-def _draw_atoms(labels: torch.Tensor, cfg: DatasetConfig, generator: torch.Generator
+def _draw_atoms(labels: torch.Tensor, cfg: SyntheticDatasetConfig, generator: torch.Generator
                 ) -> torch.Tensor:
     """(N, atoms_per_sample) distinct atom ids per sample.
 
@@ -40,7 +40,7 @@ def _draw_atoms(labels: torch.Tensor, cfg: DatasetConfig, generator: torch.Gener
     return torch.where(torch.arange(m)[None, :] < q, from_block, outside)
 
 
-def make_split(cfg: DatasetConfig, atoms: torch.Tensor, n: int, seed: int, name: str
+def make_split(cfg: SyntheticDatasetConfig, atoms: torch.Tensor, n: int, seed: int, name: str
                ) -> EmbeddingSet:
     generator = torch.Generator().manual_seed(seed)
     labels = torch.randint(cfg.n_classes, (n,), generator=generator)
@@ -59,7 +59,7 @@ def make_split(cfg: DatasetConfig, atoms: torch.Tensor, n: int, seed: int, name:
     )
 
 
-def load_synthetic(cfg: DatasetConfig) -> tuple[EmbeddingSet, EmbeddingSet]:
+def load_synthetic(cfg: SyntheticDatasetConfig) -> tuple[EmbeddingSet, EmbeddingSet]:
     atoms = planted_dictionary(cfg)
     # Distinct seeds for the two splits, both derived from data_seed.
     train = make_split(cfg, atoms, cfg.n_train, cfg.data_seed * 2 + 1, "synthetic/train")

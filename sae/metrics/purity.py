@@ -38,6 +38,7 @@ def n_classes_of(labels: torch.Tensor) -> int:
 class PurityScores(NamedTuple):
     binary: torch.Tensor  # (n,) float64, NaN for latents that never fire
     weighted: torch.Tensor  # (n,) float64
+    top_class: torch.Tensor | None = None  # (n,) int64: the class behind binary, -1 if dead
 
 
 class PurityAccumulator:
@@ -81,10 +82,12 @@ class PurityAccumulator:
         if self.n_classes == 0:
             return PurityScores(torch.where(live, torch.zeros_like(nan), nan),
                                 torch.where(live, torch.zeros_like(nan), nan))
-        binary = self.count_nc.amax(dim=1) / self.count_n.clamp_min(1)
+        top_count, top_class = self.count_nc.max(dim=1)
+        binary = top_count / self.count_n.clamp_min(1)
         weighted = self.mass_nc.amax(dim=1) / self.mass_n.where(self.mass_n > 0,
                                                                 torch.ones_like(self.mass_n))
-        return PurityScores(torch.where(live, binary, nan), torch.where(live, weighted, nan))
+        return PurityScores(torch.where(live, binary, nan), torch.where(live, weighted, nan),
+                            torch.where(live, top_class, torch.full_like(top_class, -1)))
 
 
 class TopActivations:

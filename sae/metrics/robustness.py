@@ -2,6 +2,8 @@
 
     k'        = clamp(round(multiple * k_train), 1, n)      for each multiple (deduplicated)
     curve     = {k' : R^2(k')}        ratio = {k' : R^2(k') / R^2(k_train)}
+    flat keys = r2_at_<m>k, r2_ratio_at_<m>k  (by the multiple m, e.g. r2_at_0.25k, r2_at_2k:
+                comparable across training k, unlike the absolute k')
 
 The ratio is NaN when R^2(k_train) <= 0: a ratio of two negative R^2 reads backwards.
 
@@ -39,6 +41,21 @@ class KRobustness(NamedTuple):
         """Worst ratio over k' != train_k (NaN if there is none)."""
         others = [v for k, v in self.ratio.items() if k != self.train_k and not math.isnan(v)]
         return min(others) if others else float("nan")
+
+    def mean_ratio(self) -> float:
+        """Mean ratio over k' != train_k (NaN if there is none): claim 3's number."""
+        others = [v for k, v in self.ratio.items() if k != self.train_k and not math.isnan(v)]
+        return sum(others) / len(others) if others else float("nan")
+
+    def by_multiple(self, multiples: Iterable[float]) -> dict[str, float]:
+        """``{"r2_at_2k": R^2(k'), "r2_ratio_at_2k": ratio, ...}`` for each multiple; k' is
+        clamped as in :func:`inference_ks` (the largest measured k' is the clamp at n)."""
+        flat = {}
+        for multiple in multiples:
+            k = max(1, min(max(self.r2), round(multiple * self.train_k)))
+            flat[f"r2_at_{multiple:g}k"] = self.r2[k]
+            flat[f"r2_ratio_at_{multiple:g}k"] = self.ratio[k]
+        return flat
 
 
 def k_robustness_from(train_k: int, accumulators: dict[int, R2Accumulator]) -> KRobustness:

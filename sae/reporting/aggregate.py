@@ -14,7 +14,9 @@ from dataclasses import dataclass
 
 import pandas as pd
 
-REGULARIZER_ORDER = ("none", "offsupport_l1", "l1l2")
+from sae import regularizers
+
+REGULARIZER_ORDER = regularizers.names()  # the baseline first, then the registry's order
 MASK_ORDER = ("unused", "on", "off")
 TABLE_KEYS = ("backbone", "dataset", "k")  # one table per combination
 ROW_KEYS = ("regularizer", "strength", "mask_label", "n_latents")  # rows within a table
@@ -30,11 +32,17 @@ class MetricSpec:
 
 
 # The paper's table columns (METHOD.md s5): reconstruction, monosemanticity, purity, dead latents.
+# MonoScore is shown both ways: mono_live averages the latents that fire, mono_dead0 all
+# latents with the dead ones counted as 0 (MonoLoss's convention, which rewards fewer dead
+# latents as much as more monosemantic live ones); the two can rank settings differently.
 TABLE_METRICS = (
     MetricSpec("r2", "R^2", True, 3),
-    MetricSpec("mono_mean_dead0", "MonoScore", True, 3),
+    MetricSpec("nmse", "NMSE", False, 3),
+    MetricSpec("mono_live", "mono_live", True, 3),
+    MetricSpec("mono_dead0", "mono_dead0", True, 3),
     MetricSpec("purity_binary", "Purity (binary)", True, 3),
     MetricSpec("purity_weighted", "Purity (weighted)", True, 3),
+    MetricSpec("probe_small_m_mean", "Probe (small m)", True, 3),
     MetricSpec("dead_count", "Dead latents", False, 1),
 )
 
@@ -130,8 +138,9 @@ def small_m_score(points: pd.DataFrame, small_m: tuple[int, ...]) -> float:
 
 def add_derived(runs: pd.DataFrame, curves: pd.DataFrame, small_m: tuple[int, ...]
                 ) -> pd.DataFrame:
-    """``derived.k_robustness_mean_ratio`` and ``derived.probe_small_m_mean`` per run (claims 3
-    and 4 compare them)."""
+    """``k_robustness_mean_ratio`` and ``probe_small_m_mean`` per run (claims 3 and 4 compare
+    them), recomputed from the curves (for the report's own ``small_m``); a run without the
+    curve keeps the value of its metrics.json."""
     runs = runs.copy()
     ratio: dict[str, float] = {}
     probe: dict[str, float] = {}
@@ -141,8 +150,9 @@ def add_derived(runs: pd.DataFrame, curves: pd.DataFrame, small_m: tuple[int, ..
             ratio[run_id] = robustness_ratio(points, float(train_k[run_id]))
         elif curve == "probe":
             probe[run_id] = small_m_score(points, small_m)
-    runs["derived.k_robustness_mean_ratio"] = runs["run_id"].map(ratio).astype(float)
-    runs["derived.probe_small_m_mean"] = runs["run_id"].map(probe).astype(float)
+    for column, values in (("k_robustness_mean_ratio", ratio), ("probe_small_m_mean", probe)):
+        derived = runs["run_id"].map(values).astype(float)
+        runs[column] = derived.fillna(runs[column]) if column in runs else derived
     return runs
 
 

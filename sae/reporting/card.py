@@ -23,7 +23,8 @@ from typing import Any
 
 import pandas as pd
 
-from sae.method_card import CARD_FIELDS, PROPORTION_NOTE
+from sae.method_card import CARD_FIELDS
+from sae.plain import plain
 from sae.reporting.aggregate import SETTING_KEYS, finished_runs
 from sae.reporting.collect import read_json
 
@@ -35,7 +36,7 @@ BY_AXIS = {"source_model": "backbone", "dataset": "dataset",
 # -- seed stability -------------------------------------------------------------------------------
 def decoder_atoms(run_dir: Path):
     """The decoder atoms (rows of ``W_dec``) of a run, or None when its model is missing."""
-    from sae.runs import load_model  # torch is imported only when there is a model to read
+    from sae.model import load_model  # torch is imported only when there is a model to read
 
     path = Path(run_dir) / "model.safetensors"
     if not path.exists():
@@ -88,7 +89,7 @@ def stability_field(table: pd.DataFrame, metrics: list[str], computed: bool) -> 
         field.update(mean=_round(measured["atom_stability"].mean()),
                      min=_round(measured["atom_stability"].min()),
                      max=_round(measured["atom_stability"].max()),
-                     per_setting=[{**{k: _plain(r[k]) for k in SETTING_KEYS},
+                     per_setting=[{**{k: plain(r[k]) for k in SETTING_KEYS},
                                    "value": _round(r["atom_stability"])}
                                   for _, r in measured.iterrows()])
     field["metric_spread"] = metric_spread(table, metrics)
@@ -111,11 +112,6 @@ def _round(value: Any) -> Any:
     if isinstance(value, float):
         return None if math.isnan(value) else round(value, 4)
     return value
-
-
-def _plain(value: Any) -> Any:
-    """numpy scalars -> Python (for JSON)."""
-    return value.item() if hasattr(value, "item") else value
 
 
 def _key(value: Any) -> str:
@@ -195,8 +191,7 @@ def sweep_card(sweep_name: str, sweep_dir: Path, runs: pd.DataFrame, stability: 
     card["inference_k_sensitivity"] = {
         "protocol": "R^2 with Top-k' at inference for k' in multiples of the training k; "
                     "per setting in the robustness plots",
-        "mean_ratio_by_regularizer": _mean_by(rows, "regularizer",
-                                              "derived.k_robustness_mean_ratio"),
+        "mean_ratio_by_regularizer": _mean_by(rows, "regularizer", "k_robustness_mean_ratio"),
         "per_run": card.get("inference_k_sensitivity") if len(cards) == 1 else "see plots",
     }
     card["code_version"] = {"runs": merge_values([c.get("code_version") for c in cards]),
@@ -219,43 +214,3 @@ def sweep_facts(sweep_name: str, runs: pd.DataFrame, n_cards: int) -> dict[str, 
             "unique_runs": int(runs["run_id"].nunique()),
             "runs_by_status": {str(k): int(v) for k, v in states.items()},
             "runs_with_a_card": n_cards}
-
-
-def _flat_dict(value: Any) -> bool:
-    return isinstance(value, dict) and all(not isinstance(v, dict | list) for v in value.values())
-
-
-def _inline(value: dict[str, Any]) -> str:
-    return ", ".join(f"{k} {v}" for k, v in value.items())
-
-
-def render_value(value: Any, indent: int) -> list[str]:
-    """Nested Markdown bullets; a small dict of plain values stays on one line."""
-    pad = "  " * indent
-    if isinstance(value, dict):
-        lines = []
-        for key, item in value.items():
-            if _flat_dict(item) and item:
-                lines.append(f"{pad}- {key}: {_inline(item)}")
-            elif isinstance(item, dict | list) and item:
-                lines += [f"{pad}- {key}:", *render_value(item, indent + 1)]
-            else:
-                lines.append(f"{pad}- {key}: {item}")
-        return lines
-    if isinstance(value, list):
-        return [f"{pad}- {_inline(item) if _flat_dict(item) else item}" for item in value]
-    return [f"{pad}{value}"]
-
-
-def card_markdown(card: dict[str, Any], sweep_name: str) -> str:
-    lines = [f"# Method card: sweep `{sweep_name}`", ""]
-    fields = [*CARD_FIELDS, *(k for k in card if k not in CARD_FIELDS)]
-    for field in fields:
-        value = card.get(field)
-        label = field.replace("_", " ").capitalize()
-        if isinstance(value, dict | list) and value:
-            lines += [f"- **{label}**:", *render_value(value, 1)]
-        else:
-            lines.append(f"- **{label}**: {value}")
-    lines += ["", PROPORTION_NOTE, ""]
-    return "\n".join(lines)

@@ -1,67 +1,101 @@
 """The five claims of METHOD.md s5, checked on a finished sweep, and the s6 reference numbers.
 
-Every claim compares seed means of settings that differ in one axis only (same backbone,
-dataset, k and dictionary size). Claims 1-4 are about the method, i.e. the regularizers with
-the mask on; they fall back to a regularizer's unmasked rows only when the sweep has no masked
-one for it (and say so). A claim is
+Every comparison pairs runs by seed (:mod:`sae.reporting.stats`): a regularized run against
+the baseline with the same seed, k, backbone, dataset and dictionary size (claims 1-4), or the
+unmasked run against its masked twin (claim 5). Per compared *setting* it reports the mean
+paired difference with a Student-t interval over the seeds and a verdict -- ``supported``,
+``contradicted`` or ``inconclusive`` (always with fewer than two seeds). Claims 1-4 are about
+the method, i.e. the regularizers with the mask on; they fall back to a regularizer's unmasked
+runs only when the sweep has no masked one for it (and say so).
 
-* **held** when its comparison holds in at least ``min_share`` of the compared settings,
-* **not held** otherwise,
-* **not testable** when the sweep has nothing to compare (no baseline, no regularizer, no mask
-  ablation, a metric that was not measured).
+A claim is
 
-The comparisons, per compared setting (``gain`` = ``Tolerances.min_gain``):
+* **held** when every compared setting supports it;
+* **not held** when at least one setting contradicts it;
+* **inconclusive** otherwise (some setting neither supports nor contradicts it);
+* **not tested** when a needed arm is absent (no baseline, a regularizer without a finished run,
+  no mask ablation, a metric that was not measured).
 
-1. MonoScore (mean, dead = 0), binary and weighted purity: regularized > baseline + gain, for
-   both regularizers;
-2. R^2: regularized >= baseline - ``r2_abs``;
-3. L1/L2: mean over k' != k of R^2(k') / R^2(k) > the baseline's + gain;
-4. L1/L2: mean probe score over m in ``small_m`` > the baseline's + gain;
-5. dead latents (evaluation): mask off > mask on + gain, for each regularizer.
+The comparisons (the minimum effects: ``Tolerances.min_effect``, defaults below):
+
+1. ``mono_live``, ``mono_dead0``, ``purity_binary``, ``purity_weighted``: regularized minus
+   baseline, an increase, for both regularizers (both MonoScore conventions must agree);
+2. ``r2``: regularized minus baseline is non-inferior, margin ``Tolerances.r2_abs``;
+3. L1/L2: mean over k' != k of R^2(k') / R^2(k), an increase;
+4. L1/L2: mean probe score over m in ``small_m``, an increase;
+5. ``dead_fraction``: mask off minus mask on, an increase, for each regularized setting.
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import pandas as pd
 
-from sae.reporting.aggregate import TABLE_KEYS, place
+from sae import regularizers
+from sae.reporting.aggregate import finished_runs, place
+from sae.reporting.stats import (
+    CONTRADICTED,
+    INCONCLUSIVE,
+    PAIR_KEYS,
+    SUPPORTED,
+    Interval,
+    paired_differences,
+    t_interval,
+    verdict_increase,
+    verdict_non_inferior,
+)
 
-REGULARIZERS = ("offsupport_l1", "l1l2")
-HELD, NOT_HELD, NOT_TESTABLE = "held", "not held", "not testable"
-GROUP_KEYS = (*TABLE_KEYS, "n_latents")
-ROBUSTNESS = "derived.k_robustness_mean_ratio"  # per-run columns added by the report
-PROBE_SMALL_M = "derived.probe_small_m_mean"
+# The regularized methods claims 1 and 2 compare with the baseline: the registry's others.
+REGULARIZERS = tuple(name for name in regularizers.names() if name != regularizers.BASELINE)
+HELD, NOT_HELD, UNDECIDED, NOT_TESTED = "held", "not held", "inconclusive", "not tested"
+ROBUSTNESS = "k_robustness_mean_ratio"  # per-run numbers, recomputed by the report
+PROBE_SMALL_M = "probe_small_m_mean"
+MONO_METRICS = ("mono_live", "mono_dead0")
+CLAIM_1_METRICS = (*MONO_METRICS, "purity_binary", "purity_weighted")
+DEAD_METRIC = "dead_fraction"
+
+# ``report.min_effect``: the smallest paired difference (absolute, in the metric's own units)
+# that counts as an effect. A difference whose interval does not clear it is inconclusive.
+DEFAULT_MIN_EFFECT = {
+    "mono_live": 0.01,  # MonoScore, mean over live latents (in [0, 1])
+    "mono_dead0": 0.01,  # MonoScore, mean over all latents, dead ones counted as 0
+    "purity_binary": 0.01,  # class purity (share of the top class), mean over live latents
+    "purity_weighted": 0.01,
+    ROBUSTNESS: 0.01,  # mean R^2(k') / R^2(k) over k' != k
+    PROBE_SMALL_M: 0.01,  # probe accuracy (mAP if multi-label) at small m
+    DEAD_METRIC: 0.01,  # dead latents as a share of the dictionary (1 % of n)
+}
 
 
 @dataclass(frozen=True)
 class Tolerances:
-    """How strict the verdicts are. Defaults: a regularizer may cost at most 0.01 of R^2
-    (absolute; the seed spread of R^2 on the demo grid is of that order), any positive gain
-    counts as a gain, and a claim must hold in every compared setting."""
+    """How strict the verdicts are (METHOD.md s5). ``r2_abs``: claim 2's non-inferiority margin
+    (absolute R^2; the seed spread of R^2 on the demo grid is of that order)."""
 
-    r2_abs: float = 0.01  # claim 2: max drop of R^2 below the baseline (absolute)
-    min_gain: float = 0.0  # claims 1, 3, 4, 5: a difference must exceed this to count
+    r2_abs: float = 0.01  # claim 2: the largest R^2 loss that still counts as "no cost"
     small_m: tuple[int, ...] = (1, 2, 4)  # claim 4: the small probe budgets m
-    min_share: float = 1.0  # share of compared settings in which a comparison must hold
+    level: float = 0.95  # confidence level of the Student-t intervals
+    min_effect: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_MIN_EFFECT))
+
+    def effect(self, metric: str) -> float:
+        return float(self.min_effect.get(metric, 0.0))
 
 
 @dataclass
 class Comparison:
-    setting: str  # e.g. "clip_vitl14 · imagenet · k = 64 · l1l2 (mask on)"
+    setting: str  # e.g. "clip_vitl14 · imagenet · k = 64 · l1l2 (lambda = 0.1, mask on)"
     metric: str
-    reference: float  # the baseline (claims 1-4) or the masked run (claim 5)
-    reference_std: float
-    value: float
-    value_std: float
-    holds: bool
+    reference: float  # mean over the paired seeds: the baseline (1-4) or the masked run (5)
+    value: float  # mean over the paired seeds of the compared run
+    interval: Interval  # the paired difference value - reference
+    threshold: float  # the minimum effect (claims 1, 3-5) or minus the margin (claim 2)
+    verdict: str  # supported | contradicted | inconclusive
+    seeds: str  # the paired seeds, e.g. "0,1,2"
 
     @property
     def difference(self) -> float:
-        return self.value - self.reference
+        return self.interval.mean
 
 
 @dataclass
@@ -69,9 +103,12 @@ class Claim:
     number: int
     statement: str
     verdict: str
-    summary: str  # the numbers in one sentence, or why it is not testable
+    summary: str  # the counts in one sentence, or why it is not tested
     comparisons: list[Comparison] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+
+    def inconclusive(self) -> list[Comparison]:
+        return [c for c in self.comparisons if c.verdict == INCONCLUSIVE]
 
 
 STATEMENTS = {
@@ -84,12 +121,15 @@ STATEMENTS = {
 
 
 # -- selecting rows -------------------------------------------------------------------------------
-def method_rows(summary: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
-    """Per regularizer, its settings with the mask on; the unmasked ones only for a regularizer
+SETTING = ["backbone", "dataset", "k", "n_latents", "regularizer", "strength", "mask_label"]
+
+
+def method_rows(runs: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
+    """Per regularizer, its runs with the mask on; the unmasked ones only for a regularizer
     that has no masked run in this sweep (and a note saying so)."""
     parts, notes = [], []
     for reg in REGULARIZERS:
-        rows = summary[summary["regularizer"] == reg]
+        rows = runs[runs["regularizer"] == reg]
         masked = rows[rows["mask_label"] == "on"]
         if masked.empty and not rows.empty:
             notes.append(f"{reg} has no masked run in this sweep: compared its unmasked runs")
@@ -105,121 +145,136 @@ def _setting(row: pd.Series, with_mask: bool = True) -> str:
     return label
 
 
-def _stat(row: pd.Series, metric: str) -> tuple[float, float]:
-    mean, std = row.get(f"{metric}_mean"), row.get(f"{metric}_std")
-    return (float("nan") if mean is None else float(mean),
-            float("nan") if std is None else float(std))
+def compare(group: pd.DataFrame, references: pd.DataFrame, keys: list[str], metric: str,
+            threshold: float, non_inferiority: bool, label: str, level: float
+            ) -> Comparison | None:
+    """One setting's runs against their seed-paired references; None without a single pair."""
+    diffs = paired_differences(group, references, keys, metric)
+    if diffs.empty:
+        return None
+    interval = t_interval(list(diffs), level)
+    paired = group[group["seed"].isin(diffs.index)]
+    value = float(paired[metric].astype(float).mean())
+    decided = (verdict_non_inferior(interval, -threshold) if non_inferiority
+               else verdict_increase(interval, threshold))
+    seeds = ",".join(str(s) for s in sorted(diffs.index))
+    return Comparison(label, metric, value - interval.mean, value, interval, threshold, decided,
+                      seeds)
 
 
-def against_baseline(summary: pd.DataFrame, regularizers: tuple[str, ...], metric: str,
-                     holds: Callable[[float, float], bool]) -> tuple[list[Comparison], list[str]]:
-    """Each method row of the given regularizers against the baseline of its table."""
-    rows, notes = method_rows(summary)
+def against_baseline(runs: pd.DataFrame, regularizers: tuple[str, ...], metric: str,
+                     tol: Tolerances, non_inferiority: bool = False
+                     ) -> tuple[list[Comparison], list[str]]:
+    """Each method setting of the given regularizers against the baseline, paired by seed."""
+    rows, notes = method_rows(runs)
+    baselines = runs[runs["regularizer"] == "none"]
+    threshold = -tol.r2_abs if non_inferiority else tol.effect(metric)
     comparisons = []
-    baselines = summary[summary["regularizer"] == "none"]
-    for _, row in rows[rows["regularizer"].isin(regularizers)].iterrows():
-        found = _compare_with_match(baselines, list(GROUP_KEYS), row, metric, holds,
-                                    _setting(row))
+    chosen = rows[rows["regularizer"].isin(regularizers)]
+    for _, group in chosen.groupby(SETTING, sort=False, dropna=False):
+        found = compare(group, baselines, list(PAIR_KEYS), metric, threshold, non_inferiority,
+                        _setting(group.iloc[0]), tol.level)
         comparisons += [found] if found else []
     return comparisons, [n for n in notes if n.split()[0] in regularizers]
 
 
-def mask_pairs(summary: pd.DataFrame, metric: str, holds: Callable[[float, float], bool]
-               ) -> list[Comparison]:
+def mask_pairs(runs: pd.DataFrame, metric: str, tol: Tolerances) -> list[Comparison]:
     """Each regularized setting with the mask off against the same setting with it on."""
-    keys = [*GROUP_KEYS, "regularizer", "strength"]
-    on = summary[summary["mask_label"] == "on"]
+    keys = [*PAIR_KEYS, "regularizer", "strength"]
+    on = runs[runs["mask_label"] == "on"]
     comparisons = []
-    for _, off_row in summary[summary["mask_label"] == "off"].iterrows():
-        found = _compare_with_match(on, keys, off_row, metric, holds,
-                                    _setting(off_row, with_mask=False) + ": off vs on")
+    for _, group in runs[runs["mask_label"] == "off"].groupby(SETTING, sort=False, dropna=False):
+        found = compare(group, on, keys, metric, tol.effect(metric), False,
+                        _setting(group.iloc[0], with_mask=False) + ": off vs on", tol.level)
         comparisons += [found] if found else []
     return comparisons
 
 
-def _compare_with_match(references: pd.DataFrame, keys: list[str], row: pd.Series, metric: str,
-                        holds: Callable[[float, float], bool], label: str) -> Comparison | None:
-    """``row`` against the first reference row equal to it on ``keys``; None when there is no
-    such row or either value is missing."""
-    same = (references[keys] == row[keys]).all(axis=1)
-    if not same.any():
-        return None
-    (r, r_std), (v, v_std) = _stat(references[same].iloc[0], metric), _stat(row, metric)
-    if math.isnan(r) or math.isnan(v):
-        return None
-    return Comparison(label, metric, r, r_std, v, v_std, holds(v, r))
-
-
 # -- verdicts -------------------------------------------------------------------------------------
-def verdict(number: int, comparisons: list[Comparison], tol: Tolerances, why_untestable: str,
-            notes: list[str]) -> Claim:
-    if not comparisons:
-        return Claim(number, STATEMENTS[number], NOT_TESTABLE, why_untestable, [], notes)
-    held = sum(c.holds for c in comparisons)
-    share = held / len(comparisons)
-    result = HELD if share >= tol.min_share else NOT_HELD
-    summary = (f"holds in {held} of {len(comparisons)} compared settings ({share:.0%}; "
-               f"required: {tol.min_share:.0%})")
+def verdict(number: int, comparisons: list[Comparison], why_untested: str, notes: list[str],
+            missing: list[str] | None = None) -> Claim:
+    """held / not held / inconclusive from the settings' verdicts; not tested when an arm is
+    missing (``missing`` says which) or nothing could be paired."""
+    if missing or not comparisons:
+        reason = "; ".join(missing) if missing else why_untested
+        return Claim(number, STATEMENTS[number], NOT_TESTED, reason, comparisons, notes)
+    counts = {v: sum(c.verdict == v for c in comparisons)
+              for v in (SUPPORTED, CONTRADICTED, INCONCLUSIVE)}
+    if counts[SUPPORTED] == len(comparisons):
+        result = HELD
+    elif counts[CONTRADICTED]:
+        result = NOT_HELD
+    else:
+        result = UNDECIDED
+    summary = (f"{len(comparisons)} compared settings: {counts[SUPPORTED]} supported, "
+               f"{counts[CONTRADICTED]} contradicted, {counts[INCONCLUSIVE]} inconclusive")
     return Claim(number, STATEMENTS[number], result, summary, comparisons, notes)
 
 
-def missing_regularizers(summary: pd.DataFrame, wanted: tuple[str, ...]) -> list[str]:
-    present = set(summary["regularizer"])
-    return [f"{r} is not in this sweep: the claim is checked without it"
-            for r in wanted if r not in present]
+def missing_arms(runs: pd.DataFrame, wanted: tuple[str, ...]) -> list[str]:
+    present = set(runs["regularizer"])
+    arms = [f"{r} has no finished run in this sweep" for r in wanted if r not in present]
+    if "none" not in present:
+        arms.append("the baseline (regularizer=none) has no finished run in this sweep")
+    return arms
 
 
-def claim_1(summary: pd.DataFrame, tol: Tolerances) -> Claim:
-    comparisons, notes = [], missing_regularizers(summary, REGULARIZERS)
-    for metric in ("mono_mean_dead0", "purity_binary", "purity_weighted"):
-        found, found_notes = against_baseline(summary, REGULARIZERS, metric,
-                                              lambda v, b: v > b + tol.min_gain)
+def unmeasured(comparisons: list[Comparison], metrics: tuple[str, ...]) -> list[str]:
+    compared = {c.metric for c in comparisons}
+    return [f"{m} was not measured (or not paired) in any setting" for m in metrics
+            if m not in compared]
+
+
+def claim_1(runs: pd.DataFrame, tol: Tolerances) -> Claim:
+    comparisons, notes = [], []
+    for metric in CLAIM_1_METRICS:
+        found, found_notes = against_baseline(runs, REGULARIZERS, metric, tol)
         comparisons += found
         notes += [n for n in found_notes if n not in notes]
-    return verdict(1, comparisons, tol, "needs a baseline and a regularized run with "
-                   "MonoScore or purity at the same backbone, dataset and k", notes)
+    missing = missing_arms(runs, REGULARIZERS)
+    missing += unmeasured(comparisons, CLAIM_1_METRICS) if comparisons else []
+    return verdict(1, comparisons, "needs a baseline and both regularizers with MonoScore and "
+                   "purity at the same backbone, dataset, k and seed", notes, missing)
 
 
-def claim_2(summary: pd.DataFrame, tol: Tolerances) -> Claim:
-    comparisons, notes = against_baseline(summary, REGULARIZERS, "r2",
-                                          lambda v, b: v >= b - tol.r2_abs)
-    notes = missing_regularizers(summary, REGULARIZERS) + notes
-    return verdict(2, comparisons, tol, "needs a baseline and a regularized run with R^2 at "
-                   "the same backbone, dataset and k", notes)
+def claim_2(runs: pd.DataFrame, tol: Tolerances) -> Claim:
+    comparisons, notes = against_baseline(runs, REGULARIZERS, "r2", tol, non_inferiority=True)
+    return verdict(2, comparisons, "needs a baseline and both regularizers with R^2 at the same "
+                   "backbone, dataset, k and seed", notes, missing_arms(runs, REGULARIZERS))
 
 
-def claim_3(summary: pd.DataFrame, tol: Tolerances) -> Claim:
-    comparisons, notes = against_baseline(summary, ("l1l2",), ROBUSTNESS,
-                                          lambda v, b: v > b + tol.min_gain)
+def claim_3(runs: pd.DataFrame, tol: Tolerances) -> Claim:
+    comparisons, notes = against_baseline(runs, ("l1l2",), ROBUSTNESS, tol)
     notes = ["robustness = mean over inference k' != k of R^2(k') / R^2(k)", *notes]
-    return verdict(3, comparisons, tol, "needs a baseline and an l1l2 run with inference-k "
-                   "robustness curves (curves.k_robustness) at the same backbone, dataset and k",
-                   notes)
+    return verdict(3, comparisons, "needs a baseline and an l1l2 run with inference-k "
+                   "robustness curves (curves.k_robustness) at the same backbone, dataset, k and "
+                   "seed", notes, missing_arms(runs, ("l1l2",)))
 
 
-def claim_4(summary: pd.DataFrame, tol: Tolerances) -> Claim:
-    comparisons, notes = against_baseline(summary, ("l1l2",), PROBE_SMALL_M,
-                                          lambda v, b: v > b + tol.min_gain)
+def claim_4(runs: pd.DataFrame, tol: Tolerances) -> Claim:
+    comparisons, notes = against_baseline(runs, ("l1l2",), PROBE_SMALL_M, tol)
     notes = [f"small-budget score = mean probe accuracy (mAP if multi-label) over m in "
              f"{list(tol.small_m)}", *notes]
-    return verdict(4, comparisons, tol, "needs a baseline and an l1l2 run with truncated-probe "
-                   f"scores (curves.probe) at m in {list(tol.small_m)}", notes)
+    return verdict(4, comparisons, "needs a baseline and an l1l2 run with truncated-probe "
+                   f"scores (curves.probe) at m in {list(tol.small_m)}", notes,
+                   missing_arms(runs, ("l1l2",)))
 
 
-def claim_5(summary: pd.DataFrame, tol: Tolerances) -> Claim:
-    comparisons = mask_pairs(summary, "dead_count", lambda v, r: v > r + tol.min_gain)
-    return verdict(5, comparisons, tol, "needs a mask ablation: the same regularized setting "
-                   "with mask=true and mask=false", [])
+def claim_5(runs: pd.DataFrame, tol: Tolerances) -> Claim:
+    comparisons = mask_pairs(runs, DEAD_METRIC, tol)
+    return verdict(5, comparisons, "needs a mask ablation: the same regularized setting and "
+                   "seed with mask=true and mask=false", [])
 
 
-def check_claims(summary: pd.DataFrame, tol: Tolerances | None = None) -> list[Claim]:
-    """The five claims on a seed summary (:func:`sae.reporting.aggregate.seed_summary` with the
-    columns ``mono_mean_dead0``, ``purity_*``, ``r2``, ``dead_count`` and the two derived ones)."""
+def check_claims(runs: pd.DataFrame, tol: Tolerances | None = None) -> list[Claim]:
+    """The five claims on a runs table (:func:`sae.reporting.collect.collect`'s, with the derived
+    columns of :func:`sae.reporting.aggregate.add_derived`); only finished runs count."""
     tol = tol or Tolerances()
-    if summary.empty:
-        return [Claim(n, STATEMENTS[n], NOT_TESTABLE, "no finished run in this sweep")
+    done = finished_runs(runs) if not runs.empty else runs
+    if done.empty:
+        return [Claim(n, STATEMENTS[n], NOT_TESTED, "no finished run in this sweep")
                 for n in STATEMENTS]
-    return [check(summary, tol) for check in (claim_1, claim_2, claim_3, claim_4, claim_5)]
+    return [check(done, tol) for check in (claim_1, claim_2, claim_3, claim_4, claim_5)]
 
 
 # -- METHOD.md s6 ---------------------------------------------------------------------------------
@@ -251,7 +306,7 @@ def reference_rows(summary: pd.DataFrame) -> pd.DataFrame:
             "backbone": row["backbone"], "dataset": row["dataset"], "k": row["k"],
             "n_latents": row["n_latents"], "n_seeds": row["n_seeds"],
             "r2": row.get("r2_mean"), "r2_reference": ref[0],
-            "mono_mean_dead0": row.get("mono_mean_dead0_mean"), "mono_reference": ref[1],
+            "mono_dead0": row.get("mono_dead0_mean"), "mono_reference": ref[1],
             "purity_binary": row.get("purity_binary_mean"),
             "purity_binary_reference": purity[0] if purity else None,
             "purity_weighted": row.get("purity_weighted_mean"),

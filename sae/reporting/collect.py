@@ -17,12 +17,15 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 import yaml
+
+from sae.plain import flatten
 
 AXES = ("backbone", "dataset", "k", "regularizer", "strength", "mask", "seed", "n_latents")
 CELL_COLUMNS = ("cell", "overrides", "duplicate_of", "run_id", "run_dir", "status", "reason")
@@ -138,27 +141,48 @@ def run_status(run_dir: Path) -> tuple[str, str | None]:
     return state, reason
 
 
-def flatten(tree: dict[str, Any], prefix: str = "", numbers_only: bool = True
-            ) -> dict[str, Any]:
+def flat_values(tree: dict[str, Any], numbers_only: bool = True) -> dict[str, Any]:
     """Nested dict -> ``{"a.b.c": leaf}``. Lists are kept only as JSON text, and only when
     ``numbers_only`` is off (config values); with it, leaves must be numbers or bools."""
     flat: dict[str, Any] = {}
-    for key, value in tree.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            flat.update(flatten(value, f"{name}.", numbers_only))
-        elif isinstance(value, bool | int | float) or value is None:
+    for name, value in flatten(tree).items():
+        if isinstance(value, bool | int | float) or value is None:
             flat[name] = value
         elif not numbers_only:
             flat[name] = json.dumps(value) if isinstance(value, list) else str(value)
     return flat
 
 
+# Names that runs evaluated before the one-name-per-metric rename wrote (issue 16).
+LEGACY_NAMES = {"mono_mean_dead0": "mono_dead0", "mono_mean_live": "mono_live",
+                "probe_ceiling": "probe_raw"}
+LEGACY_ROBUST = re.compile(r"^k_robust_(r2|ratio)_k(\d+)$")  # keyed by the absolute k'
+
+
+def current_name(key: str, train_k: Any) -> str | None:
+    """A metric's current name; robustness keys by the absolute k' become ``r2_at_<m>k`` (None
+    when the training k is unknown)."""
+    if key in LEGACY_NAMES:
+        return LEGACY_NAMES[key]
+    robust = LEGACY_ROBUST.match(key)
+    if robust is None:
+        return key
+    if not train_k:
+        return None
+    prefix = "r2_at_" if robust.group(1) == "r2" else "r2_ratio_at_"
+    return f"{prefix}{int(robust.group(2)) / float(train_k):g}k"
+
+
 def flat_metrics(metrics: dict[str, Any] | None) -> dict[str, Any]:
     if not metrics:
         return {}
     kept = {k: v for k, v in metrics.items() if k not in SKIPPED_METRIC_KEYS}
-    return {k: v for k, v in flatten(kept).items() if v is not None}
+    flat = {}
+    for key, value in flatten(kept).items():
+        name = current_name(key, metrics.get("train_k"))
+        if value is not None and name is not None:
+            flat.setdefault(name, value)
+    return flat
 
 
 def cell_row(cell: dict[str, Any]) -> dict[str, Any]:
@@ -175,14 +199,14 @@ def cell_row(cell: dict[str, Any]) -> dict[str, Any]:
         **flat_metrics(metrics),
     }
     if config:
-        row.update({f"config.{k}": v for k, v in flatten(config, numbers_only=False).items()})
+        row.update({f"config.{k}": v for k, v in flat_values(config, numbers_only=False).items()})
     return row
 
 
 # -- curves ---------------------------------------------------------------------------------------
 def _numeric_points(mapping: Any) -> list[tuple[float, float]]:
     """``{"2": 0.5, "4": 0.7}`` -> [(2, 0.5), (4, 0.7)]; entries with non-numeric keys or
-    values (a ``raw`` ceiling, NaN) are left out."""
+    values (a ``raw`` reference, NaN) are left out."""
     if not isinstance(mapping, dict):
         return []
     points = []

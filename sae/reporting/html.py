@@ -20,13 +20,17 @@ from sae.reporting.claims import Claim
 from sae.reporting.plots import Figure
 from sae.reporting.tables import HEADER, NOTE, block_cells, table_blocks, title
 
+WANDB_APP = "https://wandb.ai"  # where a synced run is shown (WANDB_BASE_URL when set)
+
 STYLE = """
 body { font-family: sans-serif; margin: 2em; max-width: 1400px; color: #222; }
 table { border-collapse: collapse; margin: 0.5em 0 1.5em; font-size: 0.9em; }
 th, td { border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: left; }
 th { background: #f3f3f3; } td.best { font-weight: bold; background: #eef7ee; }
 .held { color: #1a7f37; font-weight: bold; } .not-held { color: #b42318; font-weight: bold; }
-.not-testable { color: #777; font-weight: bold; }
+.not-tested, .inconclusive { color: #777; font-weight: bold; }
+.headline { background: #fff8e1; border-left: 4px solid #f0b400; padding: 0.5em 1em; }
+table.card td { vertical-align: top; } table.card table { margin: 0; font-size: 1em; }
 .failed, .missing, .running { background: #fff1f0; }
 figure { display: inline-block; margin: 0.5em; vertical-align: top; }
 figure img { max-width: 100%; border: 1px solid #ddd; }
@@ -56,6 +60,7 @@ class PageInputs:
     card_markdown: str
     claims_markdown: str
     notes: list[str] = field(default_factory=list)
+    card: dict = field(default_factory=dict)  # the sweep's method card (rendered as a table)
 
 
 def esc(value: object) -> str:
@@ -80,32 +85,94 @@ def files_section(report_dir: Path) -> str:
     return "<h2 id='files'>Files</h2><ul>" + "".join(items) + "</ul>"
 
 
+def inconclusive_headline(claims: list[Claim]) -> str:
+    """The settings that decide nothing, shown first (not buried under the verdicts)."""
+    undecided = [(c.number, s) for c in claims for s in c.inconclusive()]
+    if not undecided:
+        return ""
+    one_seed = any(s.interval.n < 2 for _, s in undecided)
+    items = "".join(f"<li>claim {n}: {esc(s.setting)}, {esc(s.metric)}: "
+                    f"{esc(s.interval.text(4))}</li>" for n, s in undecided)
+    caution = ("<p><b>Some settings have a single seed: no interval, so no claim can be held "
+               "on them. Run at least 2 seeds.</b></p>" if one_seed else "")
+    return (f"<div class='headline'>{caution}<details><summary><b>{len(undecided)} compared "
+            "settings are inconclusive</b> (the 95 % interval does not clear the minimum "
+            f"effect either way)</summary><ul>{items}</ul></details></div>")
+
+
+def comparisons_table(claim: Claim) -> str:
+    reference = "mask on" if claim.number == 5 else "baseline"
+    body = [[(c.setting, False), (c.metric, False), (c.seeds, False),
+             (f"{c.reference:.4g}", False), (f"{c.value:.4g}", False),
+             (c.interval.text(4), False), (f"{c.threshold:+g}", False), (c.verdict, False)]
+            for c in claim.comparisons]
+    return html_table(["setting", "metric", "seeds", reference, "value",
+                       "difference [95 % CI]", "threshold", "verdict"], body)
+
+
 def claims_section(claims: list[Claim], claims_markdown: str) -> str:
     rows = "".join(
         f"<tr><td>{c.number}</td><td>{esc(c.statement)}</td>"
         f"<td class='{c.verdict.replace(' ', '-')}'>{esc(c.verdict)}</td>"
         f"<td>{esc(c.summary)}</td></tr>" for c in claims)
+    details = "".join(f"<h4>Claim {c.number}: {esc(c.verdict)}</h4>"
+                      + "".join(f"<p>note: {esc(n)}</p>" for n in c.notes)
+                      + (comparisons_table(c) if c.comparisons else "") for c in claims)
     return ("<h2 id='claims'>Claims (METHOD.md s5)</h2>"
-            "<table><tr><th>#</th><th>claim</th><th>verdict</th><th>numbers</th></tr>"
-            f"{rows}</table><details><summary>Numbers behind each verdict, tolerances, reference "
-            f"(claims.md)</summary><pre>{esc(claims_markdown)}</pre></details>")
+            "<table><tr><th>#</th><th>claim</th><th>verdict</th><th>settings</th></tr>"
+            f"{rows}</table>{inconclusive_headline(claims)}<details><summary>The compared "
+            f"settings behind each verdict ({link('claims.md', 'claims.md')}: thresholds, "
+            f"reference numbers)</summary>{details}</details>")
 
 
-def html_table(header: list[str], body: list[list[tuple[str, bool]]]) -> str:
+def html_table(header: list[str], body: list[list[tuple[str, bool]]],
+               extra: list[str] | None = None) -> str:
+    """``extra``: one more cell per row, already HTML (the run links)."""
     head = "".join(f"<th>{esc(h)}</th>" for h in header)
     rows = "".join(
         "<tr>" + "".join(f"<td class='best'>{esc(t)}</td>" if b else f"<td>{esc(t)}</td>"
-                         for t, b in cells) + "</tr>" for cells in body)
+                         for t, b in cells)
+        + (f"<td>{extra[i]}</td>" if extra is not None else "") + "</tr>"
+        for i, cells in enumerate(body))
     return f"<table><tr>{head}</tr>{rows}</table>"
 
 
-def tables_section(summary: pd.DataFrame) -> str:
+def wandb_url(run_dir: Path, run_id: str, entity: object, project: object) -> str | None:
+    """The W&B page of a run that ``sae-sync`` / ``wandb sync`` uploaded (None otherwise)."""
+    if not any((run_dir / "wandb").glob("offline-run-*/*.wandb.synced")) or \
+            not isinstance(entity, str) or not isinstance(project, str):
+        return None
+    return f"{os.environ.get('WANDB_BASE_URL', WANDB_APP)}/{entity}/{project}/runs/{run_id}"
+
+
+def setting_links(row: pd.Series, runs: pd.DataFrame, report_dir: Path) -> str:
+    """Links to the run directories of one table row (one per seed), and their W&B runs."""
+    parts = []
+    for run_id in str(row.get("run_ids") or "").split(","):
+        match = runs[runs["run_id"] == run_id]
+        if not run_id or match.empty:
+            continue
+        run = match.iloc[0]
+        seed = run.get("seed")
+        label = f"s{seed}" if seed is not None and not pd.isna(seed) else run_id
+        parts.append(link(rel(Path(run["run_dir"]), report_dir) + "/", label))
+        url = wandb_url(Path(run["run_dir"]), run_id, run.get("config.logger.entity"),
+                        run.get("config.logger.project"))
+        if url:
+            parts.append(f"(<a href='{esc(url)}'>W&amp;B</a>)")
+    return " ".join(parts)
+
+
+def tables_section(summary: pd.DataFrame, runs: pd.DataFrame, report_dir: Path) -> str:
     parts = [f"<h2 id='tables'>Tables</h2><p>{esc(NOTE)}</p>"]
     if summary.empty:
         return parts[0] + "<p>No finished run: nothing to tabulate.</p>"
     flags = label_flags(summary)
     for key, block in table_blocks(summary):
-        parts.append(f"<h3>{esc(title(key))}</h3>" + html_table(HEADER, block_cells(block, flags)))
+        body = block_cells(block, flags)
+        links = [setting_links(row, runs, report_dir) for _, row in block.iterrows()]
+        parts.append(f"<h3>{esc(title(key))}</h3>"
+                     + html_table([*HEADER, "runs"], body, extra=links))
     return "".join(parts)
 
 
@@ -184,9 +251,22 @@ def notes_section(notes: list[str]) -> str:
             + "".join(f"<li>{esc(n)}</li>" for n in notes) + "</ul>")
 
 
-def card_section(card_markdown: str) -> str:
-    return (f"<h2 id='card'>Method card</h2>{link('method_card.json', 'JSON')} · "
-            f"{link('method_card.md', 'Markdown')}<pre>{esc(card_markdown)}</pre>")
+def html_value(value: object) -> str:
+    """A card value as HTML: dicts as nested key/value tables, lists as bullets."""
+    if isinstance(value, dict):
+        rows = "".join(f"<tr><th>{esc(k)}</th><td>{html_value(v)}</td></tr>"
+                       for k, v in value.items())
+        return f"<table>{rows}</table>" if rows else ""
+    if isinstance(value, list):
+        return "<ul>" + "".join(f"<li>{html_value(v)}</li>" for v in value) + "</ul>"
+    return esc(value)
+
+
+def card_section(card: dict) -> str:
+    rows = "".join(f"<tr><th>{esc(k.replace('_', ' ').capitalize())}</th>"
+                   f"<td>{html_value(v)}</td></tr>" for k, v in card.items())
+    return (f"<h2 id='card'>Method card</h2><p>{link('method_card.json', 'JSON')} · "
+            f"{link('method_card.md', 'Markdown')}</p><table class='card'>{rows}</table>")
 
 
 def render_page(p: PageInputs) -> str:
@@ -200,9 +280,10 @@ def render_page(p: PageInputs) -> str:
             f"<p>{len(p.runs)} cells, {p.runs['run_id'].nunique()} runs: "
             f"{esc(', '.join(f'{v} {k}' for k, v in states.items()))}. Generated {stamp} by "
             "<code>python -m sae.report</code>.</p>", f"<nav>{nav}</nav>",
-            claims_section(p.claims, p.claims_markdown), tables_section(p.summary),
+            claims_section(p.claims, p.claims_markdown),
+            tables_section(p.summary, p.runs, p.report_dir),
             figures_section(p.figures, p.report_dir), browser_section(p.runs, p.report_dir),
-            card_section(p.card_markdown), runs_section(p.runs, p.report_dir),
+            card_section(p.card), runs_section(p.runs, p.report_dir),
             notes_section(p.notes), files_section(p.report_dir)]
     return ("<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>"
             f"<title>Sweep {esc(p.sweep_name)}: report</title><style>{STYLE}</style></head>"

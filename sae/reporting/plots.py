@@ -49,6 +49,24 @@ def line_label(regularizer: str, mask: str) -> str:
     return regularizer if regularizer == "none" else f"{regularizer}, mask {mask}"
 
 
+REGULARIZER_COLORS = {"none": "black", "offsupport_l1": "tab:blue", "l1l2": "tab:orange"}
+MASK_STYLES = {"on": "-", "off": "--", "unused": ":"}  # mask told by line style, not colour only
+
+
+def line_style(regularizer: str, mask: str) -> dict:
+    """Colour = regularizer, line style = mask (solid on, dashed off, dotted for the baseline)."""
+    return {"color": REGULARIZER_COLORS.get(regularizer, "tab:grey"),
+            "linestyle": MASK_STYLES.get(mask, "-.")}
+
+
+def outside_legend(fig: plt.Figure, ax: plt.Axes) -> None:
+    """One legend for the figure, right of the panels: it never covers data."""
+    handles, labels = ax.get_legend_handles_labels()
+    if handles:
+        fig.legend(handles, labels, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=7,
+                   frameon=False)
+
+
 def line_order(frame: pd.DataFrame) -> list[tuple[str, str]]:
     pairs = frame[["regularizer", "mask_label"]].drop_duplicates().itertuples(index=False)
 
@@ -62,20 +80,26 @@ def line_order(frame: pd.DataFrame) -> list[tuple[str, str]]:
 
 def save(fig: plt.Figure, path: Path) -> Path:
     fig.tight_layout()
-    fig.savefig(path, dpi=DPI)
+    fig.savefig(path, dpi=DPI, bbox_inches="tight")  # keeps the outside legend in the file
     plt.close(fig)
     return path
 
 
-def _panels(n: int, width: float = 3.6, height: float = 3.0):
-    fig, axes = plt.subplots(1, n, figsize=(width * n, height), squeeze=False)
-    return fig, list(axes[0])
+def _panels(n: int, width: float = 3.6, height: float = 3.0, per_row: int = 4):
+    """``n`` panels, at most ``per_row`` in a row (the unused ones hidden)."""
+    rows, cols = -(-n // per_row), min(n, per_row)
+    fig, axes = plt.subplots(rows, cols, figsize=(width * cols, height * rows), squeeze=False)
+    flat = list(axes.flat)
+    for ax in flat[n:]:
+        ax.set_visible(False)
+    return fig, flat[:n]
 
 
 # -- metric against k ---------------------------------------------------------------------------
 def metrics_vs_k(summary: pd.DataFrame, out: Path, backbone: str, dataset: str) -> Figure | None:
     frame = summary[(summary["backbone"] == backbone) & (summary["dataset"] == dataset)]
-    specs = [s for s in TABLE_METRICS if frame[f"{s.key}_mean"].notna().any()]
+    specs = [s for s in TABLE_METRICS
+             if f"{s.key}_mean" in frame and frame[f"{s.key}_mean"].notna().any()]
     if frame.empty or not specs:
         return None
     fig, axes = _panels(len(specs))
@@ -84,10 +108,11 @@ def metrics_vs_k(summary: pd.DataFrame, out: Path, backbone: str, dataset: str) 
             line = frame[(frame["regularizer"] == reg) & (frame["mask_label"] == mask)]
             line = line.groupby("k")[[f"{spec.key}_mean", f"{spec.key}_std"]].mean()
             ax.errorbar(line.index, line[f"{spec.key}_mean"], yerr=line[f"{spec.key}_std"],
-                        marker="o", capsize=3, label=line_label(reg, mask))
+                        marker="o", capsize=3, label=line_label(reg, mask),
+                        **line_style(reg, mask))
         ax.set(xlabel="training k", ylabel=spec.label, title=spec.label)
         ax.set_xscale("log", base=2)
-    axes[0].legend(fontsize=7)
+    outside_legend(fig, axes[0])
     fig.suptitle(f"{place(backbone, dataset)}: metrics against k (mean ± std over seeds)")
     path = save(fig, out / f"metrics_vs_k_{slug(backbone, dataset)}.png")
     return Figure(path, f"Metrics against k — {place(backbone, dataset)}",
@@ -107,7 +132,7 @@ def curve_means(runs: pd.DataFrame, curves: pd.DataFrame, curve: str) -> pd.Data
 
 def curve_figure(means: pd.DataFrame, out: Path, backbone: str, dataset: str, name: str,
                  xlabel: str, ylabel: str, title: str, caption: str,
-                 ceiling: float | None = None) -> Figure | None:
+                 reference: float | None = None) -> Figure | None:
     frame = means[(means["backbone"] == backbone) & (means["dataset"] == dataset)] \
         if not means.empty else means
     if frame.empty:
@@ -120,15 +145,15 @@ def curve_figure(means: pd.DataFrame, out: Path, backbone: str, dataset: str, na
             line = at_k[(at_k["regularizer"] == reg) & (at_k["mask_label"] == mask)]
             line = line.groupby("x")[["mean", "std"]].mean()
             ax.errorbar(line.index, line["mean"], yerr=line["std"], marker="o", capsize=3,
-                        label=line_label(reg, mask))
+                        label=line_label(reg, mask), **line_style(reg, mask))
         if name == "robustness":
             ax.axvline(k, color="grey", linestyle=":", linewidth=1)  # the training budget
-        if ceiling is not None and not pd.isna(ceiling):
-            ax.axhline(ceiling, color="black", linestyle="--", linewidth=1,
-                       label="raw embeddings")
+        if reference is not None and not pd.isna(reference):  # not a ceiling: codes can beat it
+            ax.axhline(reference, color="grey", linestyle="-.", linewidth=1,
+                       label="raw-embedding probe")
         ax.set(xlabel=xlabel, ylabel=ylabel, title=f"training k = {k}")
         ax.set_xscale("log", base=2)
-    axes[0].legend(fontsize=7)
+    outside_legend(fig, axes[0])
     fig.suptitle(f"{place(backbone, dataset)}: {title}")
     path = save(fig, out / f"{name}_{slug(backbone, dataset)}.png")
     return Figure(path, f"{title} — {place(backbone, dataset)}", caption)
@@ -145,8 +170,10 @@ def dead_by_mask(summary: pd.DataFrame, out: Path, backbone: str, dataset: str) 
               for r in bars.itertuples(index=False)]
     colors = [{"on": "tab:blue", "off": "tab:red"}.get(m, "tab:grey") for m in bars["mask_label"]]
     fig, ax = plt.subplots(figsize=(max(5.0, 0.55 * len(bars) + 1.5), 3.8))
-    ax.bar(range(len(bars)), bars["dead_count_mean"], yerr=bars["dead_count_std"].fillna(0),
-           color=colors, capsize=3)
+    drawn = ax.bar(range(len(bars)), bars["dead_count_mean"],
+                   yerr=bars["dead_count_std"].fillna(0), color=colors, capsize=3)
+    for patch, mask in zip(drawn, bars["mask_label"]):
+        patch.set_hatch("//" if mask == "off" else "")  # mask off: hatched, not only red
     ax.set_xticks(range(len(bars)), labels, rotation=60, ha="right", fontsize=7)
     ax.set_yscale("symlog", linthresh=1)  # 0 dead latents stays visible; log above 1
     top = float((bars["dead_count_mean"] + bars["dead_count_std"].fillna(0)).max())
@@ -155,17 +182,17 @@ def dead_by_mask(summary: pd.DataFrame, out: Path, backbone: str, dataset: str) 
     ax.set_title(f"{place(backbone, dataset)}: dead latents, mask on (blue) / off (red)")
     path = save(fig, out / f"dead_mask_{slug(backbone, dataset)}.png")
     return Figure(path, f"Dead latents with and without the mask — {place(backbone, dataset)}",
-                  "Evaluation-split dead latents; blue = mask on, red = mask off, grey = no "
-                  "regularizer. Symmetric log scale (linear below 1).")
+                  "Evaluation-split dead latents; blue = mask on, red and hatched = mask off, "
+                  "grey = no regularizer. Symmetric log scale (linear below 1).")
 
 
 # -- all of them ----------------------------------------------------------------------------------
-def probe_ceiling(summary: pd.DataFrame, backbone: str, dataset: str) -> float | None:
-    """Mean probe score on the raw embeddings (the ceiling), when the runs measured it."""
-    if "probe_ceiling_mean" not in summary:
+def raw_probe(summary: pd.DataFrame, backbone: str, dataset: str) -> float | None:
+    """Mean score of the raw-embedding probe (a reference line), when the runs measured it."""
+    if "probe_raw_mean" not in summary:
         return None
     rows = summary[(summary["backbone"] == backbone) & (summary["dataset"] == dataset)]
-    return float(rows["probe_ceiling_mean"].mean())
+    return float(rows["probe_raw_mean"].mean())
 
 
 def make_plots(runs: pd.DataFrame, curves: pd.DataFrame, summary: pd.DataFrame, out: Path
@@ -188,8 +215,9 @@ def make_plots(runs: pd.DataFrame, curves: pd.DataFrame, summary: pd.DataFrame, 
                 probe, out, b, d, "probe", "kept activations m", "probe accuracy / mAP",
                 "linear-probe accuracy against m",
                 "Linear probe on codes truncated to their top-m activations (mAP when the "
-                "dataset is multi-label); dashed: the same probe on the raw embeddings.",
-                probe_ceiling(summary, b, d)),
+                "dataset is multi-label); dash-dotted grey: the raw-embedding probe (the same "
+                "probe on the raw embeddings; a reference, not a ceiling).",
+                raw_probe(summary, b, d)),
             "dead latents by mask": lambda b=backbone, d=dataset: dead_by_mask(summary, out, b, d),
         }
         for what, make in makers.items():

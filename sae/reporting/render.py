@@ -8,10 +8,13 @@ import pandas as pd
 
 from sae.reporting.claims import REFERENCE_K, REFERENCE_N, Claim, Comparison, Tolerances
 
-WORDING = ("Verdicts are worded in proportion: \"held\" means that under the conditions of this "
-           "sweep (backbones, data, budgets, strengths, seeds) the stated comparison of seed "
-           "means came out as the paper reports, within the tolerances below. It is not a proof "
-           "beyond these conditions.")
+WORDING = ("Verdicts are worded in proportion. Each compared setting pairs runs by seed and "
+           "gives the mean paired difference with a Student-t interval over the seeds; it "
+           "*supports* a claim when the interval lies beyond the minimum effect in the claimed "
+           "direction, *contradicts* it when beyond it in the other direction, and is "
+           "*inconclusive* otherwise (always with one seed). \"held\" means every compared "
+           "setting of this sweep (backbones, data, budgets, strengths, seeds) supports the "
+           "claim; it is not a proof beyond these conditions.")
 
 
 def number(value: float | None, std: float | None = None) -> str:
@@ -25,32 +28,49 @@ def number(value: float | None, std: float | None = None) -> str:
 
 def claims_table(claims: list[Claim]) -> str:
     """The one-table summary (also printed by the CLI at the end of ``make demo``)."""
-    lines = ["| # | claim | verdict | numbers |", "|---|---|---|---|"]
+    lines = ["| # | claim | verdict | settings |", "|---|---|---|---|"]
     for c in claims:
         lines.append(f"| {c.number} | {c.statement} | **{c.verdict}** | {c.summary} |")
     return "\n".join(lines)
 
 
+def headline(claims: list[Claim]) -> list[str]:
+    """What a reader must see first: the inconclusive settings and the one-seed caveat."""
+    lines = []
+    undecided = [(c.number, comp) for c in claims for comp in c.inconclusive()]
+    if any(comp.interval.n < 2 for _, comp in undecided):
+        lines.append("**Caution: some settings have a single seed. A single seed gives no "
+                     "interval, so no claim can be held on them; run at least 2 seeds "
+                     "(3 in the paper preset).**")
+    if undecided:
+        lines += ["", f"**{len(undecided)} compared settings are inconclusive** (the interval "
+                  "does not clear the minimum effect either way):", ""]
+        lines += [f"- claim {n}: {comp.setting}, {comp.metric}: {comp.interval.text(4)}"
+                  for n, comp in undecided]
+    return [*lines, ""] if lines else []
+
+
 def comparisons_table(comparisons: list[Comparison], reference_name: str) -> str:
-    lines = [f"| setting | metric | {reference_name} | value | difference | holds |",
-             "|---|---|---|---|---|---|"]
+    lines = [f"| setting | metric | seeds | {reference_name} | value | difference [95 % CI] | "
+             "threshold | verdict |", "|---|---|---|---|---|---|---|---|"]
     for c in comparisons:
-        lines.append(f"| {c.setting} | {c.metric} | {number(c.reference, c.reference_std)} | "
-                     f"{number(c.value, c.value_std)} | {c.difference:+.4g} | "
-                     f"{'yes' if c.holds else 'no'} |")
+        lines.append(f"| {c.setting} | {c.metric} | {c.seeds} | {number(c.reference)} | "
+                     f"{number(c.value)} | {c.interval.text(4)} | {c.threshold:+g} | "
+                     f"{c.verdict} |")
     return "\n".join(lines)
 
 
 def tolerance_lines(tol: Tolerances) -> list[str]:
+    effects = ", ".join(f"{m} {v:g}" for m, v in tol.min_effect.items())
     return [
-        "## Tolerances used",
+        "## Thresholds used",
         "",
-        f"- claim 2: a regularized R^2 may fall at most **{tol.r2_abs:g}** (absolute) below the "
-        "baseline's;",
-        f"- claims 1, 3, 4, 5: a difference counts when it exceeds **{tol.min_gain:g}**;",
+        f"- intervals: {tol.level:.0%} Student-t over the seed-paired differences;",
+        f"- minimum effects (report.min_effect; `--min-effect metric=value`): {effects};",
+        f"- claim 2 (non-inferiority): the interval's lower end must lie above "
+        f"**-{tol.r2_abs:g}** (R^2, absolute; `--r2-tolerance`);",
         f"- claim 4: small budgets m in **{list(tol.small_m)}**;",
-        f"- a claim is held when its comparison holds in at least **{tol.min_share:.0%}** of the "
-        "compared settings. Values are means over seeds (± sample std).",
+        "- a claim is held only when every compared setting supports it.",
         "",
     ]
 
@@ -76,14 +96,14 @@ def reference_section(reference: pd.DataFrame) -> list[str]:
     lines += [f"Reference: MonoLoss repository figures, Top-k, n = {REFERENCE_N}, "
               f"k = {REFERENCE_K}, no regularizer. Rows at another k or n are shown for "
               "orientation only.", "",
-              "| backbone | dataset | k | n | seeds | R^2 (ref) | MonoScore (ref) | "
+              "| backbone | dataset | k | n | seeds | R^2 (ref) | mono_dead0 (ref) | "
               "purity binary (ref) | purity weighted (ref) | same budget |",
               "|---|---|---|---|---|---|---|---|---|---|"]
     for _, r in reference.iterrows():
         lines.append(
             f"| {r['backbone']} | {r['dataset']} | {r['k']} | {r['n_latents']} | "
             f"{r['n_seeds']} | {number(r['r2'])} ({r['r2_reference']}) | "
-            f"{number(r['mono_mean_dead0'])} ({r['mono_reference']}) | "
+            f"{number(r['mono_dead0'])} ({r['mono_reference']}) | "
             f"{number(r['purity_binary'])} ({number(r['purity_binary_reference'])}) | "
             f"{number(r['purity_weighted'])} ({number(r['purity_weighted_reference'])}) | "
             f"{'yes' if r['same_budget'] else 'no'} |")
@@ -93,7 +113,7 @@ def reference_section(reference: pd.DataFrame) -> list[str]:
 def claims_markdown(sweep_name: str, claims: list[Claim], tol: Tolerances,
                     reference: pd.DataFrame) -> str:
     lines = [f"# Claims of arXiv:2606.27321 on sweep `{sweep_name}`", "", WORDING, "",
-             claims_table(claims), ""]
+             claims_table(claims), "", *headline(claims)]
     lines += tolerance_lines(tol)
     for claim in claims:
         lines += claim_section(claim)

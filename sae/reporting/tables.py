@@ -1,6 +1,8 @@
 """The paper's tables: for each backbone x dataset x k, regularizer x mask rows against R^2,
-MonoScore, purity (binary and weighted) and dead latents; mean +- std over seeds, the best value
-of each column marked (bold). Markdown for the report page, LaTeX (booktabs) for papers.
+NMSE, MonoScore (mono_live and mono_dead0), purity (binary and weighted), the small-m probe and
+dead latents; mean +- std over seeds, the best value of each column marked (bold); then the
+seed-paired difference to the baseline with its 95 % interval (:mod:`sae.reporting.stats`).
+Markdown for the report page, LaTeX (booktabs) for papers.
 
 "Best" compares the means as displayed (rounded), so two settings that print the same value are
 both marked; dead latents are best when lowest.
@@ -21,11 +23,16 @@ from sae.reporting.aggregate import (
     place,
     setting_label,
 )
+from sae.reporting.stats import DELTA_METRICS, delta_interval
 
 MISSING = "—"  # a metric that was not measured (or a setting with no finished run)
 NOTE = ("mean ± std over seeds (sample std; one seed: no std); best per column in bold "
-        "(lowest for dead latents; none marked when all tie); — = not measured. Mask unused: "
-        "no regularizer, so the mask has no effect.")
+        "(lowest for NMSE and dead latents; none marked when all tie); — = not measured. Mask "
+        "unused: no regularizer, so the mask has no effect. mono_live: MonoScore averaged over "
+        "the latents that fire; mono_dead0: over all latents, dead ones counted as 0. Probe "
+        "(small m): probe accuracy (mAP if multi-label) averaged over m in {1, 2, 4}. "
+        "Δ: mean over seeds of (setting − baseline of the same seed) [95 % Student-t "
+        "interval]; one seed gives no interval.")
 
 
 def format_value(mean: float, std: float, decimals: int) -> str:
@@ -39,6 +46,8 @@ def format_value(mean: float, std: float, decimals: int) -> str:
 def best_rows(block: pd.DataFrame, spec: MetricSpec) -> set[int]:
     """Positions (in ``block``) of the best displayed mean of one metric; empty when fewer than
     two settings have a value or all show the same one (nothing stands out)."""
+    if f"{spec.key}_mean" not in block:
+        return set()
     means = block[f"{spec.key}_mean"].astype(float).round(spec.decimals).reset_index(drop=True)
     if means.count() < 2 or means.nunique() < 2:
         return set()
@@ -60,13 +69,16 @@ def block_cells(block: pd.DataFrame, flags: tuple[bool, bool]) -> list[list[tupl
         cells = [(setting_label(row, *flags), False), (str(row["mask_label"]), False),
                  (str(row["n_seeds"]), False)]
         for spec in TABLE_METRICS:
-            text = format_value(row[f"{spec.key}_mean"], row[f"{spec.key}_std"], spec.decimals)
+            text = format_value(row.get(f"{spec.key}_mean"), row.get(f"{spec.key}_std"),
+                                spec.decimals)
             cells.append((text, i in best[spec.key]))
+        cells += [(delta_interval(row, metric).text(), False) for metric in DELTA_METRICS]
         body.append(cells)
     return body
 
 
-HEADER = ["Regularizer", "Mask", "Seeds", *(spec.label for spec in TABLE_METRICS)]
+DELTA_HEADER = [f"Δ {metric} vs baseline [95 % CI]" for metric in DELTA_METRICS]
+HEADER = ["Regularizer", "Mask", "Seeds", *(spec.label for spec in TABLE_METRICS), *DELTA_HEADER]
 
 
 def title(key: tuple) -> str:
@@ -97,7 +109,8 @@ def latex_escape(text: str) -> str:
     for char, escaped in (("\\", r"\textbackslash{}"), ("_", r"\_"), ("&", r"\&"),
                           ("%", r"\%"), ("#", r"\#"), ("^", r"\^{}")):
         text = text.replace(char, escaped)
-    return text.replace("±", r"$\pm$").replace("—", "--").replace("·", r"$\cdot$")
+    return (text.replace("±", r"$\pm$").replace("—", "--").replace("·", r"$\cdot$")
+            .replace("Δ", r"$\Delta$").replace("−", "-"))
 
 
 def latex_cell(text: str, best: bool) -> str:
@@ -107,9 +120,11 @@ def latex_cell(text: str, best: bool) -> str:
 
 def latex_table(key: tuple, block: pd.DataFrame, flags: tuple[bool, bool]) -> str:
     header = ["Regularizer", "Mask", "Seeds", "$R^2$",
-              *(latex_escape(spec.label) for spec in TABLE_METRICS[1:])]
+              *(latex_escape(spec.label) for spec in TABLE_METRICS[1:]),
+              *(latex_escape(h) for h in DELTA_HEADER)]
     lines = [r"\begin{table}[t]", r"\centering", r"\small",
-             r"\begin{tabular}{ll r" + " r" * len(TABLE_METRICS) + "}", r"\toprule",
+             r"\begin{tabular}{ll r" + " r" * (len(TABLE_METRICS) + len(DELTA_HEADER)) + "}",
+             r"\toprule",
              " & ".join(header) + r" \\", r"\midrule"]
     for cells in block_cells(block, flags):
         lines.append(" & ".join(latex_cell(t, b) for t, b in cells) + r" \\")

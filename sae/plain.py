@@ -1,0 +1,32 @@
+"""Plain data: JSON-canonical values and flattened trees (torch-free, used by every layer)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+
+def plain(value: Any) -> Any:
+    """A JSON-canonical copy: mappings (OmegaConf's included) -> dicts with sorted string keys,
+    sequences -> lists, numpy scalars -> Python numbers, other objects -> their ``str``."""
+    if isinstance(value, dict) or hasattr(value, "items"):
+        return {str(k): plain(v) for k, v in sorted(value.items())}
+    if value is None or isinstance(value, bool | int | float | str):
+        return value
+    if isinstance(value, Sequence):  # lists, tuples, OmegaConf's ListConfig
+        return [plain(v) for v in value]
+    if hasattr(value, "item"):  # numpy / pandas scalars
+        return value.item()
+    return str(value)
+
+
+def flatten(tree: dict[str, Any], sep: str = ".", prefix: str = "") -> dict[str, Any]:
+    """Nested dicts -> ``{"a.b.c": leaf}`` (``sep`` between the keys); other values are leaves."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten(value, sep, f"{name}{sep}"))
+        else:
+            flat[name] = value
+    return flat
