@@ -19,7 +19,7 @@ from sae.config import RootConfig, to_dict
 
 # Keys that never change a run's numbers: how and where it runs, and how it is logged.
 NON_SEMANTIC_KEYS = {
-    "paths", "logger", "sweep_name", "dry_run", "force",
+    "paths", "logger", "launcher", "sweep_name", "dry_run", "force", "pack", "pack_members",
     "train.device", "train.progress", "train.log_every", "train.checkpoint_every",
     "train.checkpoint_every_s",
     "train.compile", "train.fast_path",

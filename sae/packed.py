@@ -34,11 +34,11 @@ from torch import nn
 from sae.fast import topk_by_chunks
 from sae.losses import LossParts
 from sae.model import TopKSAE
+from sae.packing import PACKED_REGULARIZERS as REGULARIZERS
 from sae.trainer import autocast
 
 VARIANCE_FLOOR = 1e-12  # sae.losses.nmse's floor
 L2_SQUARED_FLOOR = 1e-30  # sae.regularizers.l1_l2_ratio's floor
-REGULARIZERS = ("none", "offsupport_l1", "l1l2")
 
 
 @dataclass(frozen=True)

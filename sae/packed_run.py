@@ -5,7 +5,7 @@
 The members share the backbone, dataset, ``sae`` and ``train`` presets (checked), so the
 embeddings are loaded and moved to the device once; they train in lockstep
 (``sae.packed_trainer.PackedTrainer``), and each member then goes through the lone cell's own
-steps of ``sae.train``: config, identity and ``running`` status and its W&B run under its run id
+steps of ``sae.cell``: config, identity and ``running`` status and its W&B run under its run id
 (``begin_run``), the model file, evaluation, ``metrics.json`` and method card
 (``evaluate_and_write``), and ``done`` or ``failed`` with the reason (``finish_run`` /
 ``fail_run``). A member already ``done`` is skipped (unless ``force``); a member that diverges
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import shlex
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -23,13 +24,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig
 
-from sae.config import RootConfig, to_dict, validate
-from sae.data import load_splits
-from sae.device import resolve_device
-from sae.identity import run_id
-from sae.packed_trainer import PackedTrainer
-from sae.runs import run_dir, run_lock, run_state
-from sae.train import (
+from sae.cell import (
     begin_run,
     build_model,
     check_dims,
@@ -39,6 +34,13 @@ from sae.train import (
     fail_run,
     finish_run,
 )
+from sae.config import RootConfig, to_dict, validate
+from sae.data import load_splits
+from sae.device import resolve_device
+from sae.identity import run_id
+from sae.packed_trainer import PackedTrainer
+from sae.packing import member_overrides
+from sae.runs import run_dir, run_lock, run_state
 from sae.trainer import Trainer
 
 log = logging.getLogger(__name__)
@@ -63,6 +65,20 @@ def check_shared_presets(cfgs: Sequence[RootConfig]) -> None:
             if mine[group] != first[group]:
                 raise ValueError(f"pack member {index} differs from member 0 in `{group}`: a "
                                  "pack shares its backbone, dataset, sae and train presets")
+
+
+def run_packed_job(entries: Sequence[str]) -> dict[str, Any]:
+    """A sweep's packed job (``pack_members`` set by the sweeper): compose each member from its
+    overrides, as its lone job would be, and run the pack. Returns ``{"members": [outcome,
+    ...]}`` in the order of ``entries``."""
+    from hydra import compose
+
+    members = []
+    for entry in entries:
+        overrides = member_overrides(entry)
+        command = "python -m sae.train " + " ".join(shlex.quote(o) for o in overrides)
+        members.append((compose(config_name="train", overrides=overrides), command))
+    return {"members": run_pack(members)}
 
 
 def run_pack(members: Sequence[tuple[DictConfig | RootConfig, str]]) -> list[dict[str, Any]]:

@@ -9,10 +9,13 @@ duplicate run id) joins no pack, so a pack whose members are all done is never f
 ``pack`` is an int (at most that many members a pack) or ``"auto"``: as many as the device
 memory bound allows (:func:`member_bytes`).
 
-The sweeper integration (not wired here): ``hydra_plugins/sae_sweeper`` would call
-:func:`plan_packs` after ``sae.sweep.plan_cells``, print :func:`packs_table` on a dry run, and
-submit one job per pack whose overrides name its members; the job calls
-``sae.packed_run.run_pack`` with the members' composed configs.
+A cell the packed objective cannot train (tied weights, LayerNorm, or a registered regularizer
+without a batched penalty in ``sae.packed``) trains unpacked, a pack of one (:func:`unpacked_reason`).
+
+In the sweep (``hydra_plugins/sae_sweeper``): :func:`assign_packs` after ``sae.sweep.plan_cells``;
+:func:`packs_table` on a dry run; one job per pack, whose ``pack_members`` override
+(:func:`members_override`) carries each member's overrides; the job (``sae.train``) composes them
+(:func:`member_overrides`) and calls ``sae.packed_run.run_pack``.
 """
 
 from __future__ import annotations
@@ -24,6 +27,12 @@ from typing import Literal
 from sae.config import RootConfig, to_dict
 
 SHARED_GROUPS = ("backbone", "dataset", "sae", "train")
+# The regularizers whose penalties sae.packed batches over the member axis (fused by hand).
+PACKED_REGULARIZERS = ("none", "offsupport_l1", "l1l2")
+# Embedding dimension for the memory estimate when the config does not fix it (image datasets,
+# user files): the largest reference backbone's (SigLIP2 SO400M, METHOD.md s1), an upper bound.
+DIGITS_DIM = 64
+DIM_BOUND = 1152
 # Bytes per float32 and the (n, d)-sized tensors one member holds: W_enc, W_dec, their
 # gradients and two Adam moments each (4 per matrix).
 FLOAT_BYTES = 4
@@ -64,14 +73,36 @@ def pack_capacity(pack: int | Literal["auto"], per_member: int, memory_bytes: fl
     return pack
 
 
+def unpacked_reason(cfg: RootConfig) -> str | None:
+    """Why this cell cannot join a pack (it then trains alone), or None."""
+    if cfg.sae.tied or cfg.sae.layernorm:
+        return "tied weights or LayerNorm (a pack trains untied SAEs without LayerNorm)"
+    if cfg.regularizer.name not in PACKED_REGULARIZERS:
+        return (f"regularizer {cfg.regularizer.name!r} has no batched penalty in sae.packed "
+                f"(packed: {', '.join(PACKED_REGULARIZERS)})")
+    return None
+
+
+def embedding_dim(cfg: RootConfig) -> int:
+    """d for the memory estimate: the dataset's own where the config fixes it, else a bound."""
+    if cfg.dataset.kind == "synthetic":
+        return int(cfg.dataset.dim)
+    if cfg.dataset.kind == "digits":
+        return DIGITS_DIM
+    return DIM_BOUND
+
+
 def plan_packs(cells: Sequence, cfg_of: Callable[[object], RootConfig],
                capacity_of: Callable[[RootConfig], int]) -> list[list]:
     """Group the cells to launch (``cell.to_launch``) by :func:`pack_key`, in grid order,
-    into packs of at most ``capacity_of(cfg)`` members."""
+    into packs of at most ``capacity_of(cfg)`` members; a cell that cannot be packed
+    (:func:`unpacked_reason`) is a pack of its own."""
     groups: dict[str, list] = {}
     for cell in cells:
         if cell.to_launch:
-            groups.setdefault(pack_key(cfg_of(cell)), []).append(cell)
+            cfg = cfg_of(cell)
+            key = pack_key(cfg) if unpacked_reason(cfg) is None else f"alone {cell.index}"
+            groups.setdefault(key, []).append(cell)
     packs = []
     for members in groups.values():
         size = max(1, capacity_of(cfg_of(members[0])))
@@ -86,3 +117,34 @@ def packs_table(packs: Sequence[Sequence]) -> str:
         lines.append(f"pack {number}: {len(members)} member(s)")
         lines.extend(f"    {c.index:4d}  {c.run_id}" for c in members)
     return "\n".join(lines)
+
+
+def assign_packs(cells: Sequence, pack: int | Literal["auto"], gpu_mem_gb: float) -> list[list]:
+    """The packs of a planned sweep (cells carry their ``config``); each member's ``pack`` is set
+    to its pack's number when the pack has several members. Raises ``ValueError`` (for
+    ``auto``) when one member alone exceeds ``gpu_mem_gb``."""
+
+    def capacity_of(cfg: RootConfig) -> int:
+        return pack_capacity(pack, member_bytes(cfg, embedding_dim(cfg)), gpu_mem_gb * 2**30)
+
+    packs = sorted(plan_packs(cells, lambda cell: cell.config, capacity_of),
+                   key=lambda members: members[0].index)  # jobs in grid order
+    for number, members in enumerate(packs):
+        for cell in members:
+            cell.pack = number if len(members) > 1 else None
+    return packs
+
+
+def members_override(members: Sequence) -> str:
+    """The ``pack_members=[...]`` override of a packed job: each member's overrides as one
+    JSON string, single-quoted for Hydra's override grammar."""
+    quoted = []
+    for cell in members:
+        text = json.dumps(list(cell.overrides))
+        quoted.append("'" + text.replace("'", "\\'") + "'")
+    return f"pack_members=[{','.join(quoted)}]"
+
+
+def member_overrides(entry: str) -> list[str]:
+    """One member's overrides, from an entry of ``pack_members``."""
+    return [str(o) for o in json.loads(entry)]

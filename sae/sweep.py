@@ -15,7 +15,7 @@ from __future__ import annotations
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from omegaconf import DictConfig
@@ -44,6 +44,8 @@ class Cell:
     result: str | None = None  # done | failed | skipped, after this launch
     problem: str | None = None  # dry run only: why this cell could not launch from here
     checkpoint: str = ""  # the backbone option and its weights, e.g. "vit_l16: transformers ..."
+    pack: int | None = None  # the pack (one job) that trains this cell with others (pack > 1)
+    config: RootConfig | None = field(default=None, repr=False)  # validated; not in cells.json
 
     @property
     def to_launch(self) -> bool:
@@ -103,7 +105,7 @@ def plan_cells(cells: Sequence[Sequence[str]], compose: Callable[[list[str]], Di
                       if cfg.backbone.library != "none" else "")
         planned.append(Cell(index, list(overrides), rid, str(directory), state,
                             duplicate_of=first_of.get(rid), problem=problem,
-                            checkpoint=checkpoint))
+                            checkpoint=checkpoint, config=cfg))
         first_of.setdefault(rid, index)
     return planned
 
@@ -152,6 +154,8 @@ def table(cells: Sequence[Cell]) -> str:
         action = (f"same run as cell {c.duplicate_of}" if c.duplicate_of is not None
                   else {"done": "skip (done)", "failed": "re-run (failed)",
                         "interrupted": "resume", "running": "wait, then skip"}.get(c.state, "run"))
+        if c.pack is not None and c.to_launch:
+            action += f" in pack {c.pack}"
         lines.append(f"{c.index:4d}  {c.run_id:<64s}  {action:<22s}  {c.describe()}")
         if c.problem:
             lines.append(f"      ! {c.problem}")
@@ -160,4 +164,5 @@ def table(cells: Sequence[Cell]) -> str:
 
 def cells_record(name: str, cells: Sequence[Cell]) -> dict:
     """What ``cells.json`` in the sweep directory holds; the report reads it."""
-    return {"sweep": name, "cells": [asdict(c) for c in cells]}
+    return {"sweep": name, "cells": [{f.name: getattr(c, f.name) for f in fields(c)
+                                      if f.name != "config"} for c in cells]}
