@@ -38,6 +38,7 @@ from sae.config import RootConfig, to_dict, validate
 from sae.data import load_splits
 from sae.device import resolve_device
 from sae.identity import run_id
+from sae.io import load_meta
 from sae.packed_trainer import PackedTrainer
 from sae.packing import member_overrides
 from sae.runs import run_dir, run_lock, run_state
@@ -119,6 +120,22 @@ def _train_pack(members: list[Member]) -> dict[str, dict[str, Any]]:
                 for m in members}
 
 
+def resume_step(member: Member) -> int:
+    """The step the member's checkpoint resumes from (0 without one)."""
+    path = checkpoint_path(member.directory)
+    return int(load_meta(path).get("step", 0)) if path.exists() else 0
+
+
+def groups_by_resume_step(members: Sequence[Member]) -> list[list[int]]:
+    """Member indices grouped by the step they resume from: a pack trains in lockstep, and a
+    pack killed while writing its members' checkpoints (requeue, preemption) resumes with
+    some members one checkpoint ahead. Each group then trains as a pack of its own."""
+    groups: dict[int, list[int]] = {}
+    for index, member in enumerate(members):
+        groups.setdefault(resume_step(member), []).append(index)
+    return list(groups.values())
+
+
 def _train_and_evaluate(members: list[Member]) -> dict[str, dict[str, Any]]:
     lead = members[0].cfg
     eval_cfgs = [evaluation_config(m.cfg) for m in members]
@@ -133,7 +150,11 @@ def _train_and_evaluate(members: list[Member]) -> dict[str, dict[str, Any]]:
         rng_states.append(torch.get_rng_state())  # what the lone run's checkpoints store
         member.trainer = Trainer(member.cfg, model, x, checkpoint_path(member.directory),
                                  member.tracker, to_dict(member.cfg))
-    results = PackedTrainer([m.trainer for m in members], rng_states).run()
+    results = {}
+    for group in groups_by_resume_step(members):
+        trained = PackedTrainer([members[i].trainer for i in group],
+                                [rng_states[i] for i in group]).run()
+        results.update({group[row]: result for row, result in trained.items()})
     train_seconds = time.perf_counter() - started
     outcomes = {}
     for index, member in enumerate(members):
