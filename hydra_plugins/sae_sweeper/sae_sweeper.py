@@ -6,8 +6,9 @@ launch, naming the cell and the field), cells with the same run id are collapsed
 ``dry_run=true`` it prints the plan and launches nothing. A lock in the sweep directory keeps
 two launches of the same sweep from interleaving. With ``pack`` > 1 or ``auto``, compatible
 cells to launch are grouped into packs (``sae.packing``) and each pack is one job (one SLURM
-array task) that trains its members together; each member's result is recorded per cell. Selected in conf/train.yaml with
-``override hydra/sweeper: sae``; the planning logic itself lives in ``sae.sweep``.
+array task) that trains its members together; each member's result is recorded per cell.
+Selected in conf/train.yaml with ``override hydra/sweeper: sae``; the planning logic itself
+lives in ``sae.sweep`` and ``sae.packing``.
 """
 
 # No `from __future__ import annotations`: Hydra's plugin scan executes this module outside
