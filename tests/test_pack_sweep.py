@@ -144,9 +144,10 @@ def test_members_resuming_from_different_steps_train_as_separate_packs(tmp_path)
 @pytest.mark.slurm
 def test_packed_sweep_on_slurm_ends_done_after_a_requeue_of_the_pack(slurm_cluster, run_cmd,
                                                                        tmp_path):
-    """4 cells -> one pack -> one SLURM array task. Once the first member has a checkpoint, the
-    pack's task is requeued (`scontrol requeue`, the process frozen and killed as SLURM would);
-    the requeued task resumes every member from its checkpoint and all end ``done``."""
+    """4 cells, pack=2 -> two packs -> a SLURM array of two tasks (a lone job would not be an
+    array). Once member (k 8, seed 0) has a checkpoint, its pack's task is requeued (`scontrol
+    requeue`, the process frozen and killed as SLURM would); the requeued task resumes its
+    members from their checkpoints and every member of both packs ends ``done``."""
     from tests.test_slurm import (
         CELL,
         LONG,
@@ -161,7 +162,7 @@ def test_packed_sweep_on_slurm_ends_done_after_a_requeue_of_the_pack(slurm_clust
     )
 
     command = train_cmd("launcher=slurm", "sweep_name=slurmpack", "k=4,8", "seed=0,1",
-                        "pack=auto", *CELL, *LONG)
+                        "pack=2", *CELL, *LONG)
     with ThreadPoolExecutor(max_workers=1) as pool:
         first = pool.submit(run_cmd, command, env=sweep_env(slurm_cluster, tmp_path),
                             cwd=REPO,
@@ -177,10 +178,10 @@ def test_packed_sweep_on_slurm_ends_done_after_a_requeue_of_the_pack(slurm_clust
         time.sleep(0.5)
     statuses = {cell: status(d) for cell, d in runs.items()}
     assert {c: s["state"] for c, s in statuses.items()} == dict.fromkeys(runs, "done"), statuses
-    # One array task trained the four members, and it is the task that was requeued.
-    task = {f"{s['slurm']['slurm_array_job_id']}_{s['slurm']['slurm_array_task_id']}"
-            for s in statuses.values()}
-    assert task == {requeued["job_id"]}
+    # One array task a pack (the grid order pairs the seeds of one k); (8, 0)'s was requeued.
+    task = {cell: f"{s['slurm']['slurm_array_job_id']}_{s['slurm']['slurm_array_task_id']}"
+            for cell, s in statuses.items()}
+    assert task[(4, 0)] == task[(4, 1)] != task[(8, 0)] == task[(8, 1)] == requeued["job_id"]
     trained = {c: json.loads((d / "metrics.json").read_text())["train"] for c, d in runs.items()}
     assert {c: t["steps"] for c, t in trained.items()} == dict.fromkeys(runs, LONG_STEPS)
     # The member whose checkpoint triggered the requeue resumed from it (the others from theirs,
