@@ -1,10 +1,12 @@
-"""Benchmarks, one JSON line per case: ``python -m sae.bench [step|monoscore|eval|extract] [options]``.
+"""Benchmarks, one JSON line per case: ``python -m sae.bench [step|monoscore|eval|extract|pack] [options]``.
 
 ``step`` (the default): the training step against one dense encoder product and the reference
 step (``sae.benchmarks.step``). ``monoscore``: the MonoSemanticity score
 (``sae.benchmarks.monoscore``). ``eval``: the evaluation stage per metric family
 (``sae.benchmarks.eval``). ``extract``: stage 1's decode-only, model-only and pipeline images/s
-per backbone (``sae.benchmarks.extract``). ``python -m sae.bench <name> --help`` lists the options.
+per backbone (``sae.benchmarks.extract``). ``pack``: the step per member of a pack of G cells
+against one unpacked step (``sae.benchmarks.pack``). ``python -m sae.bench <name> --help`` lists
+the options.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-BENCHMARKS = ("step", "monoscore", "eval", "extract")
+BENCHMARKS = ("step", "monoscore", "eval", "extract", "pack")
 
 
 def cli(argv: Sequence[str] | None = None) -> None:
@@ -29,6 +31,8 @@ def cli(argv: Sequence[str] | None = None) -> None:
         from sae.benchmarks.eval import main
     elif name == "extract":
         from sae.benchmarks.extract import main
+    elif name == "pack":
+        from sae.benchmarks.pack import main
     else:
         from sae.benchmarks.step import main
     main(args)

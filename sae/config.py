@@ -243,6 +243,16 @@ class RunConfig:
 
 
 @dataclass
+class LauncherConfig:
+    """Facts about the machine a job gets that planning needs (the launcher is ``hydra.launcher``)."""
+
+    gpu_mem_gb: float = 8.0  # device memory one job may use, in GB: the bound of pack=auto
+
+
+PACK_AUTO = "auto"
+
+
+@dataclass
 class RootConfig:
     """One grid cell: backbone x dataset x k x regularizer x mask x seed, and how to run it."""
 
@@ -256,14 +266,21 @@ class RootConfig:
     paths: PathsConfig = field(default_factory=PathsConfig)
     extract: ExtractOptions = field(default_factory=ExtractOptions)
     run: RunConfig = field(default_factory=RunConfig)
+    launcher: LauncherConfig = field(default_factory=LauncherConfig)
     k: int = 64  # Top-k budget during training
     mask: bool = True  # restrict the regularizer to batch-active units (no effect without one)
     seed: int = 0  # seed of SAE initialisation and batch order
     sweep_name: str = "adhoc"  # W&B group and sweep directory name (set by sweep files)
     dry_run: bool = False  # multirun: list the cells and their run ids, run nothing
     force: bool = False  # retrain from scratch even when done; old outputs move to <run>/previous-<time>/ (sae-clean)
+    pack: Any = 1  # multirun: cells one job trains together (int >= 1), or auto (launcher.gpu_mem_gb)
+    pack_members: list[str] = field(default_factory=list)  # internal: a packed job's cells (overrides)
 
     def __post_init__(self) -> None:
+        require(self.pack == PACK_AUTO or (isinstance(self.pack, int) and self.pack >= 1
+                                           and not isinstance(self.pack, bool)), "pack",
+                f"{self.pack!r} is neither an int >= 1 nor {PACK_AUTO!r}",
+                "use pack=1 (one job a cell), pack=8 or pack=auto")
         require(self.k > 0, "k", f"{self.k} is not positive", "use a budget such as k=32")
         require(self.k <= self.sae.n_latents, "k",
                  f"{self.k} exceeds sae.n_latents={self.sae.n_latents}",

@@ -25,7 +25,8 @@ from sae.io import content_identity
 
 # Keys that never change a run's numbers: how and where it runs, and how it is logged.
 NON_SEMANTIC_KEYS = {
-    "paths", "logger", "extract", "sweep_name", "dry_run", "force", "run",
+    "paths", "logger", "extract", "launcher", "sweep_name", "dry_run", "force", "run", "pack",
+    "pack_members",
     "train.device", "train.progress", "train.log_every", "train.checkpoint_every",
     "train.checkpoint_every_s",
     "train.compile", "train.fast_path",

@@ -233,6 +233,14 @@ def save_tensor_file(path: Path, tensors: dict[str, torch.Tensor]) -> None:
     atomic_write(path, lambda tmp: save_file(tensors, str(tmp)))
 
 
+def load_meta(path: Path) -> dict[str, Any]:
+    """The sidecar embedded in a safetensors file's header (no tensor is read)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        return json.loads((handle.metadata() or {}).get("sidecar", "{}"))
+
+
 def load_tensors(path: Path, device: str | torch.device = "cpu"
                  ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Tensors and metadata of a file written by :func:`save_tensors`, verified against the

@@ -15,7 +15,7 @@ from __future__ import annotations
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from omegaconf import DictConfig
@@ -47,6 +47,8 @@ class Cell:
     problem: str | None = None  # dry run only: why this cell could not launch from here
     checkpoint: str = ""  # the backbone option and its weights, e.g. "vit_l16: transformers ..."
     notes: list[str] = field(default_factory=list)  # dry run only: what may fail on a node
+    pack: int | None = None  # the pack (one job) that trains this cell with others (pack > 1)
+    config: RootConfig | None = field(default=None, repr=False)  # validated; not in cells.json
 
     @property
     def to_launch(self) -> bool:
@@ -143,7 +145,7 @@ def plan_cells(cells: Sequence[Sequence[str]], compose: Callable[[list[str]], Di
                       if cfg.backbone.library != "none" else "")
         planned.append(Cell(index, list(overrides), rid, str(directory), state,
                             duplicate_of=first_of.get(rid), problem=problem,
-                            checkpoint=checkpoint,
+                            checkpoint=checkpoint, config=cfg,
                             notes=node_notes(cfg) if dry_run else []))
         first_of.setdefault(rid, index)
     return planned
@@ -195,6 +197,8 @@ def table(cells: Sequence[Cell]) -> str:
         action = (f"same run as cell {c.duplicate_of}" if c.duplicate_of is not None
                   else {"done": "skip (done)", "failed": "re-run (failed)",
                         "interrupted": "resume", "running": "wait, then skip"}.get(c.state, "run"))
+        if c.pack is not None and c.to_launch:
+            action += f" in pack {c.pack}"
         marks = [f"! problem {numbers[p]}" for p in _problems_of(c)]
         lines.append(f"{c.index:4d}  {c.run_id:<64s}  {action:<22s}  {c.describe()}"
                      + (f"  ({', '.join(marks)})" if marks else ""))
@@ -262,4 +266,5 @@ def _reason_kind(reason: str | None) -> str:
 
 def cells_record(name: str, cells: Sequence[Cell]) -> dict:
     """What ``cells.json`` in the sweep directory holds; the report reads it."""
-    return {"sweep": name, "cells": [asdict(c) for c in cells]}
+    return {"sweep": name, "cells": [{f.name: getattr(c, f.name) for f in fields(c)
+                                      if f.name != "config"} for c in cells]}

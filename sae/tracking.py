@@ -229,8 +229,10 @@ def _settings() -> Any:
     return wandb.Settings(console="off", silent=True)
 
 
-def start_tracking(cfg: RootConfig, run_id: str, run_dir: Path, job_type: str = "train"):
-    """A tracker for this cell: W&B (online or offline) or a no-op."""
+def start_tracking(cfg: RootConfig, run_id: str, run_dir: Path, job_type: str = "train", *,
+                   concurrent: bool = False):
+    """A tracker for this cell: W&B (online or offline) or a no-op. ``concurrent``: the run
+    lives beside other open runs of this process (the members of a pack)."""
     if cfg.logger.name == "none":
         return NullTracker()
     try:
@@ -240,8 +242,8 @@ def start_tracking(cfg: RootConfig, run_id: str, run_dir: Path, job_type: str = 
         run = wandb.init(
             project=cfg.logger.project, entity=cfg.logger.entity, id=run_id, name=run_id,
             group=cfg.sweep_name, job_type=job_type, tags=axis_tags(cfg), config=run_config(cfg),
-            dir=str(run_dir), mode=mode, resume="allow", reinit="finish_previous",
-            settings=_settings(),
+            dir=str(run_dir), mode=mode, resume="allow",
+            reinit="create_new" if concurrent else "finish_previous", settings=_settings(),
         )
         return WandbTracker(run, Path(run_dir), offline=mode != "online")
     except Exception as exc:  # noqa: BLE001 -- W&B unreachable, bad key, ...: train anyway

@@ -85,10 +85,17 @@ def batch_indices(step: int, schedule: Schedule, seed: int, device: torch.device
     epoch, position = divmod(step, schedule.steps_per_epoch)
     if epoch not in cache:
         cache.clear()
-        generator = torch.Generator(device=device).manual_seed(seed * 1_000_003 + epoch)
-        cache[epoch] = torch.randperm(schedule.n_samples, generator=generator, device=device)
+        cache[epoch] = epoch_permutation(epoch, schedule.n_samples, seed, device)
     start = position * schedule.batch_size
     return cache[epoch][start:start + schedule.batch_size]
+
+
+def epoch_permutation(epoch: int, n_samples: int, seed: int, device: torch.device
+                      ) -> torch.Tensor:
+    """The sample order of one epoch, a pure function of (seed, epoch) (the packed trainer
+    stacks its members' orders from it)."""
+    generator = torch.Generator(device=device).manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(n_samples, generator=generator, device=device)
 
 
 def make_optimizer(model: TopKSAE, cfg: RootConfig) -> torch.optim.Adam:

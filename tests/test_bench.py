@@ -106,3 +106,18 @@ def test_the_step_benchmark_needs_torch_alone():
                             timeout=120, cwd=Path(__file__).resolve().parent.parent)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
+
+
+def test_pack_bench_prints_one_record_per_pack_size(tmp_path, one_thread):
+    from sae.benchmarks import pack as pack_bench
+
+    out = tmp_path / "pack.jsonl"
+    records = pack_bench.main(["--sizes", "demo", "--packs", "1,2", "--repeats", "1",
+                               "--steps", "1", "--samples", "1024", "--out", str(out)])
+    assert [r["G"] for r in records] == [1, 2]
+    assert [json.loads(line) for line in out.read_text().splitlines()] == records
+    for r in records:
+        assert r["unpacked_step_ms"] > 0 and r["packed_step_ms"] > 0
+        assert r["ratio"] == pytest.approx(r["per_member_ms"] / r["unpacked_step_ms"], rel=0.01)
+    with pytest.raises(SystemExit):
+        pack_bench.parse(["--sizes", "huge"])

@@ -151,7 +151,7 @@ def test_other_float_labels_are_refused_naming_the_row(tmp_path):
 def test_negative_ids_are_unlabelled_and_counted_in_the_card(tmp_path):
     import numpy as np
 
-    from sae.train import split_sizes
+    from sae.cell import split_sizes
 
     train, held = labelled_files(tmp_path, np.array([0, 1, -1, -3] * 3))
     sizes = split_sizes(train, held)

@@ -4,8 +4,11 @@ Before the launcher sees any job, every cell is composed and validated (one bad 
 launch, naming the cell and the field), cells with the same run id are collapsed, cells already
 ``done`` are skipped, and the plan is written to ``<sweep dir>/cells.json``. With
 ``dry_run=true`` it prints the plan and launches nothing. A lock in the sweep directory keeps
-two launches of the same sweep from interleaving. Selected in conf/train.yaml with
-``override hydra/sweeper: sae``; the planning logic itself lives in ``sae.sweep``.
+two launches of the same sweep from interleaving. With ``pack`` > 1 or ``auto``, compatible
+cells to launch are grouped into packs (``sae.packing``) and each pack is one job (one SLURM
+array task) that trains its members together; each member's result is recorded per cell.
+Selected in conf/train.yaml with ``override hydra/sweeper: sae``; the planning logic itself
+lives in ``sae.sweep`` and ``sae.packing``.
 """
 
 # No `from __future__ import annotations`: Hydra's plugin scan executes this module outside
@@ -71,22 +74,37 @@ class SaeSweeper(BasicSweeper):
         cells = planning.plan_cells(self._expand(arguments), self._compose,
                                     force=bool(self.config.force),
                                     dry_run=bool(self.config.dry_run), progress=_to_stderr)
+        packs = self._packs(cells, planning)
         print(planning.summary_line(name, cells), flush=True)
         print(planning.checkpoints_line(cells), flush=True)
         if self.config.dry_run:
             print(planning.table(cells), flush=True)
+            if any(len(p) > 1 for p in packs):
+                from sae.packing import packs_table
+
+                print(packs_table(packs), flush=True)
             print(planning.problem_summary(cells), flush=True)
             return []
         self._check_launcher()
         sweep_dir.mkdir(parents=True, exist_ok=True)
         try:
             with FileLock(str(sweep_dir / ".launch.lock"), timeout=0):
-                return self._launch(name, sweep_dir, cells, planning, atomic_write_json)
+                return self._launch(name, sweep_dir, cells, packs, planning,
+                                    atomic_write_json)
         except Timeout:
             raise planning.SweepError(
                 f"sweep {name!r} is being launched by another process (lock {sweep_dir}/"
                 ".launch.lock). Fix: wait for it, or give this launch another sweep_name=...") \
                 from None
+
+    def _packs(self, cells, planning) -> list:
+        """One list of cells per job: the packs of ``pack`` (every cell alone for pack=1)."""
+        from sae.packing import assign_packs
+
+        try:
+            return assign_packs(cells, self.config.pack, float(self.config.launcher.gpu_mem_gb))
+        except ValueError as exc:
+            raise planning.SweepError(f"pack={self.config.pack}: {exc}") from None
 
     def _check_launcher(self) -> None:
         """Fail before submission when the SLURM launcher cannot reach a cluster."""
@@ -97,16 +115,19 @@ class SaeSweeper(BasicSweeper):
             check_slurm_ready(OmegaConf.select(self.config, "hydra.launcher.partition",
                                                default=None))
 
-    def _launch(self, name, sweep_dir, cells, planning, atomic_write_json) -> Any:
+    def _launch(self, name, sweep_dir, cells, packs, planning, atomic_write_json) -> Any:
         OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
         atomic_write_json(sweep_dir / "cells.json", planning.cells_record(name, cells))
         todo = [c for c in cells if c.to_launch]
-        # Each job's Hydra directory is named after its run id, not its position in the grid.
-        batch = [[*c.overrides, f"hydra.sweep.subdir={c.run_id}"] for c in todo]
+        batch = [_job_overrides(members) for members in packs]
 
         def record_end(position: int, result) -> None:
-            """cells.json learns of each task's end as it happens (the launch may be killed)."""
-            todo[position].result, todo[position].reason = _outcome(result)
+            """cells.json learns of each job's end as it happens (the launch may be killed); a
+            pack's job ends each of its members."""
+            members = packs[position]
+            for cell, (state, reason) in zip(members, _outcomes(result, len(members)),
+                                             strict=True):
+                cell.result, cell.reason = state, reason
             atomic_write_json(sweep_dir / "cells.json", planning.cells_record(name, cells))
 
         if hasattr(self.launcher, "job_end_callback"):  # the submitit launchers of launchers.py
@@ -135,18 +156,40 @@ def _to_stderr(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
 
 
-def _outcome(result) -> tuple[str, str | None]:
-    """A task's end: what run_cell returned, the exception the job raised, or how the
-    scheduler ended a task that returned nothing (see launchers.TaskEnded)."""
+def _job_overrides(members) -> list:
+    """A job's overrides: a lone cell's own; a pack's lead member's plus ``pack_members``.
+    Each job's Hydra directory is named after its (lead) run id, not its grid position."""
+    lead = members[0]
+    if len(members) == 1:
+        return [*lead.overrides, f"hydra.sweep.subdir={lead.run_id}"]
+    from sae.packing import members_override
+
+    return [*lead.overrides, members_override(members),
+            f"hydra.sweep.subdir=pack-{lead.pack}-{lead.run_id}"]
+
+
+def _outcomes(result, count: int) -> list:
+    """Each member's end state: what run_cell (or run_packed_job, one per member) returned,
+    or the exception the job raised (then every member failed)."""
+    if result.status != JobStatus.COMPLETED:
+        return [_failure(result._return_value)] * count
+    value = result.return_value
+    values = value["members"] if isinstance(value, dict) and "members" in value else [value]
+    return [_state(v) for v in values]
+
+
+def _failure(error) -> tuple[str, str]:
+    """The exception a job raised, or how the scheduler ended a task that returned nothing
+    (see launchers.TaskEnded)."""
     from hydra_plugins.sae_sweeper.launchers import TaskEnded
     from sae.sweep import scheduler_end
 
-    if result.status != JobStatus.COMPLETED:
-        error = result._return_value
-        if isinstance(error, TaskEnded):
-            return scheduler_end(error.state), str(error)
-        return "failed", f"{type(error).__name__}: {error}"
-    value = result.return_value
+    if isinstance(error, TaskEnded):
+        return scheduler_end(error.state), str(error)
+    return "failed", f"{type(error).__name__}: {error}"
+
+
+def _state(value) -> tuple:
     if isinstance(value, dict):
         return ("done" if value.get("state") in ("done", "skipped") else "failed",
                 value.get("reason"))

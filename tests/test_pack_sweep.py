@@ -1,0 +1,189 @@
+"""Packed cells in the sweep: planning (``sae.packing.assign_packs``), the ``pack_members``
+override's round trip, the memory refusal of ``pack=auto``, and a packed sweep against the same
+sweep unpacked (same run ids, every member ``done``, metrics within test_packed's tolerance)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+from hydra.core.override_parser.overrides_parser import OverridesParser
+
+from sae.packing import (
+    assign_packs,
+    member_overrides,
+    members_override,
+    packs_table,
+    unpacked_reason,
+)
+from sae.sweep import Cell
+from tests.helpers import synthetic_cfg
+from tests.test_packed import LOSS_RTOL
+from tests.test_sweep import sweep
+
+
+def cell_cfg(seed: int = 0, **kw):
+    return dataclasses.replace(synthetic_cfg(**kw), seed=seed)
+
+
+def planned(cfgs, states=None) -> list[Cell]:
+    states = states or ["new"] * len(cfgs)
+    return [Cell(i, [f"seed={i}"], f"run{i}", f"/runs/run{i}", state, config=cfg)
+            for i, (cfg, state) in enumerate(zip(cfgs, states))]
+
+
+def test_pack_1_keeps_one_job_a_cell_in_grid_order():
+    cells = planned([synthetic_cfg(dim=d, k=4) for d in (32, 64, 32, 64)])
+    packs = assign_packs(cells, 1, 8.0)
+    assert [[c.index for c in p] for p in packs] == [[0], [1], [2], [3]]
+    assert all(c.pack is None for c in cells)
+
+
+def test_auto_packs_compatible_cells_and_leaves_done_and_unpackable_ones_out():
+    tied = synthetic_cfg(k=4)
+    tied = dataclasses.replace(tied, sae=dataclasses.replace(tied.sae, tied=True))
+    cfgs = [cell_cfg(k=4), cell_cfg(k=8, reg="l1l2", strength=0.01), tied,
+            cell_cfg(k=4, seed=1), cell_cfg(k=8, seed=1)]
+    cells = planned(cfgs, ["new", "new", "new", "new", "done"])
+    packs = assign_packs(cells, "auto", 8.0)
+    assert [[c.index for c in p] for p in packs] == [[0, 1, 3], [2]]
+    assert [c.pack for c in cells] == [0, 0, None, 0, None]
+    assert "tied" in unpacked_reason(tied) and unpacked_reason(cfgs[1]) is None
+    assert "pack 0: 3 member(s)" in packs_table(packs)
+
+
+def test_an_unbatched_regularizer_trains_alone():
+    fake = cell_cfg(k=4, reg="l1l2", strength=0.01)
+    fake.regularizer.name = "my_penalty"  # as a registered regularizer without a batched one
+    assert "my_penalty" in unpacked_reason(fake)
+    cells = planned([cell_cfg(k=4), fake, cell_cfg(k=4, seed=1)])
+    assert [[c.index for c in p] for p in assign_packs(cells, 4, 8.0)] == [[0, 2], [1]]
+
+
+def test_auto_refuses_a_member_larger_than_the_device():
+    big = synthetic_cfg(n_latents=8192, batch=2048)
+    with pytest.raises(ValueError, match="gpu_mem_gb"):
+        assign_packs(planned([big, big]), "auto", 0.25)
+    assert len(assign_packs(planned([big, big]), 2, 0.25)) == 1  # an explicit size is trusted
+
+
+def test_members_override_round_trips_through_hydras_parser():
+    odd = ["+sweep=demo", "k=8", "dataset.root='/data/my data'", 'eval.similarity="a,b"']
+    cells = [Cell(0, odd, "a", "/a", "new"), Cell(1, ["seed=1", "pack=auto"], "b", "/b", "new")]
+    override = members_override(cells)
+    [parsed] = OverridesParser.create().parse_overrides([override])
+    assert parsed.key_or_group == "pack_members"
+    assert [member_overrides(entry) for entry in parsed.value()] == [odd, cells[1].overrides]
+
+
+def test_pack_auto_refusal_names_the_fix_before_any_job(tmp_path):
+    result = sweep(tmp_path, "pack=auto", "launcher.gpu_mem_gb=0.00001")
+    assert result.returncode != 0
+    assert "pack=auto" in result.stderr and "launcher.gpu_mem_gb" in result.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+def run_metrics(root: Path) -> dict[str, dict]:
+    return {d.name: json.loads((d / "metrics.json").read_text())
+            for d in sorted((root / "runs").iterdir())}
+
+
+@pytest.mark.slow  # two subprocess sweeps
+def test_packed_sweep_equals_the_unpacked_sweep(tmp_path):
+    lone, packed = tmp_path / "lone", tmp_path / "packed"
+    for root, pack in ((lone, "1"), (packed, "auto")):
+        result = sweep(root, f"pack={pack}")
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    record = json.loads((packed / "sweeps" / "demo" / "cells.json").read_text())
+    cells = record["cells"]
+    assert [c["result"] for c in cells].count("done") == 5
+    assert {c["pack"] for c in cells if c["result"] == "done"} == {0}  # one job for the 5
+    assert len(list((packed / "sweeps" / "demo").glob("pack-0-*"))) == 1
+    expected, got = run_metrics(lone), run_metrics(packed)
+    assert sorted(got) == sorted(expected)  # the same run ids
+    for rid, metrics in got.items():
+        assert json.loads((packed / "runs" / rid / "status.json").read_text())["state"] == "done"
+        train, reference = metrics["train"], expected[rid]["train"]
+        assert train["steps"] == reference["steps"]
+        assert train["final_loss"] == pytest.approx(reference["final_loss"], rel=LOSS_RTOL)
+        assert metrics["r2"] == pytest.approx(expected[rid]["r2"], abs=1e-3)
+    again = sweep(packed, "pack=auto")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "5 done (skipped)" in again.stdout and "0 ran to done" in again.stdout
+    assert not list((packed / "sweeps" / "demo").glob("pack-1-*"))  # no all-done pack
+    listing = sweep(packed, "pack=auto", "force=true", "dry_run=true")
+    assert "pack 0: 5 member(s)" in listing.stdout and "run in pack 0" in listing.stdout
+
+
+def test_members_resuming_from_different_steps_train_as_separate_packs(tmp_path):
+    """A pack killed while writing its members' checkpoints resumes some members one
+    checkpoint ahead: each resume step trains as a pack of its own (a pack is lockstep)."""
+    import types
+
+    import torch
+
+    from sae.cell import checkpoint_path
+    from sae.io import save_tensors
+    from sae.packed_run import groups_by_resume_step
+
+    members = [types.SimpleNamespace(directory=tmp_path / f"m{i}") for i in range(4)]
+    for member, step in zip(members, (50, None, 50, 100)):
+        if step is not None:
+            path = checkpoint_path(member.directory)
+            path.parent.mkdir(parents=True)
+            save_tensors(path, {"x": torch.zeros(1)}, {"step": step})
+    assert groups_by_resume_step(members) == [[0, 2], [1], [3]]
+
+
+# ---------------------------------------------------------------- on the local SLURM cluster
+
+@pytest.mark.slurm
+def test_packed_sweep_on_slurm_ends_done_after_a_requeue_of_the_pack(slurm_cluster, run_cmd,
+                                                                       tmp_path):
+    """4 cells, pack=2 -> two packs -> a SLURM array of two tasks (a lone job would not be an
+    array). Once member (k 8, seed 0) has a checkpoint, its pack's task is requeued (`scontrol
+    requeue`, the process frozen and killed as SLURM would); the requeued task resumes its
+    members from their checkpoints and every member of both packs ends ``done``."""
+    from tests.test_slurm import (
+        CELL,
+        LONG,
+        LONG_STEPS,
+        REPO,
+        SWEEP_TIMEOUT_S,
+        interrupt_after_first_checkpoint,
+        run_dirs,
+        status,
+        sweep_env,
+        train_cmd,
+    )
+
+    command = train_cmd("launcher=slurm", "sweep_name=slurmpack", "k=4,8", "seed=0,1",
+                        "pack=2", *CELL, *LONG)
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        first = pool.submit(run_cmd, command, env=sweep_env(slurm_cluster, tmp_path),
+                            cwd=REPO,
+                            timeout=SWEEP_TIMEOUT_S, check=False)
+        requeued = interrupt_after_first_checkpoint(tmp_path, {"requeued": (8, 0)},
+                                                    timeout=SWEEP_TIMEOUT_S)["requeued"]
+        first.result()
+    runs = run_dirs(tmp_path)
+    assert sorted(runs) == [(4, 0), (4, 1), (8, 0), (8, 1)]
+    deadline = time.monotonic() + SWEEP_TIMEOUT_S
+    while any(status(d).get("state") not in ("done", "failed") for d in runs.values()):
+        assert time.monotonic() < deadline, {c: status(d) for c, d in runs.items()}
+        time.sleep(0.5)
+    statuses = {cell: status(d) for cell, d in runs.items()}
+    assert {c: s["state"] for c, s in statuses.items()} == dict.fromkeys(runs, "done"), statuses
+    # One array task a pack (the grid order pairs the seeds of one k); (8, 0)'s was requeued.
+    task = {cell: f"{s['slurm']['slurm_array_job_id']}_{s['slurm']['slurm_array_task_id']}"
+            for cell, s in statuses.items()}
+    assert task[(4, 0)] == task[(4, 1)] != task[(8, 0)] == task[(8, 1)] == requeued["job_id"]
+    trained = {c: json.loads((d / "metrics.json").read_text())["train"] for c, d in runs.items()}
+    assert {c: t["steps"] for c, t in trained.items()} == dict.fromkeys(runs, LONG_STEPS)
+    # The member whose checkpoint triggered the requeue resumed from it (the others from theirs,
+    # or from the start if the kill came before theirs was written).
+    assert trained[(8, 0)]["resumed_from_step"] == requeued["step"] > 0
