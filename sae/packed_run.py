@@ -42,6 +42,7 @@ from sae.io import load_meta
 from sae.packed_trainer import PackedTrainer
 from sae.packing import member_overrides
 from sae.runs import run_dir, run_lock, run_state
+from sae.threads import set_torch_threads
 from sae.trainer import Trainer
 
 log = logging.getLogger(__name__)
@@ -140,6 +141,7 @@ def _train_and_evaluate(members: list[Member]) -> dict[str, dict[str, Any]]:
     lead = members[0].cfg
     eval_cfgs = [evaluation_config(m.cfg) for m in members]
     device = resolve_device(lead.train.device)
+    threads = set_torch_threads()
     started = time.perf_counter()
     train_set, eval_set = load_splits(lead, lead.train.device, lead.train.progress)  # once
     check_dims(train_set, eval_set)
@@ -166,7 +168,7 @@ def _train_and_evaluate(members: list[Member]) -> dict[str, dict[str, Any]]:
         try:
             metrics = evaluate_and_write(member.cfg, member.directory, member.command,
                                          member.trainer, result.state, train_set, eval_set,
-                                         eval_cfgs[index], train_seconds)
+                                         eval_cfgs[index], train_seconds, threads)
         except Exception as exc:  # one member's evaluation failing fails that member only
             outcomes[member.rid] = fail_run(member.rid, member.directory, member.tracker,
                                             f"{type(exc).__name__}: {exc}", member.command)

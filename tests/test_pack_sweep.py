@@ -113,7 +113,7 @@ def test_packed_sweep_equals_the_unpacked_sweep(tmp_path):
         assert metrics["r2"] == pytest.approx(expected[rid]["r2"], abs=1e-3)
     again = sweep(packed, "pack=auto")
     assert again.returncode == 0, again.stderr[-3000:]
-    assert "5 done (skipped)" in again.stdout and "0 ran to done" in again.stdout
+    assert "5 done (skipped)" in again.stdout and ": 0 done, 0 failed" in again.stdout
     assert not list((packed / "sweeps" / "demo").glob("pack-1-*"))  # no all-done pack
     listing = sweep(packed, "pack=auto", "force=true", "dry_run=true")
     assert "pack 0: 5 member(s)" in listing.stdout and "run in pack 0" in listing.stdout
