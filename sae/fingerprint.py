@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 from collections.abc import Sequence
@@ -21,6 +20,7 @@ from pathlib import Path
 
 from sae.checks import ConfigError
 from sae.config import BackboneConfig
+from sae.io import DIGEST_SUFFIX, sidecar_digest
 
 log = logging.getLogger(__name__)
 
@@ -29,8 +29,6 @@ RANDOM_INIT_SEED = 0  # random-weight variants are seeded: embeddings must not d
 KEY_PACKAGES = ("torch", "open_clip_torch", "timm", "transformers")
 MANIFEST_PACKAGES = ("torch", "torchvision", "open_clip_torch", "timm", "transformers", "numpy",
                      "pillow")
-SIDECAR_SUFFIX = ".sha256.json"
-_HASH_CHUNK = 1 << 24  # 16 MiB reads while hashing
 _STAT_THREADS = 16  # parallel stat() calls: a network file system answers them concurrently
 _STAT_CHUNK = 4096
 _FALSE_STRINGS = ("", "false", "none", "null", "0", "no")
@@ -64,25 +62,12 @@ def weights_id(cfg: BackboneConfig) -> str:
 
 
 def file_sha256(path: Path) -> str:
-    """sha256 of a file's bytes, read from its sidecar when size and mtime still match."""
+    """sha256 of a file's bytes, read from its sidecar when size and mtime still match
+    (``sae.io.sidecar_digest``: beside the file when its directory is writable, else under
+    ``$SAE_DIGEST_CACHE`` or ``~/.cache/sae-grid``)."""
     real = Path(path).resolve()  # hub snapshots are symlinks to blobs: key the blob
     stat = real.stat()
-    stamp = {"bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns}
-    for sidecar in _sidecars(real):
-        try:
-            record = json.loads(sidecar.read_text())
-        except (OSError, ValueError):
-            continue
-        if {k: record.get(k) for k in stamp} == stamp and record.get("sha256"):
-            return str(record["sha256"])
-    log.info("hashing %s (%.1f MB, once: the digest is kept in a sidecar)", real,
-             stat.st_size / 1e6)
-    digest = hashlib.sha256()
-    with open(real, "rb") as f:
-        while chunk := f.read(_HASH_CHUNK):
-            digest.update(chunk)
-    _write_sidecar(real, {**stamp, "sha256": digest.hexdigest(), "path": str(real)})
-    return digest.hexdigest()
+    return sidecar_digest(real, stat.st_size, stat.st_mtime_ns, _user_digest_dir())
 
 
 def directory_sha256(folder: Path) -> str:
@@ -90,30 +75,15 @@ def directory_sha256(folder: Path) -> str:
     digest = hashlib.sha256()
     for file in sorted(p for p in Path(folder).rglob("*") if p.is_file()):
         rel = file.relative_to(folder).as_posix()
-        if rel.endswith(SIDECAR_SUFFIX) or any(part.startswith(".") for part in Path(rel).parts):
+        if rel.endswith(DIGEST_SUFFIX) or any(part.startswith(".") for part in Path(rel).parts):
             continue
         digest.update(f"{rel}\t{file_sha256(file)}\n".encode())
     return digest.hexdigest()
 
 
-def _sidecars(real: Path) -> list[Path]:
-    """Beside the file when its directory is writable (shared by every user), else per user."""
-    user_dir = Path(os.environ.get("SAE_DIGEST_CACHE", Path.home() / ".cache" / "sae-grid"
-                                   / "digests"))
-    by_path = hashlib.sha256(str(real).encode()).hexdigest()[:32]
-    return [real.with_name(real.name + SIDECAR_SUFFIX), user_dir / f"{by_path}.json"]
-
-
-def _write_sidecar(real: Path, record: dict) -> None:
-    from sae.io import atomic_write_json
-
-    for sidecar in _sidecars(real):
-        try:
-            atomic_write_json(sidecar, record)
-            return
-        except OSError:  # a read-only weights directory: try the next place
-            continue
-    log.warning("could not keep the digest of %s anywhere: it is hashed again next time", real)
+def _user_digest_dir() -> str:
+    """Where digests go when a file's own directory is read-only (per user)."""
+    return os.environ.get("SAE_DIGEST_CACHE", str(Path.home() / ".cache" / "sae-grid"))
 
 
 # ---------------------------------------------------------------- image listings

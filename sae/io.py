@@ -130,8 +130,15 @@ def digest_sidecar(path: Path, cache_dir: str | None, beside: bool = True) -> Pa
 @functools.cache
 def file_digest(path: Path, size: int, mtime_ns: int, cache_dir: str | None,
                 beside: bool = True) -> str:
+    """:func:`sidecar_digest`, remembered for the life of the process."""
+    return sidecar_digest(path, size, mtime_ns, cache_dir, beside)
+
+
+def sidecar_digest(path: Path, size: int, mtime_ns: int, cache_dir: str | None,
+                   beside: bool = True) -> str:
     """sha256 of the file ``path`` (whose stat gave ``size`` and ``mtime_ns``), from its
-    sidecar when that was written for this size and mtime, else streamed and cached."""
+    sidecar when that was written for this size and mtime, else streamed and cached. The one
+    digest cache of the project: run identity and the embedding cache key share its sidecars."""
     sidecar = digest_sidecar(path, cache_dir, beside)
     try:
         cached = json.loads(sidecar.read_text()) if sidecar else {}

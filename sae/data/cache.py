@@ -28,7 +28,6 @@ and fails naming the directory and the fix rather than return wrong embeddings.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -69,11 +68,10 @@ from sae.data.layout import (
 from sae.data.shards import ShardLog, partial_dir
 from sae.data.types import EmbeddingSet
 from sae.fingerprint import key_versions, library_versions, version_drift
-from sae.io import atomic_write_json
+from sae.io import atomic_write_json, stream_sha256
 
 log = logging.getLogger(__name__)
 
-_HASH_CHUNK = 1 << 24  # 16 MiB reads while hashing
 
 @dataclass
 class CachedSplit:
@@ -187,7 +185,7 @@ def _warn_other_partials(path: Path, dataset: ImagesDatasetConfig, backbone: Bac
 def _manifest(tmp: Path, fields: dict[str, Any], backbone: BackboneConfig,
               dataset: ImagesDatasetConfig, images: ImageSplit, result: Any,
               labels: np.ndarray | None, ids: list[str]) -> dict[str, Any]:
-    files = {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+    files = {p.name: {"bytes": p.stat().st_size, "sha256": stream_sha256(p)}
              for p in sorted(tmp.iterdir()) if p.is_file()}
     label_kind = "none" if labels is None else ("multi_hot" if labels.ndim == 2 else "class_ids")
     versions = library_versions()
@@ -213,14 +211,6 @@ def _manifest(tmp: Path, fields: dict[str, Any], backbone: BackboneConfig,
         "key_versions": key_versions(versions),
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_HASH_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 # ---------------------------------------------------------------- verified reads
@@ -270,7 +260,7 @@ def _check_file(file: Path, entry: dict[str, Any], verify_checksum: bool, fail: 
     if size != entry["bytes"]:
         raise fail(f"{file.name} has {size} bytes, the manifest says {entry['bytes']} "
                    "(truncated or overwritten)")
-    if verify_checksum and _sha256(file) != entry["sha256"]:
+    if verify_checksum and stream_sha256(file) != entry["sha256"]:
         raise fail(f"{file.name} does not match its sha256 in the manifest (corrupted)")
 
 
