@@ -216,8 +216,8 @@ def _case_record(args: argparse.Namespace, case: Case, kwargs: dict,
     """Times are the best of the repeats (as timeit: the least disturbed by other processes);
     ``ratio`` = best step / best product. ``ratio_paired_median``: the median over repeats of
     step / product timed side by side, a check that the two agree."""
-    def best_ms(key: str) -> float | None:
-        return round(1e3 * min(times[key]), 2) if times[key] else None
+    def best_ms(key: str) -> float | None:  # 4 significant digits: a tiny product is 0.02 ms
+        return float(f"{1e3 * min(times[key]):.4g}") if times[key] else None
 
     def ratio(key: str) -> float | None:
         return round(min(times[key]) / min(times["product"]), 3) if times[key] else None
