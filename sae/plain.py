@@ -30,3 +30,10 @@ def flatten(tree: dict[str, Any], sep: str = ".", prefix: str = "") -> dict[str,
         else:
             flat[name] = value
     return flat
+
+
+def numeric_leaves(tree: dict[str, Any]) -> dict[str, Any]:
+    """``flatten(tree)`` keeping only numbers, bools and None (what a table or a W&B summary
+    holds; text and lists are left out)."""
+    return {name: value for name, value in flatten(tree).items()
+            if isinstance(value, bool | int | float) or value is None}

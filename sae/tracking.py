@@ -36,7 +36,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 from sae.config import RootConfig, to_dict
-from sae.plain import flatten
+from sae.plain import numeric_leaves
 
 log = logging.getLogger(__name__)
 
@@ -120,8 +120,7 @@ def wandb_mode(cfg_mode: str, probe_timeout_s: float = 3.0) -> str:
 def summary_values(metrics: dict[str, Any]) -> dict[str, Any]:
     """Numeric leaves under their metrics.json names (``train.steps``); text and lists (the
     protocols, the training curve, which is in the history) are left out."""
-    return {name: value for name, value in flatten(metrics).items()
-            if isinstance(value, bool | int | float) or value is None}
+    return numeric_leaves(metrics)
 
 
 class WandbTracker:

@@ -25,7 +25,7 @@ from typing import Any
 import pandas as pd
 import yaml
 
-from sae.plain import flatten
+from sae.plain import flatten, numeric_leaves
 
 AXES = ("backbone", "dataset", "k", "regularizer", "strength", "mask", "seed", "n_latents")
 CELL_COLUMNS = ("cell", "overrides", "duplicate_of", "run_id", "run_dir", "status", "reason")
@@ -144,13 +144,11 @@ def run_status(run_dir: Path) -> tuple[str, str | None]:
 def flat_values(tree: dict[str, Any], numbers_only: bool = True) -> dict[str, Any]:
     """Nested dict -> ``{"a.b.c": leaf}``. Lists are kept only as JSON text, and only when
     ``numbers_only`` is off (config values); with it, leaves must be numbers or bools."""
-    flat: dict[str, Any] = {}
-    for name, value in flatten(tree).items():
-        if isinstance(value, bool | int | float) or value is None:
-            flat[name] = value
-        elif not numbers_only:
-            flat[name] = json.dumps(value) if isinstance(value, list) else str(value)
-    return flat
+    if numbers_only:
+        return numeric_leaves(tree)
+    return {name: value if isinstance(value, bool | int | float) or value is None
+            else json.dumps(value) if isinstance(value, list) else str(value)
+            for name, value in flatten(tree).items()}
 
 
 # Names that runs evaluated before the one-name-per-metric rename wrote (issue 16).
