@@ -8,9 +8,12 @@ A pack holds its members' parameters stacked on a leading member axis (``W_dec``
 * Top-k (``sae.fast.topk_by_chunks`` over the G B rows) takes the largest k of the pack; a
   member with a smaller k keeps the first k of the sorted selection (the same set) and zeroes
   the rest;
-* decoding (and AuxK's decoding) is one embedding-bag over the (G n, d) stacked atoms;
+* decoding (and AuxK's decoding) is one embedding-bag over the (G n, d) stacked atoms, or, where
+  the lone fast step takes its dense formulation (CUDA under 16-bit autocast or TF32:
+  ``sae.fast.Formulation``), one ``bmm`` of the (G, B, n) dense code with the stacked atoms;
 * the penalties (one hand-fused autograd function for both) and AuxK reduce over each member's
-  own (B, n) block; a member's regularizer, strength and mask are per-member coefficient
+  own (B, n) block; AuxK runs for the members the host names (those that may have a dead
+  latent), the others' AuxK being an exact zero; a member's regularizer, strength and mask are per-member coefficient
   tensors (G,), so a mixed pack adds no launch.
 
 Each member's loss depends on its own slice of the parameters only, so the gradient of the
@@ -24,6 +27,8 @@ failed members) is ``sae.packed_trainer``.
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -31,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sae.fast import topk_by_chunks
+from sae.fast import AUTO, topk_by_chunks
 from sae.losses import LossParts
 from sae.model import TopKSAE
 from sae.packing import PACKED_REGULARIZERS as REGULARIZERS
@@ -152,12 +157,22 @@ class PackedSAE(nn.Module):
         pre = torch.bmm(x_gbd, self.W_enc_untied.transpose(1, 2)).add_(bias_gn.unsqueeze(1))
         return pre.to(self.W_dec.dtype)  # under autocast, the rest in float32 (as TopKSAE)
 
-    def decode(self, values_gbk: torch.Tensor, indices_gbk: torch.Tensor) -> torch.Tensor:
-        """(G, B, d) sum_j a_j W_dec[g, j]: one embedding-bag over the stacked atoms."""
+    def decode(self, values_gbk: torch.Tensor, indices_gbk: torch.Tensor,
+               members: torch.Tensor | None = None, dense: bool = False) -> torch.Tensor:
+        """(G', B, d) sum_j a_j W_dec[g, j] for the members ``members`` (default: all, in
+        order): one embedding-bag over the stacked atoms, or with ``dense`` one ``bmm`` of the
+        (G', B, n) dense code with the members' atoms (tensor cores; autocast's dtype)."""
         groups, batch, width = indices_gbk.shape
-        offsets = (torch.arange(groups, device=indices_gbk.device) * self.n_latents).view(-1, 1, 1)
+        if dense:
+            atoms = self.W_dec if members is None else self.W_dec.index_select(0, members)
+            code = values_gbk.new_zeros(groups, batch, self.n_latents).scatter(
+                2, indices_gbk, values_gbk)
+            return torch.bmm(code, atoms).float()
+        if members is None:
+            members = torch.arange(groups, device=indices_gbk.device)
+        offsets = (members * self.n_latents).view(-1, 1, 1)
         flat = F.embedding_bag((indices_gbk + offsets).view(groups * batch, width),
-                               self.W_dec.view(groups * self.n_latents, self.d),
+                               self.W_dec.view(-1, self.d),
                                per_sample_weights=values_gbk.reshape(groups * batch, width),
                                mode="sum")
         return flat.view(groups, batch, self.d)
@@ -176,12 +191,14 @@ def member_nmse(x_hat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 def packed_training_loss(pack: PackedSAE, x_gbd: torch.Tensor, coeffs: PackCoefficients, *,
                          dead_gn: torch.Tensor, aux_alpha: float, aux_k: int,
-                         aux_needed: bool = True) -> PackedStepOutput:
+                         aux_members: Sequence[int] | None = None) -> PackedStepOutput:
     """Every member's L = NMSE + alpha AuxK + lambda R (sae.losses.training_loss), batched.
 
-    ``aux_needed=False`` (the host knows no member has a dead latent) skips AuxK: its value and
-    gradient are then exact zeros in the reference too.
+    ``aux_members``: the members (rows) that may have a dead latent, known on the host; AuxK is
+    computed for those only (for the others its value and gradient are exact zeros in the
+    reference too). None: every member.
     """
+    dense = uses_dense_decoder(x_gbd.device.type)
     pre = pack.encode_pre(x_gbd)
     top_values, top_indices = _topk(pre, coeffs.k_max, coeffs.mixed_k)
     values = F.relu(top_values)
@@ -190,13 +207,15 @@ def packed_training_loss(pack: PackedSAE, x_gbd: torch.Tensor, coeffs: PackCoeff
         positions = torch.arange(coeffs.k_max, device=pre.device)
         keep_gk = (positions < coeffs.k.unsqueeze(1)).unsqueeze(1)  # (G, 1, k_max)
         values = values * keep_gk
-    x_hat = pack.decode(values, top_indices) + pack.b_pre.unsqueeze(1)
+    x_hat = pack.decode(values, top_indices, dense=dense) + pack.b_pre.unsqueeze(1)
     reconstruction = member_nmse(x_hat, x_gbd)
     fired = _batch_active(top_indices, keep_gk, pack.n_latents)
     zero = reconstruction.new_zeros(reconstruction.shape)
     auxk = zero
-    if aux_alpha > 0 and aux_needed:
-        auxk = _auxk(pack, pre, (x_gbd - x_hat).detach(), dead_gn, aux_k)
+    groups = pre.shape[0]
+    rows = list(range(groups)) if aux_members is None else sorted(aux_members)
+    if aux_alpha > 0 and rows:
+        auxk = _auxk(pack, pre, (x_gbd - x_hat).detach(), dead_gn, aux_k, rows, dense)
     total = reconstruction + aux_alpha * auxk
     penalty = zero
     if coeffs.any_off or coeffs.any_ratio:
@@ -210,6 +229,14 @@ def packed_training_loss(pack: PackedSAE, x_gbd: torch.Tensor, coeffs: PackCoeff
             total = total + coeffs.ratio_strength * ratio
             penalty = torch.where(coeffs.is_ratio, ratio, penalty)
     return PackedStepOutput(LossParts(total, reconstruction, auxk, penalty), fired)
+
+
+def uses_dense_decoder(device_type: str) -> bool:
+    """The lone fast step's rule (``sae.fast.Formulation``): the dense code times the atoms on
+    CUDA under 16-bit autocast (or TF32), the embedding-bag elsewhere."""
+    autocast_on = torch.is_autocast_enabled(device_type)
+    dtype = torch.get_autocast_dtype(device_type) if autocast_on else None
+    return AUTO.dense_decoder(device_type, dtype)
 
 
 def _batch_active(indices_gbk: torch.Tensor, keep_gk: torch.Tensor | None, n: int
@@ -284,35 +311,54 @@ class _MaskedPenalties(torch.autograd.Function):
 
 
 def _auxk(pack: PackedSAE, pre: torch.Tensor, residual: torch.Tensor, dead_gn: torch.Tensor,
-          aux_k: int) -> torch.Tensor:
-    """(G,) sae.losses.auxk_loss per member: the residual from its top-aux_k dead latents."""
+          aux_k: int, rows: list[int], dense: bool) -> torch.Tensor:
+    """(G,) sae.losses.auxk_loss per member: the residual from its top-aux_k dead latents,
+    computed for the members ``rows`` (0 for the others)."""
+    groups = pre.shape[0]
+    if len(rows) < groups:
+        index = _device_rows(tuple(rows), pre.device)
+        pre, residual, dead_gn = (t.index_select(0, index) for t in (pre, residual, dead_gn))
+    else:
+        index = None
     # -inf on the live columns, as the reference's masked_fill (a broadcast add: see above).
     live_bias = torch.zeros_like(dead_gn, dtype=pre.dtype).masked_fill_(~dead_gn, float("-inf"))
     dead_pre = pre + live_bias.unsqueeze(1)
     top = dead_pre.topk(min(aux_k, pre.shape[2]), dim=2, sorted=False)
-    residual_hat = pack.decode(F.relu(top.values), top.indices)
-    return member_nmse(residual_hat, residual) * dead_gn.any(dim=1).to(pre.dtype)
+    residual_hat = pack.decode(F.relu(top.values), top.indices, members=index, dense=dense)
+    loss = member_nmse(residual_hat, residual) * dead_gn.any(dim=1).to(pre.dtype)
+    if index is None:
+        return loss
+    return loss.new_zeros(groups).index_add(0, index, loss)
+
+
+@functools.lru_cache(maxsize=64)
+def _device_rows(rows: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """The row indices as a device tensor, made once per (rows, device): a host-to-device copy
+    is not allowed inside a CUDA graph capture, and the capture's warm-up steps run first."""
+    return torch.tensor(rows, device=device)
 
 
 def packed_train_step(pack: PackedSAE, optimizer: torch.optim.Optimizer, x_gbd: torch.Tensor,
                       counters_gn: torch.Tensor, coeffs: PackCoefficients, dead_window: int,
                       aux_alpha: float, aux_k: int, bf16: bool = False,
-                      aux_needed: bool | None = None) -> torch.Tensor:
+                      aux_members: Sequence[int] | None = None) -> torch.Tensor:
     """One optimizer step of every member, as ``sae.trainer.train_step`` does for one: the
     losses, the backward, the decoder gradient projection, Adam, the decoder normalisation and
     the dead-latent counters (G, n). Returns the (G, 4) detached (total, nmse, auxk, penalty).
 
-    ``aux_needed``: whether any member may have a dead latent (False skips AuxK, whose value
-    and gradient are then exact zeros in the reference too); None reads it from the counters
-    on the CPU (host memory: nothing to wait for) and assumes it elsewhere.
+    ``aux_members``: the members that may have a dead latent (AuxK is skipped for the others,
+    whose AuxK value and gradient are then exact zeros in the reference too); None reads them
+    from the counters on the CPU (host memory: nothing to wait for) and takes every member
+    elsewhere. Nothing here waits for the device, so the step can be captured as a CUDA graph
+    (``sae.packed_graph``).
     """
     optimizer.zero_grad(set_to_none=True)
     dead = counters_gn >= dead_window
-    if aux_needed is None:
-        aux_needed = x_gbd.device.type != "cpu" or bool(dead.any())
+    if aux_members is None and x_gbd.device.type == "cpu":
+        aux_members = dead.any(dim=1).nonzero().flatten().tolist()
     with autocast(x_gbd.device.type, bf16):
         out = packed_training_loss(pack, x_gbd, coeffs, dead_gn=dead, aux_alpha=aux_alpha,
-                                   aux_k=aux_k, aux_needed=aux_needed)
+                                   aux_k=aux_k, aux_members=aux_members)
     out.parts.total.sum().backward()  # members share no parameter: each gets its own gradient
     pack.project_decoder_grad_()
     optimizer.step()

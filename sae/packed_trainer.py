@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from sae.packed import MemberSpec, PackCoefficients, PackedSAE, packed_train_step
+from sae.packed_graph import PackedGraphStep
 from sae.progress import Progress
 from sae.trainer import (
     DivergedError,
@@ -69,9 +70,12 @@ def check_compatible(trainers: list[Trainer]) -> None:
 
 class PackedTrainer:
     def __init__(self, trainers: list[Trainer],
-                 rng_states: list[torch.Tensor] | None = None) -> None:
+                 rng_states: list[torch.Tensor] | None = None,
+                 cuda_graph: bool = True) -> None:
         """``rng_states``: each member's torch RNG state right after its model was built; its
-        checkpoints store it, as a lone run's do (training itself draws nothing from it)."""
+        checkpoints store it, as a lone run's do (training itself draws nothing from it).
+        ``cuda_graph``: on CUDA, replay the step as CUDA graphs (``sae.packed_graph``; same
+        values as the eager step); False runs it op by op."""
         check_compatible(trainers)
         self.members = list(trainers)
         lead = trainers[0]
@@ -85,7 +89,10 @@ class PackedTrainer:
         self.perm_epoch: int | None = None
         self.perms: torch.Tensor | None = None  # (G, N) the members' orders of this epoch
         self.rng_states = list(rng_states) if rng_states else [None] * len(trainers)
-        self.aux_needed: bool | None = None  # accelerators: AuxK needed until the next log
+        # Accelerators: the members that may need AuxK until the next log (None: read afresh).
+        self.aux_members: list[int] | None = None
+        self.cuda_graph = cuda_graph and self.device.type == "cuda"
+        self.graph_step: PackedGraphStep | None = None  # built at the first step on CUDA
 
     # -- building the pack from the members' own initial states ------------------------------
     def initial_states(self) -> list[TrainState]:
@@ -144,7 +151,7 @@ class PackedTrainer:
                 if log_step:
                     self._show(progress, step, self._log(accumulated))
                     accumulated = []
-                    self.aux_needed = None  # read afresh by the next step
+                    self.aux_members = None  # read afresh by the next step
                 elif progress.tty:
                     progress.goto(step)
                 if self.alive and (at_end or self.members[0]._checkpoint_due(step, log_step)):
@@ -186,21 +193,35 @@ class PackedTrainer:
 
     def step(self, step: int) -> torch.Tensor:
         """One optimizer step of every member; returns the (G, 4) detached losses."""
-        if self.device.type != "cpu" and self.aux_needed is None:
-            self.aux_needed = self._dead_possible()
-        losses = packed_train_step(self.pack, self.optimizer, self.batch(step), self.counters,
-                                   self.coeffs, self.schedule.dead_window, self.aux_alpha,
-                                   self.aux_k, self.cfg.train.autocast_bf16, self.aux_needed)
+        if self.device.type != "cpu" and self.aux_members is None:
+            self.aux_members = self._dead_possible()
+        if self.cuda_graph:
+            losses = self._graph_step()(self.batch(step), self.aux_members)
+        else:
+            losses = packed_train_step(self.pack, self.optimizer, self.batch(step),
+                                       self.counters, self.coeffs, self.schedule.dead_window,
+                                       self.aux_alpha, self.aux_k, self.cfg.train.autocast_bf16,
+                                       self.aux_members)
         for state in self.states:
             state.step = step + 1
         return losses
 
-    def _dead_possible(self) -> bool:
+    def _graph_step(self) -> PackedGraphStep:
+        if self.graph_step is None:
+            self.graph_step = PackedGraphStep(
+                self.pack, self.optimizer, self.counters, self.coeffs, self.schedule.dead_window,
+                self.aux_alpha, self.aux_k, self.cfg.train.autocast_bf16,
+                self.schedule.batch_size)
+        return self.graph_step
+
+    def _dead_possible(self) -> list[int]:
         """On an accelerator, as the trainer's dead bound (sae.fast.dead_count_bound): read
         once per log interval, where the host synchronises anyway; counters grow by at most
-        log_every batches meanwhile. False: no member can have a dead latent, AuxK is skipped."""
+        log_every batches meanwhile. The members (rows) that may have a dead latent before the
+        next read; AuxK is skipped for the others."""
         horizon = self.cfg.train.log_every * self.schedule.batch_size
-        return bool((self.counters + horizon >= self.schedule.dead_window).any())
+        possible = (self.counters + horizon >= self.schedule.dead_window).any(dim=1)
+        return possible.nonzero().flatten().tolist()
 
     # -- read-out, failures and checkpoints -------------------------------------------------
     def _log(self, losses: list[torch.Tensor]) -> dict[str, float] | None:
@@ -240,6 +261,7 @@ class PackedTrainer:
         self.states = [self.states[r] for r in keep]
         self._view_counters()
         self.alive = [self.alive[r] for r in keep]
+        self.aux_members, self.graph_step = None, None  # rows and tensors changed
         self.coeffs = PackCoefficients.build([self.specs[m] for m in self.alive], self.device)
         if self.perms is not None:
             self.perms = self.perms.index_select(0, index)

@@ -296,3 +296,118 @@ def test_pack_checkpoints_when_a_lone_run_would(x, tmp_path, monkeypatch):
         train_packed([cell_cfg(cell, **overrides) for cell in CELLS[:2]], x, tmp_path,
                      f"c{every}-{every_s}")
         assert saved_at == [step for step in expected for _ in range(2)], (every, every_s)
+
+
+# -- the decoder's two formulations, AuxK for some members, and the CUDA paths ------------------
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, CUDA])]
+
+
+def _pack_and_batch(x, device, n=128):
+    torch.manual_seed(3)
+    models = [TopKSAE(x.shape[1], n, cell["k"]).to(device) for cell in CELLS]
+    specs = [MemberSpec(cell["k"], cell["reg"], 0.05, cell["mask"], 1e-8) for cell in CELLS]
+    batch = torch.stack([x[i * 64:(i + 1) * 64] for i in range(len(models))]).to(device)
+    return PackedSAE(models), PackCoefficients.build(specs, torch.device(device)), batch
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_dense_decoder_equals_the_embedding_bag(x, device):
+    """The dense formulation (CUDA under bf16) decodes, for all members or a subset, what the
+    embedding-bag does, with the same gradients (float32 here, so equal to rounding)."""
+    pack, _, batch = _pack_and_batch(x, device)
+    values = torch.rand(6, 64, 4, device=device, requires_grad=True)
+    indices = torch.stack([torch.randperm(128, device=device)[:4] for _ in range(6 * 64)])
+    indices = indices.view(6, 64, 4)
+    for members in (None, torch.tensor([1, 4], device=device)):
+        rows = slice(None) if members is None else members
+        outputs, grads = [], []
+        for dense in (False, True):
+            pack.zero_grad(set_to_none=True)
+            values.grad = None
+            out = pack.decode(values[rows], indices[rows], members=members, dense=dense)
+            out.square().sum().backward()
+            outputs.append(out.detach())
+            grads.append((values.grad.clone(), pack.W_dec.grad.clone()))
+        torch.testing.assert_close(outputs[1], outputs[0], rtol=1e-5, atol=1e-5)
+        for dense_grad, bag_grad in zip(grads[1], grads[0]):
+            torch.testing.assert_close(dense_grad, bag_grad, rtol=1e-5, atol=1e-5)
+
+
+def test_auxk_for_the_named_members_equals_auxk_for_all(x):
+    """AuxK restricted to the members that have dead latents is the full AuxK: the others'
+    AuxK is an exact zero in the reference. A member left out though it has dead latents
+    loses its AuxK (so the restriction is really applied)."""
+    pack, coeffs, batch = _pack_and_batch(x, "cpu")
+    dead = torch.zeros(6, 128, dtype=torch.bool)
+    dead[1, :40] = dead[4, 10:90] = True
+    full = packed_training_loss(pack, batch, coeffs, dead_gn=dead, aux_alpha=1 / 32, aux_k=16,
+                                aux_members=None)
+    some = packed_training_loss(pack, batch, coeffs, dead_gn=dead, aux_alpha=1 / 32, aux_k=16,
+                                aux_members=[1, 4])
+    assert float(full.parts.auxk[1]) > 0 and float(full.parts.auxk[4]) > 0
+    torch.testing.assert_close(some.parts.auxk, full.parts.auxk, rtol=1e-6, atol=0)
+    grads = []
+    for out in (full, some):
+        pack.zero_grad(set_to_none=True)
+        out.parts.total.sum().backward()
+        grads.append([p.grad.clone() for p in pack.parameters()])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-9)
+    fewer = packed_training_loss(pack, batch, coeffs, dead_gn=dead, aux_alpha=1 / 32, aux_k=16,
+                                 aux_members=[1])
+    assert float(fewer.parts.auxk[4]) == 0 and float(fewer.parts.auxk[1]) > 0
+
+
+@CUDA
+@pytest.mark.gpu
+def test_packed_loss_equals_reference_loss_per_member_on_cuda(x):
+    """On CUDA in float32 (embedding-bag) and under bf16 autocast (the dense decoder): each
+    member's losses equal its lone reference objective (bf16: to bf16 rounding)."""
+    from sae.losses import training_loss
+    from sae.trainer import autocast
+
+    pack, coeffs, batch = _pack_and_batch(x, "cuda")
+    models = []
+    for index in range(pack.size):
+        model = TopKSAE(x.shape[1], 128, CELLS[index]["k"]).cuda()
+        pack.copy_member_to(index, model)
+        models.append(model)
+    dead = torch.rand(6, 128, device="cuda") < 0.3
+    for bf16, rel in ((False, 1e-5), (True, 2e-2)):
+        with autocast("cuda", bf16):
+            out = packed_training_loss(pack, batch, coeffs, dead_gn=dead, aux_alpha=1 / 32,
+                                       aux_k=16)
+            for g, (model, cell) in enumerate(zip(models, CELLS)):
+                parts, _ = training_loss(model, batch[g], regularizer=cell["reg"],
+                                         strength=0.05, mask=cell["mask"], eps=1e-8,
+                                         dead=dead[g], aux_alpha=1 / 32, aux_k=16)
+                for name in ("nmse", "penalty"):
+                    assert float(getattr(out.parts, name)[g]) == pytest.approx(
+                        float(getattr(parts, name)), rel=rel, abs=1e-6), (bf16, g, name)
+
+
+@CUDA
+@pytest.mark.gpu
+@pytest.mark.parametrize("bf16", [False, True])
+def test_cuda_graph_pack_trains_as_the_eager_pack(x, tmp_path, bf16):
+    """The packed trainer's CUDA graphs (sae.packed_graph) train every member as its eager
+    step does, through dead latents (AuxK member sets change, graphs are recaptured), logs and
+    checkpoints; the captures themselves do not train."""
+    overrides = dict(autocast_bf16=bf16, device="cuda")
+    cfgs = [cell_cfg(cell, **overrides) for cell in CELLS]
+    xc = x.cuda()
+    runs = {}
+    for graph in (False, True):
+        trainers = []
+        for index, cfg in enumerate(cfgs):
+            torch.manual_seed(cfg.seed)
+            model = TopKSAE(x.shape[1], cfg.sae.n_latents, cfg.k).cuda()
+            trainers.append(Trainer(cfg, model, xc, tmp_path / f"g{graph}{index}.safetensors",
+                                    NullTracker(), {}))
+        packed = PackedTrainer(trainers, cuda_graph=graph)
+        results = packed.run()
+        runs[graph] = [(t.model, results[i].state) for i, t in enumerate(trainers)]
+        if graph:
+            assert packed.graph_step is not None and packed.graph_step.captures >= 2
+    assert_same_runs(runs[False], runs[True])

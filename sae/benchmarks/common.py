@@ -129,3 +129,16 @@ def timed(fn: Callable[[], object], device: str) -> float:
     fn()
     sync(device)
     return time.perf_counter() - start
+
+
+def profile_table(fn: Callable[[], object], device: str, rows: int) -> str:
+    """The costliest ops of ``fn`` by self time: where a step's time goes, op by op."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    on_cuda = device.startswith("cuda")
+    if on_cuda:
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as prof:
+        fn()
+        sync(device)
+    sort_by = "self_device_time_total" if on_cuda else "self_cpu_time_total"
+    return prof.key_averages().table(sort_by=sort_by, row_limit=rows)

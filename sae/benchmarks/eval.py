@@ -68,6 +68,9 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--reference", action="store_true",
                         help="also time the previous probe path (full-width embedding_bag, "
                              "raw-embedding probe recomputed per cell)")
+    parser.add_argument("--device", default="cpu",
+                        help="cpu (default) or cuda: where the SAE, the data and the probes live, "
+                             "as sae.evaluate on the training device")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None,
                         help="torch intra-op threads (default: torch's, one per core)")
@@ -93,18 +96,24 @@ def clustered_embeddings(n_samples: int, dim: int, n_classes: int, generator: to
 
 class Timer:
     """Wall and process-CPU seconds per family, summed over calls. On a shared machine the CPU
-    seconds (all threads of this process) move less with the other processes' load."""
+    seconds (all threads of this process) move less with the other processes' load. On CUDA
+    each family ends with a synchronisation, so its kernels count where they were launched."""
 
-    def __init__(self) -> None:
+    def __init__(self, device: torch.device | None = None) -> None:
         self.seconds: dict[str, float] = {}
         self.cpu_seconds: dict[str, float] = {}
+        self.cuda = device is not None and device.type == "cuda"
 
     @contextmanager
     def __call__(self, family: str):
+        if self.cuda:
+            torch.cuda.synchronize()
         started, cpu_started = time.perf_counter(), time.process_time()
         try:
             yield
         finally:
+            if self.cuda:
+                torch.cuda.synchronize()
             for store, now, then in ((self.seconds, time.perf_counter(), started),
                                      (self.cpu_seconds, time.process_time(), cpu_started)):
                 store[family] = store.get(family, 0.0) + now - then
@@ -115,10 +124,11 @@ def stream_families(sae: TopKSAE, x_nd: torch.Tensor, labels_n: torch.Tensor, sh
                     timer: Timer) -> None:
     """The evaluation split's single pass (as ``sae.evaluate``), each family timed apart."""
     k, n = shape["k"], shape["n_latents"]
+    device = x_nd.device
     ks = inference_ks(k, K_MULTIPLES, n)
     r2_by_k = {kk: R2Accumulator() for kk in ks}
-    firing, mono = FiringCounter(n), MonoAccumulator(n, shape["dim"])
-    purity = PurityAccumulator(n, shape["n_classes"])
+    firing, mono = FiringCounter(n, device), MonoAccumulator(n, shape["dim"], device)
+    purity = PurityAccumulator(n, shape["n_classes"], device)
     for start in range(0, x_nd.shape[0], CHUNK_SIZE):
         x_bd = x_nd[start:start + CHUNK_SIZE]
         with timer("encode"):
@@ -158,7 +168,8 @@ def probe_families(sae: TopKSAE, data: dict, shape: dict, reference: bool, timer
     with timer("probe_encode"):
         code_train, code_eval = encode_all(sae, data["x_train"], k), encode_all(sae, data["x_eval"], k)
     common = {"n_classes": shape["n_classes"], "weight_decay": 1e-4,
-              "max_iter": shape["probe_epochs"], "chunk_size": PROBE_CHUNK_ROWS}
+              "max_iter": shape["probe_epochs"], "chunk_size": PROBE_CHUNK_ROWS,
+              "device": data["x_train"].device}
     m_values = sorted({min(m, k) for m in PROBE_M} | {k})
     probe_args = (tuple(code_train), data["y_train"], tuple(code_eval), data["y_eval"], m_values)
     with timer("probes_truncated"):
@@ -181,15 +192,17 @@ def probe_families(sae: TopKSAE, data: dict, shape: dict, reference: bool, timer
     return result
 
 
-def warm_up(shape: dict) -> None:
+def warm_up(shape: dict, device: torch.device) -> None:
     """One tiny fit of each probe path, untimed: the first L-BFGS fit of a process pays about a
-    CPU-second of one-time start-up that would otherwise land on whichever family runs first."""
+    CPU-second of one-time start-up (on CUDA: the context and kernel loads) that would
+    otherwise land on whichever family runs first."""
     gen = torch.Generator().manual_seed(0)
-    indices = torch.randint(0, shape["n_latents"], (64, 2), generator=gen)
-    values, labels = torch.rand(64, 2, generator=gen), torch.randint(0, 2, (64,), generator=gen)
+    indices = torch.randint(0, shape["n_latents"], (64, 2), generator=gen).to(device)
+    values = torch.rand(64, 2, generator=gen).to(device)
+    labels = torch.randint(0, 2, (64,), generator=gen).to(device)
     for fast in (True, False):
         truncated_probe((values, indices), labels, (values, indices), labels, (1,),
-                        n_latents=shape["n_latents"], max_iter=2, fast=fast)
+                        n_latents=shape["n_latents"], max_iter=2, fast=fast, device=device)
 
 
 def run(args: argparse.Namespace) -> list[dict]:
@@ -198,14 +211,17 @@ def run(args: argparse.Namespace) -> list[dict]:
     shape = args.shape
     generator = torch.Generator().manual_seed(args.seed)
     n_train = shape["n_train"]
+    device = torch.device(args.device)
     x_nd, y_n = clustered_embeddings(n_train + shape["n_eval"], shape["dim"], shape["n_classes"],
                                      generator)  # one draw: both splits share the prototypes
+    x_nd, y_n = x_nd.to(device), y_n.to(device)
     x_train, y_train, x_eval, y_eval = x_nd[:n_train], y_n[:n_train], x_nd[n_train:], y_n[n_train:]
     torch.manual_seed(args.seed)
     sae = TopKSAE(shape["dim"], shape["n_latents"], shape["k"]).eval()
-    sae.init_b_pre_(x_train[:4096])
-    warm_up(shape)
-    timer = Timer()
+    sae.init_b_pre_(x_train[:4096].cpu())
+    sae = sae.to(device)
+    warm_up(shape, device)
+    timer = Timer(device)
     stream_families(sae, x_eval, y_eval, shape, timer)
     data = {"x_train": x_train, "y_train": y_train, "x_eval": x_eval, "y_eval": y_eval}
     probes = probe_families(sae, data, shape, args.reference, timer)
@@ -213,7 +229,8 @@ def run(args: argparse.Namespace) -> list[dict]:
 
 
 def records(args: argparse.Namespace, timer: Timer, probes: dict) -> list[dict]:
-    head = {"benchmark": "eval", "size": args.size, "sample_scale": args.sample_scale,
+    head = {"benchmark": "eval", "size": args.size, "device": args.device,
+            "sample_scale": args.sample_scale,
             **args.shape, "torch_threads": torch.get_num_threads()}
     seconds = timer.seconds
     lines = [head | {"family": family, "seconds": round(value, 3),

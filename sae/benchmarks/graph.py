@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from sae.benchmarks.common import Trainee
+from sae.cuda_graphs import capture_step, optimizer_tensors
 from sae.fast import fast_training_loss
 
 
@@ -29,9 +30,8 @@ class GraphStep(EagerStep):
     """The same step captured once as a CUDA graph and replayed: possible because the fast
     step never synchronises and its shapes depend only on host integers. The AuxK column
     count is baked in, so the graph is captured again when the dead-count bound outgrows it
-    (capacities are powers of two). A capture leaves the training state as it found it: its
-    warm-up steps run on a snapshot that is restored afterwards (tests/test_bench.py checks
-    that replays train exactly as the eager step)."""
+    (capacities are powers of two). A capture leaves the training state as it found it
+    (``sae.cuda_graphs.capture_step``)."""
 
     def __init__(self, trainee: Trainee, kwargs: dict, window: int, autocast: bool,
                  batch: int, dim: int) -> None:
@@ -54,37 +54,13 @@ class GraphStep(EagerStep):
         return EagerStep.__call__(self, self.x, capacity)
 
     def _capture(self, capacity: int) -> None:
-        saved = self._state_tensors()
-        with torch.no_grad():  # a clone in the autograd graph would keep a stale
-            snapshot = [tensor.clone() for tensor in saved]  # AccumulateGrad node alive
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):  # warm-up on a side stream, as torch.cuda.graphs asks
-            for _ in range(3):
-                self.trainee.optimizer.zero_grad(set_to_none=True)
-                self._body(capacity)
-        torch.cuda.current_stream().wait_stream(side)
-        self._restore(saved, snapshot)
-        self.trainee.optimizer.zero_grad(set_to_none=True)  # grads: allocated in the graph
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.loss = self._body(capacity)
+        optimizer = self.trainee.optimizer
+        self.graph, self.loss = capture_step(
+            lambda: self._body(capacity), self._state_tensors,
+            lambda: optimizer.zero_grad(set_to_none=True))
         self.capacity = capacity
         self.captures += 1
 
     def _state_tensors(self) -> list[torch.Tensor]:
         t = self.trainee
-        optimizer_state = [value for state in t.optimizer.state.values()
-                           for value in state.values() if torch.is_tensor(value)]
-        return [*t.model.parameters(), t.samples_since_fired, *optimizer_state]
-
-    def _restore(self, saved: list[torch.Tensor], snapshot: list[torch.Tensor]) -> None:
-        """Undo the warm-up steps. Optimizer state they created (Adam's moments and step
-        count, made at the first step) goes back to its initial value, zero."""
-        known = {id(tensor) for tensor in saved}
-        with torch.no_grad():
-            for tensor, value in zip(saved, snapshot):
-                tensor.copy_(value)
-            for tensor in self._state_tensors():
-                if id(tensor) not in known:
-                    tensor.zero_()
+        return [*t.model.parameters(), t.samples_since_fired, *optimizer_tensors(t.optimizer)]

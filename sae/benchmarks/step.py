@@ -40,6 +40,7 @@ from sae.benchmarks.common import (
     formulation,
     loss_kwargs,
     make_trainee,
+    profile_table,
     sync,
     timed,
     tune_cpu_allocator,
@@ -52,6 +53,9 @@ from sae.trainer import autocast
 
 DEFAULT = {"batch": 1024, "dim": 768, "latents": 12288, "k": 32}
 QUICK = {"batch": 512, "dim": 384, "latents": 6144, "k": 32}
+
+
+IMAGENET_SAMPLES = 1_281_167
 
 
 def parse(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -198,19 +202,6 @@ def peak_memory_mb(fn: Callable[[], object], device: str) -> float | None:
     return round((torch.cuda.max_memory_allocated(device) - before) / 2**20, 1)
 
 
-def profile_table(fn: Callable[[], object], device: str, rows: int) -> str:
-    """The costliest ops of ``fn`` by self time: where a step's time goes, op by op."""
-    activities = [torch.profiler.ProfilerActivity.CPU]
-    on_cuda = device.startswith("cuda")
-    if on_cuda:
-        activities.append(torch.profiler.ProfilerActivity.CUDA)
-    with torch.profiler.profile(activities=activities) as prof:
-        fn()
-        sync(device)
-    sort_by = "self_device_time_total" if on_cuda else "self_cpu_time_total"
-    return prof.key_averages().table(sort_by=sort_by, row_limit=rows)
-
-
 def _case_record(args: argparse.Namespace, case: Case, kwargs: dict,
                  times: dict[str, list[float]]) -> dict:
     """Times are the best of the repeats (as timeit: the least disturbed by other processes);
@@ -242,6 +233,9 @@ def _case_record(args: argparse.Namespace, case: Case, kwargs: dict,
     }
     if times["ref"]:
         record["speedup_vs_reference"] = round(min(times["ref"]) / min(times["fast"]), 2)
+    # One lone cell's 50 epochs of ImageNet-1k at this step time (batch args.batch).
+    steps = math.ceil(IMAGENET_SAMPLES / args.batch) * 50
+    record["imagenet_50_epochs_s_extrapolated"] = round(min(times["fast"]) * steps, 1)
     return record
 
 
