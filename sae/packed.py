@@ -151,11 +151,13 @@ class PackedSAE(nn.Module):
     # -- the batched objective ----------------------------------------------------------------
     def encode_pre(self, x_gbd: torch.Tensor) -> torch.Tensor:
         """(G, B, n) pre-activations W_enc (x - b_pre) + b_enc, as x W_enc^T + (b_enc - W_enc
-        b_pre): x carries no gradient, so the backward needs no (B, n) x (n, d) product for it."""
+        b_pre): x carries no gradient, so the backward needs no (B, n) x (n, d) product for it.
+        Under autocast they stay in its 16-bit dtype (the product's output, as the lone step's
+        ``sae.fast.sparse.dense_product`` rounds it): the (G, B, n) passes after it read half
+        the bytes, and ``_SparseHead`` computes its sums in float32."""
         bias_gn = self.b_enc - torch.bmm(self.W_enc_untied, self.b_pre.unsqueeze(2)).squeeze(2)
         # bmm then a broadcast add: baddbmm with a broadcast bias measured 2.5x slower on CPU.
-        pre = torch.bmm(x_gbd, self.W_enc_untied.transpose(1, 2)).add_(bias_gn.unsqueeze(1))
-        return pre.to(self.W_dec.dtype)  # under autocast, the rest in float32 (as TopKSAE)
+        return torch.bmm(x_gbd, self.W_enc_untied.transpose(1, 2)).add_(bias_gn.unsqueeze(1))
 
     def decode(self, values_gbk: torch.Tensor, indices_gbk: torch.Tensor,
                members: torch.Tensor | None = None, dense: bool = False) -> torch.Tensor:
@@ -165,8 +167,10 @@ class PackedSAE(nn.Module):
         groups, batch, width = indices_gbk.shape
         if dense:
             atoms = self.W_dec if members is None else self.W_dec.index_select(0, members)
-            code = values_gbk.new_zeros(groups, batch, self.n_latents).scatter(
-                2, indices_gbk, values_gbk)
+            # The code is built in the product's dtype: no (G, B, n) cast either way.
+            dtype = _compute_dtype(values_gbk)
+            code = values_gbk.new_zeros(groups, batch, self.n_latents, dtype=dtype).scatter(
+                2, indices_gbk, values_gbk.to(dtype))
             return torch.bmm(code, atoms).float()
         if members is None:
             members = torch.arange(groups, device=indices_gbk.device)
@@ -200,16 +204,10 @@ def packed_training_loss(pack: PackedSAE, x_gbd: torch.Tensor, coeffs: PackCoeff
     """
     dense = uses_dense_decoder(x_gbd.device.type)
     pre = pack.encode_pre(x_gbd)
-    top_values, top_indices = _topk(pre, coeffs.k_max, coeffs.mixed_k)
-    values = F.relu(top_values)
-    keep_gk = None
-    if coeffs.mixed_k:  # sorted: a member's top k are the first k of the top k_max
-        positions = torch.arange(coeffs.k_max, device=pre.device)
-        keep_gk = (positions < coeffs.k.unsqueeze(1)).unsqueeze(1)  # (G, 1, k_max)
-        values = values * keep_gk
+    with_penalty = coeffs.any_off or coeffs.any_ratio
+    values, top_indices, fired, masked_sum, ratio = _SparseHead.apply(pre, coeffs, with_penalty)
     x_hat = pack.decode(values, top_indices, dense=dense) + pack.b_pre.unsqueeze(1)
     reconstruction = member_nmse(x_hat, x_gbd)
-    fired = _batch_active(top_indices, keep_gk, pack.n_latents)
     zero = reconstruction.new_zeros(reconstruction.shape)
     auxk = zero
     groups = pre.shape[0]
@@ -218,17 +216,20 @@ def packed_training_loss(pack: PackedSAE, x_gbd: torch.Tensor, coeffs: PackCoeff
         auxk = _auxk(pack, pre, (x_gbd - x_hat).detach(), dead_gn, aux_k, rows, dense)
     total = reconstruction + aux_alpha * auxk
     penalty = zero
-    if coeffs.any_off or coeffs.any_ratio:
-        columns_gn = torch.where(coeffs.mask.unsqueeze(1), fired, True).to(pre.dtype)
-        masked_sum, ratio = _MaskedPenalties.apply(pre, columns_gn, coeffs.eps, coeffs.any_ratio)
-        if coeffs.any_off:  # the off-support part is the masked sum less the support's
-            off = (masked_sum - values.sum(dim=(1, 2))) / pre.shape[1]
-            total = total + coeffs.off_strength * off
-            penalty = torch.where(coeffs.is_off, off, penalty)
-        if coeffs.any_ratio:
-            total = total + coeffs.ratio_strength * ratio
-            penalty = torch.where(coeffs.is_ratio, ratio, penalty)
+    if coeffs.any_off:  # the off-support part is the masked sum less the support's
+        off = (masked_sum - values.sum(dim=(1, 2))) / pre.shape[1]
+        total = total + coeffs.off_strength * off
+        penalty = torch.where(coeffs.is_off, off, penalty)
+    if coeffs.any_ratio:
+        total = total + coeffs.ratio_strength * ratio
+        penalty = torch.where(coeffs.is_ratio, ratio, penalty)
     return PackedStepOutput(LossParts(total, reconstruction, auxk, penalty), fired)
+
+
+def _compute_dtype(tensor: torch.Tensor) -> torch.dtype:
+    """Autocast's dtype on the tensor's device when it is on, else the tensor's."""
+    device = tensor.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else tensor.dtype
 
 
 def uses_dense_decoder(device_type: str) -> bool:
@@ -261,53 +262,80 @@ def _topk(pre: torch.Tensor, k: int, ordered: bool) -> tuple[torch.Tensor, torch
     return values.view(groups, batch, k), indices.view(groups, batch, k)
 
 
-class _MaskedPenalties(torch.autograd.Function):
-    """Per member, of z = ReLU(pre) on its penalised columns (mask (G, n): 1 = penalised):
-    the sum of z over the batch (G,), and the L1/L2 ratio of sae.regularizers (G,)
-    (mean over rows of ||z||_1 / (||z||_2 + eps), squared norm floored at 1e-30).
+class _SparseHead(torch.autograd.Function):
+    """Everything the objective reads of pre (G, B, n), with one hand-written backward:
 
-    Fused by hand: autograd through the reference spends ~12 passes over the (G, B, n) block;
-    this forward reads it 3 times and the backward writes the gradient in 3 passes.
+    * the Top-k code: values = ReLU of the selected pre (G, B, k_max), a member with a smaller
+      k keeping the first k of the sorted selection, and their indices;
+    * the batch-active units of each member (G, n);
+    * with the penalties: per member, of z = ReLU(pre) on its penalised columns (all, or with
+      the mask the batch-active ones), the sum of z over the batch (G,) and the L1/L2 ratio of
+      sae.regularizers (G,) (mean over rows of ||z||_1 / (||z||_2 + eps), squared norm floored
+      at 1e-30).
+
+    Fused by hand: autograd through the reference spends ~12 passes over the (G, B, n) block,
+    and autograd through Top-k a zero block, a scatter and a sum more. This forward reads pre
+    (16-bit under autocast) 3 times and writes z once; the backward writes the gradient of pre
+    in two passes, in pre's dtype (the one the encoder product's backward reads), and adds the
+    code's gradient at the k selected entries of each row.
     """
 
     @staticmethod
-    def forward(ctx, pre, columns_gn, eps_g, with_ratio: bool):
-        z = pre.clamp_min(0).mul_(columns_gn.unsqueeze(1))  # (G, B, n)
-        l1 = z.sum(dim=2)  # (G, B)
-        masked_sum = l1.sum(dim=1)
-        ratio = masked_sum.new_zeros(masked_sum.shape)
-        coefficients = None
-        if with_ratio:
-            squared = torch.linalg.vecdot(z, z)  # (G, B), no (G, B, n) temporary
-            l2 = squared.clamp_min(L2_SQUARED_FLOOR).sqrt()
-            denominator = l2 + eps_g.unsqueeze(1)
-            ratio = (l1 / denominator).mean(dim=1)
-            # d/dz_j of l1 / (l2 + eps) = 1 / (l2 + eps) - l1 z_j / (l2 (l2 + eps)^2); the
-            # floor's derivative is 0 below it (as the reference's clamp_min).
-            slope = (l1 / (denominator.square() * l2)) * (squared >= L2_SQUARED_FLOOR)
-            coefficients = (1 / denominator, slope)
-        ctx.save_for_backward(z)
+    def forward(ctx, pre, coeffs: PackCoefficients, with_penalty: bool):
+        top_values, indices = _topk(pre, coeffs.k_max, coeffs.mixed_k)
+        slope_mask = top_values > 0  # d ReLU / d pre at the selected entries
+        keep_gk = None
+        if coeffs.mixed_k:  # sorted: a member's top k are the first k of the top k_max
+            positions = torch.arange(coeffs.k_max, device=pre.device)
+            keep_gk = (positions < coeffs.k.unsqueeze(1)).unsqueeze(1)  # (G, 1, k_max)
+            slope_mask &= keep_gk
+        values = torch.where(slope_mask, top_values.float(), 0.0)
+        fired = _batch_active(indices, keep_gk, pre.shape[2])
+        masked_sum = ratio = values.new_zeros(pre.shape[0])
+        z, coefficients = None, None
+        if with_penalty:
+            columns_gn = torch.where(coeffs.mask.unsqueeze(1), fired, True).float()
+            z = pre.clamp_min(0) * columns_gn.unsqueeze(1)  # (G, B, n) float32
+            l1 = z.sum(dim=2)  # (G, B)
+            masked_sum = l1.sum(dim=1)
+            if coeffs.any_ratio:
+                squared = torch.linalg.vecdot(z, z)  # (G, B), no (G, B, n) temporary
+                l2 = squared.clamp_min(L2_SQUARED_FLOOR).sqrt()
+                denominator = l2 + coeffs.eps.unsqueeze(1)
+                ratio = (l1 / denominator).mean(dim=1)
+                # d/dz_j of l1 / (l2 + eps) = 1 / (l2 + eps) - l1 z_j / (l2 (l2 + eps)^2); the
+                # floor's derivative is 0 below it (as the reference's clamp_min).
+                slope = (l1 / (denominator.square() * l2)) * (squared >= L2_SQUARED_FLOOR)
+                coefficients = (1 / denominator, slope)
+        ctx.save_for_backward(indices, slope_mask, z)
         ctx.coefficients = coefficients
-        return masked_sum, ratio
+        ctx.pre_shape, ctx.pre_dtype = pre.shape, pre.dtype
+        ctx.mark_non_differentiable(indices, fired)
+        return values, indices, fired, masked_sum, ratio
 
     @staticmethod
-    def backward(ctx, grad_sum, grad_ratio):
-        (z,) = ctx.saved_tensors
-        batch = z.shape[1]
-        row_term = grad_sum.view(-1, 1, 1).expand(-1, batch, 1)  # (G, B, 1)
-        grad = None
-        if ctx.coefficients is not None:
-            inverse, slope = ctx.coefficients
-            scale = (grad_ratio / batch).unsqueeze(1)  # the mean over rows
-            row_term = row_term + (scale * inverse).unsqueeze(2)
-            grad = torch.addcmul(row_term, z, (-scale * slope).unsqueeze(2))
-        else:
-            grad = row_term.expand_as(z)
-        # Only where z > 0 (pre > 0 on a penalised column) does z depend on pre: ReLU's own
-        # backward kernel (one vectorised pass; masked_fill_ or where over a (16, 256, 512)
-        # block took 20 ms on this CPU, this 0.4 ms).
-        grad = torch.ops.aten.threshold_backward(grad, z, 0)
-        return grad, None, None, None
+    def backward(ctx, grad_values, _indices, _fired, grad_sum, grad_ratio):
+        indices, slope_mask, z = ctx.saved_tensors
+        if z is None:
+            grad = torch.zeros(ctx.pre_shape, dtype=ctx.pre_dtype, device=indices.device)
+        else:  # every entry written below
+            grad = torch.empty(ctx.pre_shape, dtype=ctx.pre_dtype, device=indices.device)
+            batch = z.shape[1]
+            row_term = grad_sum.view(-1, 1, 1).expand(-1, batch, 1)  # (G, B, 1)
+            if ctx.coefficients is not None:
+                inverse, slope = ctx.coefficients
+                scale = (grad_ratio / batch).unsqueeze(1)  # the mean over rows
+                row_term = row_term + (scale * inverse).unsqueeze(2)
+                per_entry = torch.addcmul(row_term, z, (-scale * slope).unsqueeze(2))
+            else:
+                per_entry = row_term.expand_as(z)
+            # Only where z > 0 (pre > 0 on a penalised column) does z depend on pre: ReLU's
+            # own backward kernel (one vectorised pass; masked_fill_ or where over a (16, 256,
+            # 512) block took 20 ms on this CPU, this 0.4 ms), written in pre's dtype.
+            torch.ops.aten.threshold_backward.grad_input(per_entry, z, 0, grad_input=grad)
+        code_grad = torch.where(slope_mask, grad_values, 0.0).to(grad.dtype)
+        grad.scatter_add_(2, indices, code_grad)
+        return grad, None, None
 
 
 def _auxk(pack: PackedSAE, pre: torch.Tensor, residual: torch.Tensor, dead_gn: torch.Tensor,
@@ -324,7 +352,8 @@ def _auxk(pack: PackedSAE, pre: torch.Tensor, residual: torch.Tensor, dead_gn: t
     live_bias = torch.zeros_like(dead_gn, dtype=pre.dtype).masked_fill_(~dead_gn, float("-inf"))
     dead_pre = pre + live_bias.unsqueeze(1)
     top = dead_pre.topk(min(aux_k, pre.shape[2]), dim=2, sorted=False)
-    residual_hat = pack.decode(F.relu(top.values), top.indices, members=index, dense=dense)
+    residual_hat = pack.decode(F.relu(top.values).float(), top.indices, members=index,
+                               dense=dense)
     loss = member_nmse(residual_hat, residual) * dead_gn.any(dim=1).to(pre.dtype)
     if index is None:
         return loss

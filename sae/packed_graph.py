@@ -4,7 +4,7 @@ A packed step at the paper's sizes is launch-bound when run op by op (docs/perfo
 one replay launches the whole step. The step's shapes depend on host values only: the pack's
 shape and coefficients (fixed for the pack's life) and the members that need AuxK (read once
 per log interval). One graph is captured per AuxK member set met, all in one memory pool
-(they are replayed one at a time); past ``MAX_GRAPHS`` sets, AuxK runs for every member (an
+(they are replayed one at a time); an epoch's short last batch runs op by op; past ``MAX_GRAPHS`` sets, AuxK runs for every member (an
 exact superset: AuxK of a member with no dead latent is zero), so captures stay bounded.
 
 The graphs hold the pack's parameter, optimizer and counter tensors: a pack that drops a
@@ -42,6 +42,8 @@ class PackedGraphStep:
 
     def __call__(self, x_gbd: torch.Tensor, aux_members: Sequence[int]) -> torch.Tensor:
         """One step of every member on ``x_gbd`` (G, B, d); returns the (G, 4) losses."""
+        if x_gbd.shape != self.x.shape:  # an epoch's short last batch: one step op by op
+            return self._eager(x_gbd, aux_members)
         key = self._key(aux_members)
         self.x.copy_(x_gbd)
         if key not in self.graphs:
@@ -58,7 +60,10 @@ class PackedGraphStep:
         return tuple(range(self.pack.size))  # the last slot: AuxK for every member
 
     def _body(self, aux_members: tuple[int, ...]) -> torch.Tensor:
-        return packed_train_step(self.pack, self.optimizer, self.x, self.counters, self.coeffs,
+        return self._eager(self.x, aux_members)
+
+    def _eager(self, x_gbd: torch.Tensor, aux_members: Sequence[int]) -> torch.Tensor:
+        return packed_train_step(self.pack, self.optimizer, x_gbd, self.counters, self.coeffs,
                                  self.dead_window, self.aux_alpha, self.aux_k, self.bf16,
                                  aux_members)
 

@@ -79,8 +79,8 @@ else
         --cases l1l2+mask,none --no-reference)
   EVAL=(--size paper)
   EXTRACT=(--backbones clip_tiny,vit_tiny --images 512)
-  EXTRACT_BIG=(--images 1024)
-  EPOCHS=20
+  EXTRACT_BIG=(--images 512)
+  EPOCHS=10
   SWEEP_DEVICES=(cpu cuda cuda_bf16)
 fi
 
@@ -91,6 +91,10 @@ part pytest_gpu 100 "$PY" -m pytest -q -p no:cacheprovider -m gpu --timeout 90 \
 # 2. Training: the packed step (G = 1, 15, 45; eager and graph), its profile, the lone step.
 part bench_pack 110 "$PY" -m sae.bench pack --device "$DEVICE" "${PACK[@]}" --out "$BENCH" \
   | tee "$OUT/profile.txt"
+if [ "$DEVICE" != cpu ]; then  # AuxK at work: every member with 2 % dead latents
+  part bench_pack_dead 40 "$PY" -m sae.bench pack --device "$DEVICE" --sizes imagenet --bf16 \
+    --packs 15 --modes graph --dead-fraction 0.02 --repeats 2 --steps 10 --out "$BENCH"
+fi
 part bench_step 40 "$PY" -m sae.bench step --device "$DEVICE" "${STEP[@]}" --out "$BENCH"
 
 # 3. Evaluation on the device, per metric family.
@@ -112,9 +116,9 @@ export PY EPOCHS
 SWEEPS=$(mktemp -d)
 for variant in "${SWEEP_DEVICES[@]}"; do
   case $variant in
-    cpu) part "sweep_$variant" 50 bash -c 'sweep "$@"' _ "$SWEEPS/cpu" cpu false ;;
-    cuda) part "sweep_$variant" 45 bash -c 'sweep "$@"' _ "$SWEEPS/cuda" cuda false ;;
-    cuda_bf16) part "sweep_$variant" 45 bash -c 'sweep "$@"' _ "$SWEEPS/cuda_bf16" cuda true ;;
+    cpu) part "sweep_$variant" 90 bash -c 'sweep "$@"' _ "$SWEEPS/cpu" cpu false ;;
+    cuda) part "sweep_$variant" 60 bash -c 'sweep "$@"' _ "$SWEEPS/cuda" cuda false ;;
+    cuda_bf16) part "sweep_$variant" 60 bash -c 'sweep "$@"' _ "$SWEEPS/cuda_bf16" cuda true ;;
   esac
 done
 for variant in "${SWEEP_DEVICES[@]}"; do
@@ -130,7 +134,7 @@ grep -h "final metrics\|sweep gpucheck\|report:" "$OUT/gpu_check.log" | tail -20
 part bench_extract_tiny 30 bash -c \
   "'$PY' -m sae.bench extract --device $DEVICE ${EXTRACT[*]} | tee -a '$BENCH'"
 if [ ${#EXTRACT_BIG[@]} -gt 0 ]; then
-  part bench_extract_paper 50 bash -c \
+  part bench_extract_paper 70 bash -c \
     "'$PY' -m sae.bench extract --device $DEVICE ${EXTRACT_BIG[*]} | tee -a '$BENCH'"
 fi
 
