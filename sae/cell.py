@@ -23,8 +23,8 @@ from sae.identity import semantic_config
 from sae.io import atomic_write_json, atomic_write_text, code_version
 from sae.method_card import render_markdown, run_card
 from sae.model import TopKSAE, save_model
-from sae.preemption import StopRequest
-from sae.runs import write_status
+from sae.preemption import Interrupted, StopRequest
+from sae.runs import is_own_requeue, run_state, set_aside_outputs, write_status
 from sae.threads import set_torch_threads
 from sae.tracking import start_tracking
 from sae.trainer import Trainer, TrainState
@@ -40,6 +40,32 @@ def begin_run(cfg: RootConfig, rid: str, directory: Path, command: str, *,
     atomic_write_json(directory / "identity.json", semantic_config(cfg))
     write_status(directory, "running", command=command)
     return start_tracking(cfg, rid, directory, concurrent=concurrent)
+
+
+def skip_or_prepare(cfg: RootConfig, rid: str, directory: Path) -> dict[str, Any] | None:
+    """Under the run's lock, before it executes: the ``skipped`` outcome of a run already done,
+    or None when it is to run. ``force=true`` retrains from scratch (its previous outputs set
+    aside in ``previous-*/``), except in the requeued job that already began it."""
+    fresh_start = cfg.force and not is_own_requeue(directory)
+    if run_state(directory) == "done" and not fresh_start:
+        log.info("run %s is already done (%s); skipping", rid, directory)
+        return {"run_id": rid, "state": "skipped", "reason": "already done",
+                "run_dir": str(directory)}
+    if fresh_start and (previous := set_aside_outputs(directory)) is not None:
+        log.info("force=true: the previous outputs of run %s are set aside in %s (sae-clean "
+                 "removes them); training from scratch", rid, previous)
+    return None
+
+
+def record_stop(rid: str, directory: Path, tracker, command: str, stop: Interrupted
+                ) -> dict[str, Any]:
+    """The run stopped on a signal: ``interrupted`` / ``preempted`` with the signal and step."""
+    write_status(directory, stop.state, str(stop), command=command, signal=stop.signal_name,
+                 step=stop.step)
+    tracker.finish(failed=True)
+    log.warning("run %s %s: %s; a re-launch resumes from step %d", rid, stop.state, stop,
+                stop.step)
+    return {"run_id": rid, "state": stop.state, "reason": str(stop), "run_dir": str(directory)}
 
 
 def fail_run(rid: str, directory: Path, tracker, reason: str, command: str) -> dict[str, Any]:
@@ -82,7 +108,7 @@ def train_and_evaluate(cfg: RootConfig, directory: Path, tracker, command: str,
              train_set.dim, threads["count"], threads["source"])
     state = trainer.run()
     return evaluate_and_write(cfg, directory, command, trainer, state, train_set, eval_set,
-                              eval_cfg, time.perf_counter() - started, threads)
+                              eval_cfg, time.perf_counter() - started, threads, stop)
 
 
 def checkpoint_path(directory: Path) -> Path:
@@ -97,15 +123,24 @@ def evaluation_config(cfg: RootConfig):
 
 def evaluate_and_write(cfg: RootConfig, directory: Path, command: str, trainer: Trainer,
                        state: TrainState, train_set: EmbeddingSet, eval_set: EmbeddingSet,
-                       eval_cfg, train_seconds: float, threads: dict | None = None) -> dict:
-    """After training: the model file, the evaluation, metrics.json and the method card."""
+                       eval_cfg, train_seconds: float, threads: dict | None = None,
+                       stop: StopRequest | None = None) -> dict:
+    """After training: the model file, the evaluation, metrics.json and the method card.
+    ``stop``: a stop signal raises :class:`Interrupted` before the evaluation or between its
+    metric families (the training's last checkpoint is kept; a re-launch evaluates again)."""
     from sae.evaluate import evaluate
     from sae.probe_store import STORE_DIR_NAME as PROBE_STORE_DIR
 
+    def check_stop() -> None:
+        if stop is not None:
+            stop.check(state.step, "evaluation")
+
+    check_stop()
     model, config = trainer.model, trainer.config_for_checkpoint
     save_model(model, directory / "model.safetensors", config, step=state.step)
     metrics = evaluate(model, train_set, eval_set, eval_cfg, cfg.k, directory, trainer.device,
-                       seed=cfg.seed, probe_store=Path(cfg.paths.cache) / PROBE_STORE_DIR)
+                       seed=cfg.seed, probe_store=Path(cfg.paths.cache) / PROBE_STORE_DIR,
+                       check_stop=check_stop)
     metrics["train"] = {
         "steps": state.step, "resumed_from_step": trainer.resumed_from,
         "seconds": round(train_seconds, 3), "batch_size": trainer.schedule.batch_size,

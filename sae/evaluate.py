@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -358,28 +359,34 @@ def evaluate(
     *,
     similarity_x: torch.Tensor | np.ndarray | None = None,
     probe_store: Path | None = None,
+    check_stop: Callable[[], None] | None = None,
 ) -> dict:
     """Every METHOD.md s4 metric of ``sae`` on ``eval`` (probe-train data from ``train``).
 
     Writes contact sheets under ``out_dir/inspect/`` when ``eval`` has images. ``similarity_x``
     overrides ``cfg.similarity``; ``probe_store`` keeps raw-embedding probes (sae.probe_store).
+    ``check_stop`` is called between the metric families (it raises to stop the evaluation).
     Returns the dict of the module docstring (not written: the caller owns metrics.json).
     """
     started = time.perf_counter()
     out_dir = Path(out_dir)
     was_training = sae.training
     sae = sae.to(device).eval()
+    check_stop = check_stop or (lambda: None)
     try:
         similarity, similarity_protocol = load_similarity(cfg, eval, similarity_x)
         ks = inference_ks(train_k, cfg.k_multiples, sae.n_latents)
         stream = _make_stream(sae, eval, similarity.shape[1], cfg, ks, device, seed)
         _stream_eval_split(sae, eval, similarity, cfg, train_k, stream, device)
+        check_stop()
         flat, curves = _reconstruction_metrics(stream, train_k, list(cfg.k_multiples))
         mono_n = stream.mono.scores()
         flat |= _mono_metrics(mono_n)
         purity_flat, purity_protocol, purity_n = _purity_metrics(stream, eval, cfg)
+        check_stop()
         probe_flat, probe_curves, probe_protocol = _probe_metrics(
             sae, train, eval, stream, cfg, train_k, device, seed, probe_store)
+        check_stop()
         planted_flat, planted_protocol = _planted_metrics(sae, eval, train)
         inspection = _inspection(stream, eval, mono_n, cfg, out_dir, seed)
         per_latent = {"monoscore": mono_n, "firing_count": stream.firing.counts_n}

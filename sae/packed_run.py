@@ -33,15 +33,19 @@ from sae.cell import (
     evaluation_config,
     fail_run,
     finish_run,
+    record_stop,
+    skip_or_prepare,
 )
 from sae.config import RootConfig, to_dict, validate
 from sae.data import load_splits
 from sae.device import resolve_device
 from sae.identity import run_id
 from sae.io import load_meta
+from sae.locking import hold_run_lock
 from sae.packed_trainer import PackedTrainer
 from sae.packing import member_overrides
-from sae.runs import run_dir, run_lock, run_state
+from sae.preemption import Interrupted, StopRequest, redeliver, signal_name, stop_signals
+from sae.runs import run_dir
 from sae.threads import set_torch_threads
 from sae.trainer import Trainer
 
@@ -90,19 +94,18 @@ def run_pack(members: Sequence[tuple[DictConfig | RootConfig, str]]) -> list[dic
     check_shared_presets([m.cfg for m in cells])
     outcomes: dict[str, dict[str, Any]] = {}
     with contextlib.ExitStack() as locks:
-        # One process per run at a time, as run_cell; locks taken in a fixed order.
+        # One process per run at a time, as run_cell (with its timeout and holder message);
+        # locks taken in a fixed order.
         for member in sorted(cells, key=lambda m: str(m.directory)):
             member.directory.mkdir(parents=True, exist_ok=True)
-            locks.enter_context(run_lock(member.directory))
+            locks.enter_context(hold_run_lock(member.directory, member.cfg.run.lock_timeout_s))
         todo = []
         for member in cells:
-            if run_state(member.directory) == "done" and not member.cfg.force:
-                log.info("run %s is already done (%s); skipping", member.rid, member.directory)
-                outcomes[member.rid] = {"run_id": member.rid, "state": "skipped",
-                                        "reason": "already done",
-                                        "run_dir": str(member.directory)}
-            elif member.rid not in outcomes:  # a run id twice in a pack trains once
-                outcomes[member.rid] = {}
+            if member.rid in outcomes:  # a run id twice in a pack trains once
+                continue
+            skipped = skip_or_prepare(member.cfg, member.rid, member.directory)
+            outcomes[member.rid] = skipped or {}
+            if skipped is None:
                 todo.append(member)
         if todo:
             outcomes.update(_train_pack(todo))
@@ -110,15 +113,33 @@ def run_pack(members: Sequence[tuple[DictConfig | RootConfig, str]]) -> list[dic
 
 
 def _train_pack(members: list[Member]) -> dict[str, dict[str, Any]]:
+    """Train and evaluate the members; a stop signal (any phase) keeps every finished member
+    ``done``, records the others ``interrupted`` / ``preempted`` at their checkpoint, and then
+    acts as the signal asks (``sae.preemption``), as a lone run does."""
     for member in members:
         member.tracker = begin_run(member.cfg, member.rid, member.directory, member.command,
                                    concurrent=True)
-    try:
-        return _train_and_evaluate(members)
-    except Exception as exc:  # the pack as a whole failed (data, device): every member fails
-        reason = f"{type(exc).__name__}: {exc}"
-        return {m.rid: fail_run(m.rid, m.directory, m.tracker, reason, m.command)
-                for m in members}
+    outcomes: dict[str, dict[str, Any]] = {}
+    stopped: Interrupted | None = None
+    with stop_signals() as stop:
+        try:
+            _train_and_evaluate(members, outcomes, stop)
+        except Interrupted as exc:
+            stopped = exc
+        except Exception as exc:  # the pack as a whole failed (data, device): members not
+            reason = f"{type(exc).__name__}: {exc}"  # finished yet fail
+            for m in members:
+                if m.rid not in outcomes:
+                    outcomes[m.rid] = fail_run(m.rid, m.directory, m.tracker, reason, m.command)
+    if stopped is not None:
+        for m in members:
+            if m.rid not in outcomes:
+                record_stop(m.rid, m.directory, m.tracker, m.command, stopped)
+        redeliver(stopped.signum)  # exits: submitit requeues on USR2, SIGTERM ends the process
+    if stop.signum is not None:  # arrived while the last outputs were written: all finished
+        log.warning("pack finished; stopping on %s received meanwhile", signal_name(stop.signum))
+        redeliver(stop.signum)
+    return outcomes
 
 
 def resume_step(member: Member) -> int:
@@ -137,7 +158,9 @@ def groups_by_resume_step(members: Sequence[Member]) -> list[list[int]]:
     return list(groups.values())
 
 
-def _train_and_evaluate(members: list[Member]) -> dict[str, dict[str, Any]]:
+def _train_and_evaluate(members: list[Member], outcomes: dict[str, dict[str, Any]],
+                        stop: StopRequest) -> None:
+    """Fills ``outcomes`` member by member (a member's entry exists once it is finished)."""
     lead = members[0].cfg
     eval_cfgs = [evaluation_config(m.cfg) for m in members]
     device = resolve_device(lead.train.device)
@@ -155,10 +178,9 @@ def _train_and_evaluate(members: list[Member]) -> dict[str, dict[str, Any]]:
     results = {}
     for group in groups_by_resume_step(members):
         trained = PackedTrainer([members[i].trainer for i in group],
-                                [rng_states[i] for i in group]).run()
+                                [rng_states[i] for i in group], stop=stop).run()
         results.update({group[row]: result for row, result in trained.items()})
     train_seconds = time.perf_counter() - started
-    outcomes = {}
     for index, member in enumerate(members):
         result = results[index]
         if result.state is None:
@@ -168,11 +190,12 @@ def _train_and_evaluate(members: list[Member]) -> dict[str, dict[str, Any]]:
         try:
             metrics = evaluate_and_write(member.cfg, member.directory, member.command,
                                          member.trainer, result.state, train_set, eval_set,
-                                         eval_cfgs[index], train_seconds, threads)
+                                         eval_cfgs[index], train_seconds, threads, stop)
+        except Interrupted:
+            raise
         except Exception as exc:  # one member's evaluation failing fails that member only
             outcomes[member.rid] = fail_run(member.rid, member.directory, member.tracker,
                                             f"{type(exc).__name__}: {exc}", member.command)
             continue
         outcomes[member.rid] = finish_run(member.rid, member.directory, member.tracker,
                                           metrics, member.command)
-    return outcomes

@@ -27,6 +27,7 @@ import torch
 
 from sae.packed import MemberSpec, PackCoefficients, PackedSAE, packed_train_step
 from sae.packed_graph import PackedGraphStep
+from sae.preemption import StopRequest
 from sae.progress import Progress
 from sae.trainer import (
     DivergedError,
@@ -71,11 +72,12 @@ def check_compatible(trainers: list[Trainer]) -> None:
 class PackedTrainer:
     def __init__(self, trainers: list[Trainer],
                  rng_states: list[torch.Tensor] | None = None,
-                 cuda_graph: bool = True) -> None:
+                 cuda_graph: bool = True, stop: StopRequest | None = None) -> None:
         """``rng_states``: each member's torch RNG state right after its model was built; its
         checkpoints store it, as a lone run's do (training itself draws nothing from it).
         ``cuda_graph``: on CUDA, replay the step as CUDA graphs (``sae.packed_graph``; same
-        values as the eager step); False runs it op by op."""
+        values as the eager step); False runs it op by op. ``stop``: a stop signal ends the
+        loop after the current step, every member checkpointed (``Interrupted``)."""
         check_compatible(trainers)
         self.members = list(trainers)
         lead = trainers[0]
@@ -93,6 +95,7 @@ class PackedTrainer:
         self.aux_members: list[int] | None = None
         self.cuda_graph = cuda_graph and self.device.type == "cuda"
         self.graph_step: PackedGraphStep | None = None  # built at the first step on CUDA
+        self.stop = stop or StopRequest()
 
     # -- building the pack from the members' own initial states ------------------------------
     def initial_states(self) -> list[TrainState]:
@@ -154,9 +157,13 @@ class PackedTrainer:
                     self.aux_members = None  # read afresh by the next step
                 elif progress.tty:
                     progress.goto(step)
-                if self.alive and (at_end or self.members[0]._checkpoint_due(step, log_step)):
+                stopping = self.stop.signum is not None and not at_end
+                if self.alive and (at_end or stopping
+                                   or self.members[0]._checkpoint_due(step, log_step)):
                     self.save_checkpoints()
                     self._mark_checkpoint()
+                if stopping:
+                    self.stop.check(step)
         finally:
             progress.close()
         for row, member in enumerate(self.alive):

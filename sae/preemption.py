@@ -2,13 +2,14 @@
 
 SLURM ends a job with SIGTERM (``scancel``, a preemption, the time limit) and, with
 ``--signal=USR2@N`` (conf/launcher/slurm.yaml: ``signal_delay_s``), warns a task with SIGUSR2
-N seconds before its time limit. While a cell trains, :func:`stop_signals` turns either signal
-into a request that the training loop honours after the current step: it saves a checkpoint and
-raises :class:`Interrupted`. The caller records the status, then :func:`redeliver` hands the
-signal to the handler that was there before: submitit's USR2 handler requeues the task
-(its checkpoint/requeue protocol; the requeued task resumes from that checkpoint), the default
-SIGTERM action ends the process. Outside training (data loading, evaluation) the previous
-handlers apply unchanged.
+N seconds before its time limit. While a cell (or a pack) runs, :func:`stop_signals` turns
+either signal into a request: the training loop honours it after the current step (it saves a
+checkpoint and raises :class:`Interrupted`), the evaluation between its metric families, and a
+signal that arrives while the outputs are written is honoured once they are (the run is then
+``done``). The caller records the status, then :func:`redeliver` hands the signal to the
+handler that was there before: submitit's USR2 handler requeues the task (its
+checkpoint/requeue protocol; the requeued task resumes from that checkpoint, after training:
+the evaluation runs again), the default SIGTERM action ends the process.
 """
 
 from __future__ import annotations
@@ -24,21 +25,27 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR2)
 
 
 class Interrupted(Exception):  # noqa: N818 (a stop, not an error)
-    """Training stopped on a signal after checkpointing at ``step``."""
+    """A run stopped on a signal in ``phase`` (training, evaluation), checkpointed at ``step``."""
 
-    def __init__(self, signum: int, step: int) -> None:
-        self.signum, self.step = signum, step
-        super().__init__(f"stopped by {self.signal_name} at step {step} (checkpoint saved)")
+    def __init__(self, signum: int, step: int, phase: str = "training") -> None:
+        self.signum, self.step, self.phase = signum, step, phase
+        where = "" if phase == "training" else f" during {phase}"
+        super().__init__(f"stopped by {self.signal_name}{where} at step {step} "
+                         "(checkpoint saved)")
 
     @property
     def signal_name(self) -> str:
-        return signal.Signals(self.signum).name
+        return signal_name(self.signum)
 
     @property
     def state(self) -> str:
         """``preempted``: SLURM's warning before a time limit or preemption (the task is
         requeued); ``interrupted``: anything else that asked the process to end."""
         return "preempted" if self.signum == signal.SIGUSR2 else "interrupted"
+
+
+def signal_name(signum: int) -> str:
+    return signal.Signals(signum).name
 
 
 @dataclass
@@ -48,10 +55,10 @@ class StopRequest:
     signum: int | None = None
     previous: dict[int, object] | None = None
 
-    def check(self, step: int) -> None:
+    def check(self, step: int, phase: str = "training") -> None:
         """Raise :class:`Interrupted` once a stop was requested (after the caller's checkpoint)."""
         if self.signum is not None:
-            raise Interrupted(self.signum, step)
+            raise Interrupted(self.signum, step, phase)
 
 
 @contextmanager

@@ -22,12 +22,19 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from sae.cell import begin_run, fail_run, finish_run, train_and_evaluate
+from sae.cell import (
+    begin_run,
+    fail_run,
+    finish_run,
+    record_stop,
+    skip_or_prepare,
+    train_and_evaluate,
+)
 from sae.config import RootConfig, register_configs, validate
 from sae.identity import run_id
 from sae.locking import hold_run_lock
-from sae.preemption import Interrupted, redeliver, stop_signals
-from sae.runs import is_own_requeue, run_dir, run_state, set_aside_outputs, write_status
+from sae.preemption import Interrupted, redeliver, signal_name, stop_signals
+from sae.runs import run_dir
 
 log = logging.getLogger(__name__)
 # Absolute, so the console scripts find the config tree as `python -m` does.
@@ -58,15 +65,9 @@ def run_cell(cfg_node: DictConfig | RootConfig, command: str | None = None) -> d
     directory.mkdir(parents=True, exist_ok=True)
     # One process per cell at a time: a second launch of the same cell waits here, then skips.
     with hold_run_lock(directory, cfg.run.lock_timeout_s):
-        # force=true retrains from scratch, except in the requeued job that already began it.
-        fresh_start = cfg.force and not is_own_requeue(directory)
-        if run_state(directory) == "done" and not fresh_start:
-            log.info("run %s is already done (%s); skipping", rid, directory)
-            return {"run_id": rid, "state": "skipped", "reason": "already done",
-                    "run_dir": str(directory)}
-        if fresh_start and (previous := set_aside_outputs(directory)) is not None:
-            log.info("force=true: the previous outputs of run %s are set aside in %s (sae-clean "
-                     "removes them); training from scratch", rid, previous)
+        skipped = skip_or_prepare(cfg, rid, directory)
+        if skipped is not None:
+            return skipped
         return _execute(cfg, rid, directory, command or reproduce_command())
 
 
@@ -83,18 +84,16 @@ def _execute(cfg: RootConfig, rid: str, directory: Path, command: str) -> dict[s
             if is_multirun():  # let the sweep go on; the sweeper reports the failure
                 return outcome
             raise
+        if stopped is None:
+            outcome = finish_run(rid, directory, tracker, metrics, command)
     if stopped is not None:
-        _record_stop(directory, rid, tracker, command, stopped)
+        record_stop(rid, directory, tracker, command, stopped)
         redeliver(stopped.signum)  # exits: submitit requeues on USR2, SIGTERM ends the process
-    return finish_run(rid, directory, tracker, metrics, command)
-
-
-def _record_stop(directory: Path, rid: str, tracker, command: str, stop: Interrupted) -> None:
-    write_status(directory, stop.state, str(stop), command=command, signal=stop.signal_name,
-                 step=stop.step)
-    tracker.finish(failed=True)
-    log.warning("run %s %s: %s; a re-launch resumes from step %d", rid, stop.state, stop,
-                stop.step)
+    if stop.signum is not None:  # arrived while the outputs were written: the run is done
+        log.warning("run %s done; stopping on %s received meanwhile", rid,
+                    signal_name(stop.signum))
+        redeliver(stop.signum)
+    return outcome
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
