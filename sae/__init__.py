@@ -5,7 +5,8 @@ The public surface, importable from ``sae`` (lazily, so ``import sae.config`` st
 
     TopKSAE, SparseCode           the model                        (sae.model)
     off_support_l1, l1_l2_ratio   the two regularizers             (sae.regularizers)
-    load_model, save_model        a saved SAE                      (sae.model)
+    load                          a trained SAE for a notebook: raw embeddings in (sae.pretrained)
+    load_model, save_model        a saved SAE as trained           (sae.model)
     run_id                        the identity of a run            (sae.identity)
     RootConfig, validate          the typed config                 (sae.config)
     metrics                       the metric library               (sae.metrics)
@@ -17,7 +18,7 @@ _EXPORTS = {
     "TopKSAE": "sae.model", "SparseCode": "sae.model",
     "off_support_l1": "sae.regularizers", "l1_l2_ratio": "sae.regularizers",
     "batch_active": "sae.regularizers",
-    "load_model": "sae.model", "save_model": "sae.model", "run_id": "sae.identity",
+    "load": "sae.pretrained", "load_model": "sae.model", "save_model": "sae.model", "run_id": "sae.identity",
     "RootConfig": "sae.config", "validate": "sae.config",
 }
 __all__ = [*_EXPORTS, "metrics"]

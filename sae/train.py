@@ -30,6 +30,7 @@ from sae.cell import (
     skip_or_prepare,
     train_and_evaluate,
 )
+from sae.cli_overrides import main_with_checks
 from sae.config import RootConfig, register_configs, validate
 from sae.identity import run_id
 from sae.locking import hold_run_lock
@@ -106,9 +107,10 @@ def main(cfg: DictConfig) -> dict[str, Any]:
 
 
 def cli() -> None:
-    """Console script ``sae-train`` (same arguments as ``python -m sae.train``)."""
-    main()
+    """Console script ``sae-train`` (same arguments as ``python -m sae.train``); the overrides
+    are checked against the schema first (``sae.cli_overrides``)."""
+    main_with_checks(main, CONF_DIR, RootConfig)
 
 
 if __name__ == "__main__":
-    main()
+    cli()
