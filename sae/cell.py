@@ -158,7 +158,7 @@ def evaluate_and_write(cfg: RootConfig, directory: Path, command: str, trainer: 
     return metrics
 
 
-FINAL_METRICS = ("r2", "nmse", "l0", "dead_count", "mono_dead0", "mono_live", "purity_binary",
+FINAL_METRICS = ("r2", "r2_variance_weighted", "nmse", "l0", "dead_count", "mono_dead0", "mono_live", "purity_binary",
                  "probe_raw")
 
 

@@ -109,6 +109,7 @@ def run_card(cfg: RootConfig, metrics: dict[str, Any], split_sizes: dict[str, in
         "active_unit_mask_rule": _mask_rule(cfg),
         "reconstruction": {"metric": "R^2 (per-dimension, uniform average, float64) on the "
                                      "evaluation split", "value": _get(metrics, "r2"),
+                           "r2_variance_weighted": _get(metrics, "r2_variance_weighted"),
                            "nmse": _get(metrics, "nmse"), "training_nmse": NMSE_CONVENTION,
                            "training_precision": (
                                "bf16 autocast for the matrix products, float32 weights and Adam"

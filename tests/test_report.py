@@ -486,3 +486,20 @@ def test_runs_evaluated_under_the_old_metric_names_are_read(tmp_path):
     assert list(runs["r2_at_2k"]) == [0.5, 0.5] and list(runs["r2_at_0.25k"]) == [0.25, 0.25]
     assert list(runs["probe_raw"]) == [0.9, 0.9]
     assert not [c for c in runs.columns if "mono_mean" in c or "k_robust_r2_k" in c]
+
+
+def test_a_negative_uniform_r2_is_marked_and_both_r2_are_tabulated():
+    """Issue 22 item 5: the tables show the variance-weighted R^2 beside the paper's, and a
+    negative uniform R^2 carries the mark the note explains."""
+    from sae.reporting.tables import HEADER, NEGATIVE_MARK, NOTE, block_cells
+
+    assert HEADER[3:5] == ["R^2", "R^2 (1-FVU)"]
+    block = pd.DataFrame([
+        {"regularizer": "none", "mask_label": "unused", "n_seeds": 1, "r2_mean": -5.371,
+         "r2_std": None, "r2_variance_weighted_mean": 0.444, "r2_variance_weighted_std": None},
+        {"regularizer": "l1l2", "mask_label": "on", "n_seeds": 1, "r2_mean": 0.5,
+         "r2_std": None, "r2_variance_weighted_mean": 0.6, "r2_variance_weighted_std": None}])
+    rows = block_cells(block, (False, False))
+    assert rows[0][3][0].endswith(NEGATIVE_MARK) and not rows[1][3][0].endswith(NEGATIVE_MARK)
+    assert rows[0][4][0].startswith("0.444")
+    assert NEGATIVE_MARK in NOTE

@@ -32,11 +32,14 @@ class MetricSpec:
 
 
 # The paper's table columns (METHOD.md s5): reconstruction, monosemanticity, purity, dead latents.
+# R^2 both ways (METHOD.md s4): the paper's uniform average over dimensions, and the
+# variance-weighted 1 - FVU, which the quietest dimensions cannot drive negative.
 # MonoScore is shown both ways: mono_live averages the latents that fire, mono_dead0 all
 # latents with the dead ones counted as 0 (MonoLoss's convention, which rewards fewer dead
 # latents as much as more monosemantic live ones); the two can rank settings differently.
 TABLE_METRICS = (
     MetricSpec("r2", "R^2", True, 3),
+    MetricSpec("r2_variance_weighted", "R^2 (1-FVU)", True, 3),
     MetricSpec("nmse", "NMSE", False, 3),
     MetricSpec("mono_live", "mono_live", True, 3),
     MetricSpec("mono_dead0", "mono_dead0", True, 3),

@@ -229,17 +229,22 @@ def run_links(row: pd.Series, report_dir: Path) -> str:
     return " ".join(parts)
 
 
+def _number(value) -> str:
+    return "" if value is None or pd.isna(value) else f"{value:.4f}"
+
+
 def runs_section(runs: pd.DataFrame, report_dir: Path) -> str:
-    head = "".join(f"<th>{c}</th>" for c in (*RUN_COLUMNS, "run id", "R^2", "files"))
+    head = "".join(f"<th>{c}</th>" for c in (*RUN_COLUMNS, "run id", "R^2", "R^2 (1-FVU)",
+                                               "files"))
     rows = []
     for _, row in runs.iterrows():
         cells = "".join(f"<td>{esc(row.get(c))}</td>" for c in RUN_COLUMNS)
         dup = f" (same run as cell {int(row['duplicate_of'])})" \
             if pd.notna(row.get("duplicate_of")) else ""
-        r2 = row.get("r2")
+        r2s = "".join(f"<td>{_number(row.get(key))}</td>"
+                      for key in ("r2", "r2_variance_weighted"))
         rows.append(f"<tr class='{esc(row['status'])}'>{cells}<td>{esc(row['run_id'])}{dup}</td>"
-                    f"<td>{'' if r2 is None or pd.isna(r2) else f'{r2:.4f}'}</td>"
-                    f"<td>{run_links(row, report_dir)}</td></tr>")
+                    f"{r2s}<td>{run_links(row, report_dir)}</td></tr>")
     return (f"<h2 id='runs'>Runs ({len(runs)} cells)</h2>"
             f"<table><tr>{head}</tr>{''.join(rows)}</table>")
 

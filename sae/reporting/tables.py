@@ -26,13 +26,17 @@ from sae.reporting.aggregate import (
 from sae.reporting.stats import DELTA_METRICS, delta_interval
 
 MISSING = "—"  # a metric that was not measured (or a setting with no finished run)
+NEGATIVE_MARK = "†"
 NOTE = ("mean ± std over seeds (sample std; one seed: no std); best per column in bold "
         "(lowest for NMSE and dead latents; none marked when all tie); — = not measured. Mask "
         "unused: no regularizer, so the mask has no effect. mono_live: MonoScore averaged over "
         "the latents that fire; mono_dead0: over all latents, dead ones counted as 0. Probe "
         "(small m): probe accuracy (mAP if multi-label) averaged over m in {1, 2, 4}. "
         "Δ: mean over seeds of (setting − baseline of the same seed) [95 % Student-t "
-        "interval]; one seed gives no interval.")
+        "interval]; one seed gives no interval. R^2 is the paper's uniform average over "
+        "dimensions, R^2 (1-FVU) the variance-weighted one (SAELens' explained variance); "
+        f"{NEGATIVE_MARK} marks a negative uniform R^2: its quietest dimensions dominate it, "
+        "read R^2 (1-FVU).")
 
 
 def format_value(mean: float, std: float, decimals: int) -> str:
@@ -69,8 +73,10 @@ def block_cells(block: pd.DataFrame, flags: tuple[bool, bool]) -> list[list[tupl
         cells = [(setting_label(row, *flags), False), (str(row["mask_label"]), False),
                  (str(row["n_seeds"]), False)]
         for spec in TABLE_METRICS:
-            text = format_value(row.get(f"{spec.key}_mean"), row.get(f"{spec.key}_std"),
-                                spec.decimals)
+            mean = row.get(f"{spec.key}_mean")
+            text = format_value(mean, row.get(f"{spec.key}_std"), spec.decimals)
+            if spec.key == "r2" and mean is not None and not pd.isna(mean) and mean < 0:
+                text += f" {NEGATIVE_MARK}"
             cells.append((text, i in best[spec.key]))
         cells += [(delta_interval(row, metric).text(), False) for metric in DELTA_METRICS]
         body.append(cells)
