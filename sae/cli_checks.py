@@ -6,7 +6,8 @@ A Hydra callback (``hydra.callbacks.early_checks`` in conf/train.yaml):
   a directory this process can write in, or creatable: a read-only mount, a file or ``/proc``
   stops the command with one line naming the path, before anything runs;
 * a single run is validated before its Hydra folder (``sweeps/single/<time>``) exists, so a
-  config error leaves no folder behind and prints one line naming the field and the fix;
+  config error (an unreadable embeddings file included) leaves no folder behind and prints one
+  line naming the field and the fix;
 * ``dry_run=true`` without ``-m`` lists the one cell and runs nothing;
 * a single run that fails removes its Hydra folder (its reason is in the run's status.json).
 
@@ -87,6 +88,10 @@ class EarlyChecks(Callback):
         with one_line_errors():
             check_output_root(config)
             cfg = validate(config)
+            if cfg.dataset.kind == "files":  # an unreadable file: refused before a run folder
+                from sae.sweep import check_files
+
+                check_files(cfg.dataset)
         if cfg.dry_run:
             print_single_dry_run(config)
             sys.exit(0)

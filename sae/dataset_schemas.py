@@ -104,7 +104,7 @@ class DigitsDatasetConfig(_HeldOut, DatasetConfig):
 
 @dataclass
 class FilesDatasetConfig(_HeldOut, DatasetConfig):
-    """User-supplied embeddings (.npy or .safetensors)."""
+    """User-supplied embeddings, in any format of ``sae.data.formats``."""
 
     kind: str = "files"
     train_path: str | None = None  # (N, d) embeddings of the train split
@@ -116,12 +116,21 @@ class FilesDatasetConfig(_HeldOut, DatasetConfig):
     train_labels: str | None = None  # optional labels of the train split (.npy)
     eval_labels: str | None = None  # optional labels of the evaluation split (.npy)
     class_names: str | None = None  # text file, one class name per line: line i names class id i
+    embedding_key: str | None = None  # tensor (.safetensors, .pt dict) or column (parquet, arrow, datasets folder) of the embeddings; null = embedding(s)
+    label_key: str | None = None  # label column of a table file; null = label(s) when present
+
+    def identity(self) -> dict[str, Any]:
+        """As every kind's; the two keys only when set, so runs from before they existed keep
+        their ids (the files' digests name the data either way)."""
+        return {name: value for name, value in super().identity().items()
+                if value is not None or name not in ("embedding_key", "label_key")}
 
     def __post_init__(self) -> None:
         super().__post_init__()
         self._check_held_out()
         require(bool(self.train_path), "dataset.train_path", "is not set",
-                 "point it to a .npy or .safetensors file of shape (N, d)")
+                 "point it to embeddings of shape (N, d): .npy, .safetensors, .pt, .parquet, "
+                 ".arrow or a Hugging Face datasets folder")
 
 
 @dataclass

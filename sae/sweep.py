@@ -73,10 +73,7 @@ def preflight(cfg: RootConfig) -> None:
             except DataError as exc:
                 raise ConfigError(f"dataset.sampling: {exc}") from None
     if data.kind == "files":
-        for name in ("train_path", "eval_path", "train_labels", "eval_labels", "class_names"):
-            path = getattr(data, name)
-            if path and not Path(path).is_file():
-                raise ConfigError(f"dataset.{name}: {path} does not exist. Fix: check the path")
+        check_files(data)
     try:
         similarity = resolve_similarity(cfg)
     except CacheError as exc:
@@ -84,6 +81,24 @@ def preflight(cfg: RootConfig) -> None:
     if similarity.kind != "input" and not Path(similarity.target).exists():
         raise ConfigError(f"eval.similarity: {similarity.target} does not exist. Fix: check the "
                           "path, or use input or backbone:NAME")
+
+
+def check_files(data) -> None:
+    """A files dataset's paths exist and open as a format sae-grid reads (headers and schemas
+    only: cheap on a login node)."""
+    from sae.data.errors import DataError
+    from sae.data.formats import check_readable
+
+    for name in ("train_path", "eval_path"):
+        if getattr(data, name):
+            try:
+                check_readable(Path(getattr(data, name)), name, data.embedding_key)
+            except DataError as exc:
+                raise ConfigError(f"dataset.{exc}") from None
+    for name in ("train_labels", "eval_labels", "class_names"):
+        path = getattr(data, name)
+        if path and not Path(path).exists():
+            raise ConfigError(f"dataset.{name}: {path} does not exist. Fix: check the path")
 
 
 def _check_image_root(data) -> None:
@@ -212,6 +227,10 @@ def _problems_of(cell: Cell) -> list[str]:
 def _problem_numbers(cells: Sequence[Cell]) -> dict[str, int]:
     counts = Counter(p for c in cells for p in _problems_of(c))
     return {problem: number for number, (problem, _) in enumerate(counts.most_common(), 1)}
+
+
+def has_problems(cells: Sequence[Cell]) -> bool:
+    return any(_problems_of(c) for c in cells)
 
 
 def problem_summary(cells: Sequence[Cell]) -> str:

@@ -256,7 +256,7 @@ def test_dry_run_of_a_sweep_ends_with_a_grouped_problem_summary(tmp_path):
     grid = ["-m", "dataset=imagenet", "backbone=clip_vitl14", "k=4,8", "seed=0,1",
             "dry_run=true", "sae=tiny"]
     unset = cli(tmp_path, *grid, IMAGENET_ROOT="", SAE_WEIGHTS_DIR="")
-    assert unset.returncode == 0, unset.stderr
+    assert unset.returncode == 2, unset.stderr  # a plan with problems: listed, then exit 2
     assert unset.stdout.count("dataset.root: is empty or not set") == 1, unset.stdout
     assert "4 cells: dataset.root: is empty or not set" in unset.stdout
     assert "4 cells: backbone.checkpoint_path" in unset.stdout and "SAE_WEIGHTS_DIR" in \

@@ -84,6 +84,10 @@ class SaeSweeper(BasicSweeper):
 
                 print(packs_table(packs), flush=True)
             print(planning.problem_summary(cells), flush=True)
+            if planning.has_problems(cells):  # scripts can tell a plan that would not run
+                from sae.cli_checks import CONFIG_ERROR_EXIT
+
+                sys.exit(CONFIG_ERROR_EXIT)
             return []
         self._check_launcher()
         sweep_dir.mkdir(parents=True, exist_ok=True)

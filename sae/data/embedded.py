@@ -11,11 +11,14 @@ from PIL import Image
 
 from sae.config import DatasetConfig, DigitsDatasetConfig, FilesDatasetConfig
 from sae.data.errors import DataError
+from sae.data.formats import is_table, read_matrix, read_table_labels
 from sae.data.types import EmbeddingSet
 
 
 def _finish(x: np.ndarray | torch.Tensor, cfg: DatasetConfig, source: str) -> torch.Tensor:
     """float32 tensor, checked finite, unit-normalised when the config says so."""
+    if isinstance(x, torch.Tensor):  # a .pt file's (possibly bf16 / fp16) tensor
+        x = x.detach().to(torch.float32).cpu().numpy()
     x = torch.from_numpy(np.array(x, dtype=np.float32))  # a copy: the source may be a read-only memmap
     if x.ndim != 2 or x.shape[0] == 0 or x.shape[1] == 0:
         raise DataError(f"{source}: expected a non-empty (N, d) array, got shape "
@@ -78,49 +81,9 @@ def load_digits(cfg: DigitsDatasetConfig) -> tuple[EmbeddingSet, EmbeddingSet]:
     return split(train_idx, "digits/train"), split(eval_idx, "digits/eval")
 
 
-def read_array(path: str | Path, what: str) -> np.ndarray:
-    """A .npy or .safetensors array (the single tensor, or the one named ``embeddings``)."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{what}: file {path} does not exist. Fix: check dataset.{what}")
-    try:
-        if path.suffix == ".npy":
-            _check_npy_header(path, what)
-            return np.load(path, mmap_mode="r", allow_pickle=False)
-        if path.suffix == ".safetensors":
-            from safetensors.numpy import load_file
-
-            tensors = load_file(str(path))
-            if len(tensors) == 1:
-                return next(iter(tensors.values()))
-            if "embeddings" in tensors:
-                return tensors["embeddings"]
-            raise DataError(f"{what}: {path} holds tensors {sorted(tensors)}. Fix: store one "
-                            "tensor, or name the embeddings 'embeddings'")
-    except DataError:
-        raise
-    except Exception as exc:  # corrupt or truncated file: say which one
-        raise DataError(f"{what}: cannot read {path} ({exc}). Fix: re-export the file") from exc
-    raise DataError(f"{what}: {path} is neither .npy nor .safetensors. Fix: convert it")
-
-
-def _check_npy_header(path: Path, what: str) -> None:
-    """Refuse, by what they are, a file that is not a .npy array and one of Python objects
-    (which only unpickling, i.e. running code from the file, could read)."""
-    from numpy.lib import format as npy
-
-    with path.open("rb") as handle:
-        try:
-            version = npy.read_magic(handle)
-            header = npy.read_array_header_1_0 if version == (1, 0) else npy.read_array_header_2_0
-            _shape, _fortran, dtype = header(handle)
-        except ValueError as exc:
-            raise DataError(f"{what}: {path} is not a .npy array file ({exc}). Fix: save the "
-                            "array with numpy.save") from None
-    if dtype.hasobject:
-        raise DataError(f"{what}: {path} holds Python objects (dtype object), not numbers or "
-                        "strings. Fix: save a numeric or string array, e.g. "
-                        "numpy.save(path, numpy.asarray(labels, dtype=int))")
+def read_array(path: str | Path, what: str, key: str | None = None) -> np.ndarray:
+    """An (N, d) array in any format of ``sae.data.formats`` (``key``: the tensor or column)."""
+    return read_matrix(Path(path), what, key)
 
 
 def read_class_names(path: str | None) -> list[str] | None:
@@ -133,10 +96,21 @@ def read_class_names(path: str | None) -> list[str] | None:
 
 
 def _labels(path: str | None, n: int, what: str, class_names: list[str] | None,
-            class_file: str | None) -> torch.Tensor | None:
+            class_file: str | None, key: str | None = None) -> torch.Tensor | None:
     if not path:
         return None
-    labels = np.asarray(read_array(path, what))
+    if is_table(Path(path)):
+        labels = read_table_labels(Path(path), what, key)
+        if labels is None:
+            raise DataError(f"{what}: {path} has no label column. Fix: set "
+                            "dataset.label_key=<column>")
+    else:
+        labels = np.asarray(read_array(path, what))
+    return _label_tensor(labels, n, path, what, class_names, class_file)
+
+
+def _label_tensor(labels: np.ndarray, n: int, path: str | Path, what: str,
+                  class_names: list[str] | None, class_file: str | None) -> torch.Tensor:
     if labels.shape[0] != n:
         raise DataError(f"{what}: {path} holds {labels.shape[0]} labels for {n} embeddings. "
                         "Fix: give one label row per embedding")
@@ -179,14 +153,28 @@ def _ids_of_names(labels: np.ndarray, source: str, class_names: list[str] | None
     return ids
 
 
+def _split_labels(cfg: FilesDatasetConfig, split: str, n: int, names: list[str] | None
+                  ) -> torch.Tensor | None:
+    """A split's labels: its label file, else the label column of its embeddings' table."""
+    label_path, data_path = getattr(cfg, f"{split}_labels"), getattr(cfg, f"{split}_path")
+    if label_path:
+        return _labels(label_path, n, f"{split}_labels", names, cfg.class_names, cfg.label_key)
+    if not is_table(Path(data_path)):
+        return None
+    labels = read_table_labels(Path(data_path), f"{split}_path", cfg.label_key)
+    if labels is None:
+        return None
+    return _label_tensor(labels, n, data_path, f"{split}_path", names, cfg.class_names)
+
+
 def load_files(cfg: FilesDatasetConfig) -> tuple[EmbeddingSet, EmbeddingSet]:
-    x = _finish(read_array(cfg.train_path, "train_path"), cfg, str(cfg.train_path))
+    key = cfg.embedding_key
+    x = _finish(read_array(cfg.train_path, "train_path", key), cfg, str(cfg.train_path))
     names = read_class_names(cfg.class_names)
-    y = _labels(cfg.train_labels, x.shape[0], "train_labels", names, cfg.class_names)
+    y = _split_labels(cfg, "train", x.shape[0], names)
     if cfg.eval_path:
-        x_eval = _finish(read_array(cfg.eval_path, "eval_path"), cfg, str(cfg.eval_path))
-        y_eval = _labels(cfg.eval_labels, x_eval.shape[0], "eval_labels", names,
-                         cfg.class_names)
+        x_eval = _finish(read_array(cfg.eval_path, "eval_path", key), cfg, str(cfg.eval_path))
+        y_eval = _split_labels(cfg, "eval", x_eval.shape[0], names)
         if x_eval.shape[1] != x.shape[1]:
             raise DataError(f"eval_path: {cfg.eval_path} has dim {x_eval.shape[1]}, train_path "
                             f"has {x.shape[1]}. Fix: embed both splits with the same backbone")
