@@ -32,8 +32,22 @@ def flatten(tree: dict[str, Any], sep: str = ".", prefix: str = "") -> dict[str,
     return flat
 
 
-def numeric_leaves(tree: dict[str, Any]) -> dict[str, Any]:
-    """``flatten(tree)`` keeping only numbers, bools and None (what a table or a W&B summary
-    holds; text and lists are left out)."""
-    return {name: value for name, value in flatten(tree).items()
+def numeric_leaves(tree: dict[str, Any], sep: str = ".") -> dict[str, Any]:
+    """``flatten(tree, sep)`` keeping only numbers, bools and None (what a table or a W&B
+    summary holds; text and lists are left out)."""
+    return {name: value for name, value in flatten(tree, sep).items()
             if isinstance(value, bool | int | float) or value is None}
+
+
+def multiple_name(multiple: float) -> str:
+    """An inference budget as a multiple of the training k, as a metric-name part that matches
+    ``[_a-zA-Z0-9]`` (W&B sorts and filters only such names): 1 -> ``k``, 2 -> ``k_x2``,
+    0.25 -> ``k_div4``, 0.75 -> ``k_x0p75``."""
+    if multiple == 1:
+        return "k"
+    if float(multiple).is_integer():
+        return f"k_x{int(multiple)}"
+    inverse = 1 / multiple
+    if abs(inverse - round(inverse)) < 1e-9:
+        return f"k_div{round(inverse)}"
+    return f"k_x{multiple:g}".replace(".", "p")

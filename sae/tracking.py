@@ -10,8 +10,12 @@ What a run holds, so that one W&B project carries the whole comparison:
   ``strength``, ``mask``, ``seed``, ``n_latents``, ``sweep``; a baseline's ``mask`` is ``n/a``),
   the same as tags (``mask:n/a``), and the whole resolved config under ``cfg``;
 * history: the training losses, dead latents, learning rate and samples seen;
-* summary: every numeric leaf of metrics.json under its metrics.json name (nested keys joined
-  with dots: ``r2``, ``mono_dead0``, ``r2_at_2k``, ``k_robustness_mean_ratio``, ...);
+* summary: every numeric leaf of metrics.json under its metrics.json name, nested keys joined
+  with ``/`` as W&B sections (``r2``, ``r2_variance_weighted``, ``mono_dead0``,
+  ``r2_at_k_x2``, ``train/steps``, ...): every part matches ``[_a-zA-Z][_a-zA-Z0-9]*``, the
+  names W&B can sort and filter by;
+* the curves of metrics.json (R^2 and its ratio per inference k', probe accuracy per m) as
+  tables ``eval/curves/<name>`` (x, value), not as summary keys named by numbers;
 * at the end: the weights as an artifact (a reference to the run directory when offline), a
   per-latent table (firing rate, MonoScore, purity, top class), the feature-density histogram
   (log10 firing rate, SAELens's convention) and the contact sheets as images.
@@ -118,9 +122,10 @@ def wandb_mode(cfg_mode: str, probe_timeout_s: float = 3.0) -> str:
 
 # -- the run's tracker ----------------------------------------------------------------------------
 def summary_values(metrics: dict[str, Any]) -> dict[str, Any]:
-    """Numeric leaves under their metrics.json names (``train.steps``); text and lists (the
-    protocols, the training curve, which is in the history) are left out."""
-    return numeric_leaves(metrics)
+    """Numeric leaves under their metrics.json names, sections joined by ``/``
+    (``train/steps``); text and lists (the protocols, the training curve, which is in the
+    history) and the curves (logged as tables: ``log_curves``) are left out."""
+    return numeric_leaves({k: v for k, v in metrics.items() if k != "curves"}, sep="/")
 
 
 class WandbTracker:
@@ -218,8 +223,24 @@ def log_contact_sheets(run: Any, run_dir: Path, metrics: dict[str, Any], offline
                 step=final_step(metrics))
 
 
+def log_curves(run: Any, run_dir: Path, metrics: dict[str, Any], offline: bool) -> None:
+    """Each curve of metrics.json (``{x: value}``) as a two-column table, which W&B plots as a
+    line (``wandb.plot.line`` in a panel) and the dashboard compares across runs."""
+    import wandb
+
+    tables = {}
+    for name, points in (metrics.get("curves") or {}).items():
+        if isinstance(points, dict) and points:
+            rows = sorted((float(x), float(y)) for x, y in points.items()
+                          if isinstance(y, int | float))
+            tables[f"eval/curves/{name}"] = wandb.Table(columns=["x", "value"],
+                                                        data=[list(r) for r in rows])
+    if tables:
+        run.log(tables, step=final_step(metrics))
+
+
 OUTPUTS = {"weights artifact": log_weights, "per-latent table": log_latents,
-           "contact sheets": log_contact_sheets}
+           "curves": log_curves, "contact sheets": log_contact_sheets}
 
 
 def _settings() -> Any:

@@ -17,6 +17,7 @@ from sae.data.types import EmbeddingSet
 from sae.evaluate import evaluate
 from sae.inspect import select_latents
 from sae.model import TopKSAE
+from sae.plain import multiple_name
 
 D, N_LATENTS, K = 8, 32, 4
 
@@ -76,7 +77,7 @@ def test_all_keys_contact_sheets_and_strict_json(tmp_path):
     metrics = _run(tmp_path, train, evaluation)
     assert FLAT_KEYS <= metrics.keys()
     # Robustness is keyed by the multiple of the training k, not by the absolute k'.
-    assert {f"r2_at_{m}k" for m in ("0.25", "0.5", "1", "2", "4")} <= metrics.keys()
+    assert {f"r2_at_{m}" for m in ("k_div4", "k_div2", "k", "k_x2", "k_x4")} <= metrics.keys()
     assert not [key for key in metrics if key.startswith("k_robust_r2_k")]
     assert set(metrics["curves"]["k_robustness"]) == {"1", "2", "4", "8", "16"}
     assert set(metrics["curves"]["probe"]) == {"1", "2", "4"}
@@ -124,9 +125,10 @@ def test_streamed_numbers_equal_one_shot_metrics(tmp_path, layernorm):
     robust = M.k_robustness(sae, evaluation.x, _cfg().k_multiples, chunk_size=50)
     for k, r2 in robust.r2.items():
         assert metrics["curves"]["k_robustness"][str(k)] == pytest.approx(r2, abs=1e-9)
-    for multiple in _cfg().k_multiples:  # the same numbers under r2_at_<multiple>k
+    for multiple in _cfg().k_multiples:  # the same numbers under r2_at_<multiple_name>
         k = max(1, round(multiple * K))
-        assert metrics[f"r2_at_{multiple:g}k"] == pytest.approx(robust.r2[k], abs=1e-9)
+        assert metrics[f"r2_at_{multiple_name(multiple)}"] == pytest.approx(robust.r2[k],
+                                                                            abs=1e-9)
     others = [r / robust.r2[K] for k, r in robust.r2.items() if k != K and robust.r2[K] > 0]
     expected = sum(others) / len(others) if others else None  # NaN is written as null
     assert metrics["k_robustness_mean_ratio"] == pytest.approx(expected)

@@ -483,7 +483,7 @@ def test_runs_evaluated_under_the_old_metric_names_are_read(tmp_path):
     build_report(sweep_dir, ReportOptions(seed_stability=False))
     runs = pd.read_csv(sweep_dir / "report" / "runs.csv")
     assert list(runs["mono_dead0"]) == [0.3, 0.4]
-    assert list(runs["r2_at_2k"]) == [0.5, 0.5] and list(runs["r2_at_0.25k"]) == [0.25, 0.25]
+    assert list(runs["r2_at_k_x2"]) == [0.5, 0.5] and list(runs["r2_at_k_div4"]) == [0.25, 0.25]
     assert list(runs["probe_raw"]) == [0.9, 0.9]
     assert not [c for c in runs.columns if "mono_mean" in c or "k_robust_r2_k" in c]
 

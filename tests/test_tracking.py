@@ -9,6 +9,7 @@ import json
 import logging
 import math
 import os
+import re
 import subprocess
 import sys
 import time
@@ -82,8 +83,15 @@ def test_summary_holds_every_metric_of_metrics_json(sweep_root):
     metrics = json.loads((run_dir / "metrics.json").read_text())
     summary = W.summary(offline_dir(run_dir))
     expected = summary_values(metrics)
-    assert {"r2", "mono_live", "mono_dead0", "r2_at_2k", "k_robustness_mean_ratio",
-            "probe_small_m_mean", "probe_raw"} <= expected.keys()
+    assert {"r2", "r2_variance_weighted", "mono_live", "mono_dead0", "r2_at_k_x2",
+            "r2_ratio_at_k_div4", "k_robustness_mean_ratio", "probe_small_m_mean", "probe_raw",
+            "train/steps"} <= expected.keys()
+    # Every name is one W&B can sort and filter by (issue 22 item 4): sections of
+    # [_a-zA-Z][_a-zA-Z0-9]*, no curve point named by a number.
+    name = re.compile(r"^[_a-zA-Z][_a-zA-Z0-9]*$")
+    bad = [k for k in expected if not all(name.match(part) for part in k.split("/"))]
+    assert bad == [], bad
+    assert not [k for k in summary if k.startswith("curves")]  # curves are tables
     for key, value in expected.items():
         if value is None or (isinstance(value, float) and math.isnan(value)):
             continue
@@ -103,6 +111,8 @@ def test_history_artifact_table_histogram_and_images(sweep_root):
     assert final["eval/feature_density_log10._type"] == "histogram"
     assert final["eval/latents._type"] == "table-file" and final["eval/latents.nrows"] == 64
     assert final["eval/contact_sheets._type"] == "images/separated"
+    for curve in ("k_robustness", "k_robustness_ratio", "probe"):  # curves as tables
+        assert final[f"eval/curves/{curve}._type"] == "table-file", curve
     table = json.loads((offline / "files" / final["eval/latents.path"]).read_text())
     assert table["columns"][:3] == ["latent", "firing_rate", "monoscore"]
     assert "purity_top_class" in table["columns"]

@@ -2,8 +2,9 @@
 
     k'        = clamp(round(multiple * k_train), 1, n)      for each multiple (deduplicated)
     curve     = {k' : R^2(k')}        ratio = {k' : R^2(k') / R^2(k_train)}
-    flat keys = r2_at_<m>k, r2_ratio_at_<m>k  (by the multiple m, e.g. r2_at_0.25k, r2_at_2k:
-                comparable across training k, unlike the absolute k')
+    flat keys = r2_at_<m>, r2_ratio_at_<m>  (by the multiple m, named by sae.plain.multiple_name:
+                k_div4, k_div2, k, k_x2, k_x4; comparable across training k, unlike the absolute
+                k'; names a W&B dashboard can sort by)
 
 The ratio is NaN when R^2(k_train) <= 0: a ratio of two negative R^2 reads backwards.
 
@@ -21,6 +22,7 @@ import torch
 
 from sae.metrics.reconstruction import R2Accumulator
 from sae.model import TopKSAE
+from sae.plain import multiple_name
 
 DEFAULT_MULTIPLES = (0.25, 0.5, 1.0, 2.0, 4.0)
 
@@ -48,13 +50,13 @@ class KRobustness(NamedTuple):
         return sum(others) / len(others) if others else float("nan")
 
     def by_multiple(self, multiples: Iterable[float]) -> dict[str, float]:
-        """``{"r2_at_2k": R^2(k'), "r2_ratio_at_2k": ratio, ...}`` for each multiple; k' is
-        clamped as in :func:`inference_ks` (the largest measured k' is the clamp at n)."""
+        """``{"r2_at_k_x2": R^2(k'), "r2_ratio_at_k_x2": ratio, ...}`` for each multiple; k'
+        is clamped as in :func:`inference_ks` (the largest measured k' is the clamp at n)."""
         flat = {}
         for multiple in multiples:
             k = max(1, min(max(self.r2), round(multiple * self.train_k)))
-            flat[f"r2_at_{multiple:g}k"] = self.r2[k]
-            flat[f"r2_ratio_at_{multiple:g}k"] = self.ratio[k]
+            flat[f"r2_at_{multiple_name(multiple)}"] = self.r2[k]
+            flat[f"r2_ratio_at_{multiple_name(multiple)}"] = self.ratio[k]
         return flat
 
 

@@ -25,7 +25,7 @@ from typing import Any
 import pandas as pd
 import yaml
 
-from sae.plain import flatten, numeric_leaves
+from sae.plain import flatten, multiple_name, numeric_leaves
 
 AXES = ("backbone", "dataset", "k", "regularizer", "strength", "mask", "seed", "n_latents")
 CELL_COLUMNS = ("cell", "overrides", "duplicate_of", "run_id", "run_dir", "status", "reason")
@@ -155,20 +155,24 @@ def flat_values(tree: dict[str, Any], numbers_only: bool = True) -> dict[str, An
 LEGACY_NAMES = {"mono_mean_dead0": "mono_dead0", "mono_mean_live": "mono_live",
                 "probe_ceiling": "probe_raw"}
 LEGACY_ROBUST = re.compile(r"^k_robust_(r2|ratio)_k(\d+)$")  # keyed by the absolute k'
+# Before issue 22 the multiples were written as numbers (r2_at_0.25k), which W&B cannot sort.
+LEGACY_MULTIPLE = re.compile(r"^(r2|r2_ratio)_at_([0-9.]+)k$")
 
 
 def current_name(key: str, train_k: Any) -> str | None:
-    """A metric's current name; robustness keys by the absolute k' become ``r2_at_<m>k`` (None
-    when the training k is unknown)."""
+    """A metric's current name; robustness keys by the absolute k' or by a number become
+    ``r2_at_<multiple_name>`` (None when the training k is unknown)."""
     if key in LEGACY_NAMES:
         return LEGACY_NAMES[key]
+    if (by_number := LEGACY_MULTIPLE.match(key)) is not None:
+        return f"{by_number.group(1)}_at_{multiple_name(float(by_number.group(2)))}"
     robust = LEGACY_ROBUST.match(key)
     if robust is None:
         return key
     if not train_k:
         return None
     prefix = "r2_at_" if robust.group(1) == "r2" else "r2_ratio_at_"
-    return f"{prefix}{int(robust.group(2)) / float(train_k):g}k"
+    return f"{prefix}{multiple_name(int(robust.group(2)) / float(train_k))}"
 
 
 def flat_metrics(metrics: dict[str, Any] | None) -> dict[str, Any]:
