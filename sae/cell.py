@@ -152,6 +152,13 @@ def evaluate_and_write(cfg: RootConfig, directory: Path, command: str, trainer: 
     metrics["run_id"] = directory.name
     if threads is not None:
         metrics["threads"] = threads
+    metrics["warnings"] = input_warnings(train_set, eval_set, cfg.train.batch_size,
+                                         metrics)
+    for line in metrics["warnings"]:
+        log.warning("run %s: %s", directory.name, line)
+    if metrics["warnings"]:
+        atomic_write_text(directory / "notes.md", "# Notes\n\n" + "".join(
+            f"- {line}\n" for line in metrics["warnings"]))
     atomic_write_json(directory / "metrics.json", metrics)
     log.info("run %s final metrics: %s", directory.name, final_metrics_line(metrics))
     write_card(cfg, metrics, train_set, eval_set, directory, command)
@@ -170,6 +177,27 @@ def final_metrics_line(metrics: dict[str, Any]) -> str:
     parts = [f"{key} {show(metrics[key])}" for key in FINAL_METRICS if key in metrics]
     return ", ".join(parts + [f"steps {metrics['train']['steps']}",
                               f"{metrics['train']['seconds']:.1f} s training"])
+
+
+def input_warnings(train_set: EmbeddingSet, eval_set: EmbeddingSet, batch_size: int,
+                   metrics: dict) -> list[str]:
+    """Inputs a run could train on but whose numbers mean less: one line each (logged, kept in
+    metrics.json, the method card and the run's notes.md)."""
+    lines = []
+    if train_set.n < batch_size:
+        lines.append(f"the training split has {train_set.n} rows, fewer than one batch "
+                     f"({batch_size}): every step sees the same rows, the SAE memorises them")
+    if train_set.labels is not None and eval_set.labels is not None and \
+            train_set.labels.ndim == 1 and eval_set.labels.ndim == 1:
+        unseen = set(eval_set.labels[eval_set.labels >= 0].tolist()) - set(
+            train_set.labels[train_set.labels >= 0].tolist())
+        if unseen:
+            lines.append(f"{len(unseen)} classes appear only in the evaluation split (e.g. "
+                         f"{sorted(unseen)[:5]}): the probes cannot predict them")
+    probe = (metrics.get("protocols") or {}).get("probe", "")
+    if isinstance(probe, str) and probe.startswith("skipped"):
+        lines.append(f"no probe metrics: {probe.removeprefix('skipped: ')}")
+    return lines
 
 
 def check_dims(train_set: EmbeddingSet, eval_set: EmbeddingSet) -> None:

@@ -132,6 +132,7 @@ def run_card(cfg: RootConfig, metrics: dict[str, Any], split_sizes: dict[str, in
         "seed_stability": "per sweep: see the sweep's method card (mean max cosine of atoms "
                           "between seeds)",
         "cpu_threads": _threads(metrics),
+        "warnings": metrics.get("warnings") or "none",
         "code_version": code_version,
         "reproduce": command,
     }
