@@ -12,7 +12,7 @@ DEMO_ROOT ?= outputs
 # nothing measurable when a process has the machine to itself.
 export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: help install check-python test test-fast demo lint bench slurm-up slurm-down clean
+.PHONY: help install check-python test test-fast mutate demo lint bench slurm-up slurm-down clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -46,6 +46,9 @@ test: install  ## the whole suite, SLURM tests included (starts and stops a loca
 
 test-fast: install  ## the suite without slow and SLURM tests
 	$(PY) -m pytest -q -m "not slow and not slurm"
+
+mutate: install  ## planted bugs (scripts/mutate.py): each must make its tests fail (~3 min)
+	$(PY) scripts/mutate.py
 
 demo: install  ## the demo grid on embedded data (CPU, W&B offline), then the report
 	WANDB_MODE=$${WANDB_MODE:-offline} SAE_OUTPUT_ROOT=$(DEMO_ROOT) $(PY) -m sae.train -m +sweep=demo
