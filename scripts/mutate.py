@@ -87,6 +87,12 @@ MUTATIONS = (
              "group_max_bg = pre.view(batch, c, groups).amax(dim=1)",
              "group_max_bg = pre.view(batch, c, groups).amin(dim=1)",
              ("tests/test_fast.py", "-k", "cpu")),
+    Mutation("fast path: padded inactive columns penalised (no clamp at 0)",
+             "sae/fast/penalties.py",
+             "return pre_bn.index_select(1, cols), cols, upper_n[cols], position_n[support_bk]",
+             "return (pre_bn.index_select(1, cols), cols,\n"
+             "            torch.full_like(upper_n[cols], float('inf')), position_n[support_bk])",
+             ("tests/test_fast.py", "-k", "padded")),
     Mutation("trainer: the dead-latent window off by one", "sae/trainer.py",
              "dead = state.samples_since_fired >= dead_window",
              "dead = state.samples_since_fired > dead_window + 256",

@@ -42,9 +42,11 @@ DEVICES = [
 ]
 REGULARIZERS = ["none", "offsupport_l1", "l1l2"]
 D, N, K, AUX_K = 16, 256, 4, 6
-# The masked penalty's columns: B k <= n / 2 bounds |A| on the host ("gathered"); on the CPU
-# the exact |A| (~0.34 n at B = 48) is read too ("counted"); "dense" forbids gathering.
-BATCH = {"gathered": 24, "counted": 48, "dense": 96}
+# The masked penalty's columns: B k <= n / 2 bounds |A| on the host ("gathered"; on the CPU the
+# exact |A| is gathered, elsewhere B k columns, the active ones padded with inactive ones);
+# "padded" forces the bound on the CPU too; on the CPU the exact |A| (~0.34 n at B = 48) is
+# read too ("counted"); "dense" forbids gathering.
+BATCH = {"gathered": 24, "padded": 24, "counted": 48, "dense": 96}
 # The two formulations of the k-sparse parts (sae.fast.Formulation), each on any device:
 # gathers / embedding-bags with Top-k by group maxima (the CPU's), and products with the dense
 # code with torch.topk (CUDA's under bf16).
@@ -129,6 +131,8 @@ def check_case(regularizer, mask, tied, layernorm, n_dead, path, device, monkeyp
                formulation=fast.AUTO):
     if path == "dense":
         monkeypatch.setattr(penalties, "GATHER_FRACTION", -1.0)
+    if path == "padded":
+        monkeypatch.setattr(penalties, "READ_COUNT_ON_CPU", False)
     model = make_model(tied=tied, layernorm=layernorm, device=device)
     x = unit_batch(BATCH[path], device=device)
     kwargs = loss_kwargs(regularizer, mask, dead_mask(n_dead, device=device), device=device)
@@ -136,12 +140,16 @@ def check_case(regularizer, mask, tied, layernorm, n_dead, path, device, monkeyp
     if formulation.decoder != "auto":  # the formulation asked for is the one tested
         assert plan.dense_decoder == (formulation.decoder == "dense")
         assert plan.chunked_topk == (formulation.topk == "chunks")
-    assert (plan.active_cols < N) == (mask and regularizer != "none" and path == "gathered")
+    assert (plan.active_cols < N) == (mask and regularizer != "none"
+                                      and path in ("gathered", "padded"))
     ref_parts, ref_grads = assert_same_step(model, x, kwargs, formulation=formulation)
     if mask and regularizer != "none":  # which columns the masked penalty works on
         active = batch_active(training_loss(model, x, **kwargs)[1].code.indices, N)
-        gathers = active_capacity(plan, active) is not None
-        assert gathers == (path == "gathered" or (path == "counted" and device == "cpu"))
+        capacity = active_capacity(plan, active)
+        assert (capacity is not None) == (path in ("gathered", "padded")
+                                          or (path == "counted" and device == "cpu"))
+        if path == "padded":  # inactive columns really are among the gathered ones
+            assert capacity > int(active.sum())
     # Non-trivial: each part that should act does, and every parameter gets a gradient.
     assert (float(ref_parts.penalty) > 0) == (regularizer != "none")
     assert (float(ref_parts.auxk) > 0) == (n_dead > 0)
@@ -170,6 +178,16 @@ def test_matches_reference_more_columns(regularizer, mask, n_dead, path, device,
     """No dead latent (AuxK an exact zero, skipped) and more dead latents than aux_k (a Top-k
     among them); masked penalties on the counted active columns, or on all n."""
     check_case(regularizer, mask, False, False, n_dead, path, device, monkeypatch, formulation)
+
+
+@pytest.mark.parametrize("n_dead", [3, 20], ids=["dead<aux_k", "dead>aux_k"])
+@pytest.mark.parametrize("regularizer", ["offsupport_l1", "l1l2"])
+def test_matches_reference_on_padded_columns_on_the_cpu(regularizer, n_dead, monkeypatch,
+                                                         formulation):
+    """The masked penalty on B k gathered columns, the inactive ones among them held at 0 (the
+    CUDA path), run on the CPU."""
+    check_case(regularizer, True, False, False, n_dead, "padded", "cpu", monkeypatch,
+               formulation)
 
 
 @pytest.mark.parametrize("device", DEVICES)

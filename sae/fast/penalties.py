@@ -18,6 +18,12 @@ GATHER_FRACTION = 0.8  # gather the active columns when they are at most this sh
 FOLD_RANGE = (1e-15, 1e15)  # |c| for which g / c and (g / c) c stay normal floats
 
 
+# The CPU reads the exact batch-active count; False makes it use the host bound as other
+# devices do, so the padded columns (inactive ones up to the bound) run on the CPU too
+# (tests/test_fast.py's "padded" path).
+READ_COUNT_ON_CPU = True
+
+
 class PenaltyState(NamedTuple):
     z_bm: torch.Tensor  # (B, m) ReLU(pre) on the penalised columns (0 off the mask)
     support_bk: torch.Tensor  # (B, k) support positions among those columns
@@ -33,7 +39,7 @@ def active_capacity(plan: StepPlan, active_n: torch.Tensor) -> int | None:
     the gathered columns and saves the product and the passes over the others."""
     n = active_n.shape[0]
     capacity = plan.active_cols
-    if active_n.device.type == "cpu":
+    if active_n.device.type == "cpu" and READ_COUNT_ON_CPU:
         capacity = int(active_n.sum())
     return capacity if capacity <= GATHER_FRACTION * n else None
 
