@@ -4,6 +4,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 from hydra import compose, initialize_config_dir
 from hydra.errors import HydraException
 
@@ -37,7 +38,18 @@ def test_every_option_of_every_group_composes(group):
         if group == "dataset" and option == "files":
             overrides += ["dataset.train_path=/x.npy"]
             cfg = compose_train(overrides)
-        validate(cfg)
+        root = validate(cfg)
+        # What composed is the option asked for: its file's fields reached the typed config.
+        written = yaml.safe_load((CONF / group / f"{option}.yaml").read_text()) or {}
+        if group in ("backbone", "dataset", "sae", "regularizer", "logger"):
+            node = getattr(root, group)
+            fields = {k: v for k, v in written.items()
+                      if k not in ("defaults",) and not isinstance(v, dict | list)
+                      and not (isinstance(v, str) and ("${" in v or v == "???"))}
+            if not fields:  # a preset that is the schema's defaults (sae=topk)
+                assert node == type(node)(), (group, option)
+            for key, value in fields.items():
+                assert getattr(node, key) == value, (group, option, key)
 
 
 @pytest.mark.parametrize("sweep", sorted(p.stem for p in (REPO / "sweeps").glob("*.yaml")))
