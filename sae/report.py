@@ -33,7 +33,18 @@ from pathlib import Path
 import pandas as pd
 
 from sae.method_card import render_markdown
-from sae.reporting import aggregate, card, claims, collect, html, plots, render, stats, tables
+from sae.reporting import (
+    aggregate,
+    card,
+    claims,
+    collect,
+    head_to_head,
+    html,
+    plots,
+    render,
+    stats,
+    tables,
+)
 from sae.reporting.claims import DEFAULT_MIN_EFFECT, Tolerances
 
 
@@ -131,15 +142,56 @@ def build_report(sweep_dir: Path, options: ReportOptions | None = None) -> Path:
     return write_report(sweep_dir, options).index
 
 
+REPORT_DIR = "report"
+PARTIAL_PREFIX = ".report-partial-"  # a report being written (removed if the writing fails)
+
+
 def write_report(sweep_dir: Path, options: ReportOptions | None = None) -> Report:
-    """:func:`build_report`, returning the verdicts and notes as well (for the CLI)."""
+    """:func:`build_report`, returning the verdicts and notes as well (for the CLI).
+
+    The report is written into a new directory beside the sweep's ``report/`` and swapped in
+    when complete, so a report killed half way leaves the previous one whole (and at most a
+    ``.report-partial-*`` directory, which the next report removes)."""
+    import shutil
+    import tempfile
+
+    sweep_dir = Path(sweep_dir)
+    for stale in sweep_dir.glob(f"{PARTIAL_PREFIX}*"):  # left by a killed report
+        shutil.rmtree(stale, ignore_errors=True)
+    partial = Path(tempfile.mkdtemp(prefix=PARTIAL_PREFIX, dir=sweep_dir))
+    partial.chmod(0o755)  # mkdtemp's 0700 would hide the published report from other users
+    try:
+        written = _write_report(sweep_dir, partial, options)
+        final = publish(partial, sweep_dir / REPORT_DIR)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    return Report(final / written.index.name, written.claims, written.notes)
+
+
+def publish(partial: Path, final: Path) -> Path:
+    """Swap the complete ``partial`` directory in as ``final``: the old one is moved aside (one
+    rename), the new one renamed in (another), then the old one removed."""
+    import os
+    import shutil
+
+    old = None
+    if final.exists():
+        old = final.with_name(f".report-old-{os.getpid()}")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+    os.replace(partial, final)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def _write_report(sweep_dir: Path, out: Path, options: ReportOptions | None) -> Report:
     from sae.io import atomic_write_json, code_version
 
     options = options or ReportOptions()
     tol = options.tolerances
     sweep = collect.collect(Path(sweep_dir))
-    out = sweep.sweep_dir / "report"
-    out.mkdir(parents=True, exist_ok=True)
 
     runs = aggregate.add_derived(sweep.runs, sweep.curves, tol.small_m)
     write_runs(runs, out)
@@ -149,6 +201,10 @@ def write_report(sweep_dir: Path, options: ReportOptions | None = None) -> Repor
     summary.to_csv(out / "tables.csv", index=False)
     write_text(out / "tables.md", tables.markdown_tables(summary, sweep.name))
     write_text(out / "tables.tex", tables.latex_tables(summary, sweep.name))
+
+    comparisons = head_to_head.compare(aggregate.finished_runs(runs), tol.level)
+    write_text(out / "head_to_head.md", f"# Head to head: sweep `{sweep.name}`\n\n"
+               + head_to_head.markdown(comparisons))
 
     verdicts = claims.check_claims(runs, tol)
     claims_md = render.claims_markdown(sweep.name, verdicts, tol, claims.reference_rows(summary))
@@ -169,7 +225,7 @@ def write_report(sweep_dir: Path, options: ReportOptions | None = None) -> Repor
     write_text(out / "notes.md", "# Missing pieces\n\n" + "".join(f"- {n}\n" for n in notes)
                if notes else "# Missing pieces\n\nNone.\n")
     page = html.PageInputs(sweep.name, out, runs, summary, verdicts, figures,
-                           card_md.read_text(), claims_md, notes, sweep_card)
+                           card_md.read_text(), claims_md, notes, sweep_card, comparisons)
     index = write_text(out / "index.html", html.render_page(page))
     if options.wandb:
         log_report_run(sweep, runs, summary, verdicts, figures, out)

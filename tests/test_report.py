@@ -503,3 +503,76 @@ def test_a_negative_uniform_r2_is_marked_and_both_r2_are_tabulated():
     assert rows[0][3][0].endswith(NEGATIVE_MARK) and not rows[1][3][0].endswith(NEGATIVE_MARK)
     assert rows[0][4][0].startswith("0.444")
     assert NEGATIVE_MARK in NOTE
+
+
+def test_head_to_head_pairs_by_seed_and_names_the_winner():
+    """Issue 23: L1/L2 against off-support L1 and mask on against off, paired by seed, with the
+    Student-t interval of the per-seed differences and the winner where it excludes 0."""
+    from scipy import stats as scipy_stats
+
+    from sae.reporting import head_to_head as h2h
+
+    rows = []
+    noise = [0.003, -0.002, 0.001]
+    for seed in range(3):
+        for reg, mask, mono, dead, r2 in (("offsupport_l1", "on", 0.30, 40, 0.80),
+                                          ("l1l2", "on", 0.40, 30, 0.80 + noise[seed]),
+                                          ("l1l2", "off", 0.35, 60, 0.81)):
+            rows.append({"backbone": "none", "dataset": "synthetic", "k": 8, "n_latents": 64,
+                         "seed": seed, "regularizer": reg, "mask_label": mask, "strength": 0.1,
+                         "mono_dead0": mono + noise[seed] * (reg == "l1l2"),
+                         "dead_count": dead + seed, "r2": r2})
+    comparisons = {c.title: c for c in h2h.compare(pd.DataFrame(rows))}
+    assert set(comparisons) == {"l1l2 (mask on) vs offsupport_l1 (mask on)",
+                                "l1l2 mask on vs l1l2 mask off"}
+    regs = comparisons["l1l2 (mask on) vs offsupport_l1 (mask on)"]
+    diffs = [0.1 + n for n in noise]  # mono_dead0, l1l2 minus off-support, by seed
+    mean = sum(diffs) / 3
+    half = scipy_stats.t.ppf(0.975, 2) * pd.Series(diffs).std(ddof=1) / 3 ** 0.5
+    cell = regs.cells["mono_dead0"]
+    assert cell.interval.n == 3 and cell.interval.mean == pytest.approx(mean)
+    assert (cell.interval.low, cell.interval.high) == pytest.approx((mean - half, mean + half))
+    assert cell.outcome == h2h.WIN_A
+    assert regs.cells["dead_count"].outcome == h2h.WIN_A  # fewer dead latents win
+    assert regs.cells["r2"].outcome == h2h.TIE  # differences of both signs
+    mask = comparisons["l1l2 mask on vs l1l2 mask off"]
+    assert mask.cells["mono_dead0"].outcome == h2h.WIN_A and \
+        mask.cells["r2"].outcome == h2h.WIN_B
+    lines = h2h.summary_lines(list(comparisons.values()))
+    assert ("l1l2 (mask on) vs offsupport_l1 (mask on), mono_dead0: l1l2 (mask on) wins 1, "
+            "offsupport_l1 (mask on) 0, tie 0 (of 1 places)") in lines
+
+
+def test_the_report_leads_with_the_head_to_head_and_folds_the_method_card(tmp_path):
+    sweep_dir = fake_sweep(tmp_path, FULL_GRID, GOOD)
+    build_report(sweep_dir, ReportOptions(seed_stability=False))
+    page = (sweep_dir / "report" / "index.html").read_text()
+    assert page.index("id='h2h'") < page.index("id='claims'")
+    assert page.index("id='runs'") < page.index("id='card'")
+    assert "<details><summary>The sweep's method card" in page
+    markdown = (sweep_dir / "report" / "head_to_head.md").read_text()
+    assert "l1l2 (mask on) vs offsupport_l1 (mask on)" in markdown
+    assert "l1l2 mask on vs l1l2 mask off" in markdown
+
+
+def test_a_report_killed_half_way_leaves_the_previous_one_whole(tmp_path, monkeypatch):
+    from sae.reporting import html as report_html
+
+    sweep_dir = fake_sweep(tmp_path, FULL_GRID, GOOD)
+    build_report(sweep_dir, ReportOptions(seed_stability=False))
+    report = sweep_dir / "report"
+    before = {p.relative_to(report): p.read_bytes() for p in report.rglob("*") if p.is_file()}
+
+    def killed(_page):
+        raise KeyboardInterrupt  # as a ^C or a kill between the tables and the page
+
+    monkeypatch.setattr(report_html, "render_page", killed)
+    with pytest.raises(KeyboardInterrupt):
+        build_report(sweep_dir, ReportOptions(seed_stability=False))
+    after = {p.relative_to(report): p.read_bytes() for p in report.rglob("*") if p.is_file()}
+    assert after == before
+    assert not list(sweep_dir.glob(".report-*"))
+    monkeypatch.undo()
+    index = build_report(sweep_dir, ReportOptions(seed_stability=False))
+    assert index == report / "index.html" and index.is_file()
+    assert oct(report.stat().st_mode & 0o777) == oct(0o755)

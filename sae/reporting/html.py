@@ -61,6 +61,7 @@ class PageInputs:
     claims_markdown: str
     notes: list[str] = field(default_factory=list)
     card: dict = field(default_factory=dict)  # the sweep's method card (rendered as a table)
+    head_to_head: list = field(default_factory=list)  # sae.reporting.head_to_head.Comparison
 
 
 def esc(value: object) -> str:
@@ -268,27 +269,56 @@ def html_value(value: object) -> str:
 
 
 def card_section(card: dict) -> str:
+    """Collapsed: it is long, and a reader comes for the comparisons first."""
     rows = "".join(f"<tr><th>{esc(k.replace('_', ' ').capitalize())}</th>"
                    f"<td>{html_value(v)}</td></tr>" for k, v in card.items())
     return (f"<h2 id='card'>Method card</h2><p>{link('method_card.json', 'JSON')} · "
-            f"{link('method_card.md', 'Markdown')}</p><table class='card'>{rows}</table>")
+            f"{link('method_card.md', 'Markdown')}</p><details><summary>The sweep's method "
+            f"card ({len(card)} fields)</summary><table class='card'>{rows}</table></details>")
+
+
+def head_to_head_section(comparisons: list) -> str:
+    """Which arm wins, paired by seed: the summary lines, then a table per comparison (the
+    winning cell in bold)."""
+    from sae.reporting import head_to_head as h2h
+
+    title = "<h2 id='h2h'>Head to head</h2>"
+    if not comparisons:
+        return title + f"<p>{esc(h2h.markdown([]))}</p>"
+    intro = ("<p>Each cell: mean over seeds of (first arm − second arm) [95 % Student-t "
+             "interval], the winner in bold where the interval excludes 0 (fewer dead latents "
+             f"win). {link('head_to_head.md', 'Markdown')}</p>")
+    lines = "".join(f"<li>{esc(line)}</li>" for line in h2h.summary_lines(comparisons))
+    blocks = []
+    for name in dict.fromkeys(c.title for c in comparisons):
+        group = [c for c in comparisons if c.title == name]
+        metrics = [(m, label) for m, label, _ in h2h.METRICS
+                   if any(m in c.cells for c in group)]
+        body = [[(h2h.place_text(c.place), False),
+                 *((h2h._cell_text(c, m).replace("**", ""),
+                    m in c.cells and c.cells[m].outcome in (h2h.WIN_A, h2h.WIN_B))
+                   for m, _ in metrics)] for c in group]
+        blocks.append(f"<h3>{esc(name)}</h3>"
+                      + html_table(["where", *(label for _, label in metrics)], body))
+    return title + intro + f"<ul>{lines}</ul>" + "".join(blocks)
 
 
 def render_page(p: PageInputs) -> str:
     states = p.runs.drop_duplicates("run_id")["status"].value_counts().to_dict()
     stamp = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
     nav = "".join(f"<a href='#{a}'>{t}</a>" for a, t in (
-        ("claims", "Claims"), ("tables", "Tables"), ("plots", "Plots"), ("browser", "Features"),
-        ("card", "Method card"), ("runs", "Runs"), ("notes", "Missing pieces"),
-        ("files", "Files")))
+        ("h2h", "Head to head"), ("claims", "Claims"), ("tables", "Tables"), ("plots", "Plots"),
+        ("browser", "Features"), ("runs", "Runs"), ("card", "Method card"),
+        ("notes", "Missing pieces"), ("files", "Files")))
     body = [f"<h1>Sweep {esc(p.sweep_name)}</h1>",
             f"<p>{len(p.runs)} cells, {p.runs['run_id'].nunique()} runs: "
             f"{esc(', '.join(f'{v} {k}' for k, v in states.items()))}. Generated {stamp} by "
             "<code>python -m sae.report</code>.</p>", f"<nav>{nav}</nav>",
+            head_to_head_section(p.head_to_head),
             claims_section(p.claims, p.claims_markdown),
             tables_section(p.summary, p.runs, p.report_dir),
             figures_section(p.figures, p.report_dir), browser_section(p.runs, p.report_dir),
-            card_section(p.card), runs_section(p.runs, p.report_dir),
+            runs_section(p.runs, p.report_dir), card_section(p.card),
             notes_section(p.notes), files_section(p.report_dir)]
     return ("<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>"
             f"<title>Sweep {esc(p.sweep_name)}: report</title><style>{STYLE}</style></head>"
