@@ -55,8 +55,20 @@ def synced(run: Path) -> bool:
     return any(run.glob("*.wandb.synced"))
 
 
-def upload(run: Path, timeout_s: float) -> Sent:
+def sync_command(run: Path, project: str | None = None, entity: str | None = None
+                 ) -> list[str]:
+    """``wandb sync RUN``, with ``--project`` / ``--entity`` overriding the runs' own."""
     command = [sys.executable, "-m", "wandb", "sync", str(run)]
+    if project:
+        command += ["--project", project]
+    if entity:
+        command += ["--entity", entity]
+    return command
+
+
+def upload(run: Path, timeout_s: float, project: str | None = None,
+           entity: str | None = None) -> Sent:
+    command = sync_command(run, project, entity)
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s)
     except subprocess.TimeoutExpired:
@@ -67,9 +79,10 @@ def upload(run: Path, timeout_s: float) -> Sent:
     return Sent(run, False, lines[-1] if lines else f"wandb sync exited {done.returncode}")
 
 
-def sync_sweep(sweep_dir: Path, again: bool = False, timeout_s: float = 600.0) -> list[Sent]:
+def sync_sweep(sweep_dir: Path, again: bool = False, timeout_s: float = 600.0,
+               project: str | None = None, entity: str | None = None) -> list[Sent]:
     return [Sent(run, True, "already synced") if synced(run) and not again
-            else upload(run, timeout_s) for run in offline_runs(sweep_dir)]
+            else upload(run, timeout_s, project, entity) for run in offline_runs(sweep_dir)]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -79,6 +92,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--again", action="store_true", help="also re-send synced runs")
     parser.add_argument("--timeout", type=float, default=600.0,
                         help="seconds allowed per run (default %(default)s)")
+    parser.add_argument("-p", "--project", help="upload into this W&B project (as wandb sync's "
+                        "--project; default: each run's own)")
+    parser.add_argument("-e", "--entity", help="upload under this W&B entity (as wandb sync's "
+                        "--entity; default: each run's own)")
     args = parser.parse_args(argv)
     runs = offline_runs(args.sweep_dir)
     print(f"{len(runs)} offline W&B runs in {args.sweep_dir}")
@@ -90,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"sae-sync: W&B server {url} unreachable within {PROBE_TIMEOUT_S:g} s: nothing "
               "sent (run again where the server can be reached)")
         return 1
-    results = sync_sweep(args.sweep_dir, args.again, args.timeout)
+    results = sync_sweep(args.sweep_dir, args.again, args.timeout, args.project, args.entity)
     for result in results:
         print(f"- {'ok  ' if result.ok else 'FAIL'} {result.run}: {result.detail}")
     failed = sum(not r.ok for r in results)

@@ -24,8 +24,11 @@ What a run holds, so that one W&B project carries the whole comparison:
 tables and claims as tables and the plots as images (:func:`log_report`).
 
 Tracking never fails or stalls training: under ``logger.mode=auto`` with an API key, a bounded
-reachability check (``logger.probe_timeout_s``) precedes ``wandb.init``; an unreachable server
-means an offline run and one warning line (upload later: ``sae-sync SWEEP_DIR``). Every W&B call
+HTTP request to the server (``/healthz``, within ``logger.probe_timeout_s``) precedes
+``wandb.init``; a server that refuses, or accepts and never answers, means an offline run and one
+warning line (upload later: ``sae-sync SWEEP_DIR``). ``wandb.init`` itself waits at most the
+probe timeout plus ``INIT_TIMEOUT_MARGIN_S``; an online start that fails falls back to an offline
+run, so every history point, summary value, artifact and image is kept for ``sae-sync``. Every W&B call
 is guarded; a failure turns the tracker into a no-op with one warning.
 """
 
@@ -33,11 +36,9 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 import threading
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
 
 from sae.config import RootConfig, to_dict
 from sae.plain import numeric_leaves
@@ -82,21 +83,29 @@ def run_config(cfg: RootConfig) -> dict[str, Any]:
 
 
 # -- online, offline, or unreachable --------------------------------------------------------------
-def _connects(url: str, timeout_s: float) -> bool:
-    parsed = urlparse(url)
-    port = parsed.port or (443 if parsed.scheme == "https" else 80)
+def _answers(url: str, timeout_s: float) -> bool:
+    """Whether the server answers an HTTP request (``/healthz``, which W&B servers serve)
+    within ``timeout_s``: any HTTP status counts (401 and 404 are answers); a refused
+    connection, or one that is accepted but never answered, does not."""
+    import urllib.error
+    import urllib.request
+
     try:
-        socket.create_connection((parsed.hostname or "", port), timeout=timeout_s).close()
+        with urllib.request.urlopen(url.rstrip("/") + "/healthz", timeout=timeout_s):
+            return True
+    except urllib.error.HTTPError:
         return True
-    except OSError:
+    except (OSError, ValueError):
         return False
 
 
 def reachable(url: str, timeout_s: float) -> bool:
-    """Whether a TCP connection to ``url``'s host opens within ``timeout_s`` (name resolution
-    included: it runs in a daemon thread, which is abandoned when it takes longer)."""
+    """Whether the W&B server at ``url`` answers a real request within ``timeout_s`` (a TCP
+    connection alone is not enough: a stalled proxy accepts and never answers). Bounded as a
+    whole, name resolution included: it runs in a daemon thread, abandoned when it takes
+    longer."""
     answer: list[bool] = []
-    probe = threading.Thread(target=lambda: answer.append(_connects(url, timeout_s)),
+    probe = threading.Thread(target=lambda: answer.append(_answers(url, timeout_s)),
                              daemon=True)
     probe.start()
     probe.join(timeout_s)
@@ -243,10 +252,14 @@ OUTPUTS = {"weights artifact": log_weights, "per-latent table": log_latents,
            "curves": log_curves, "contact sheets": log_contact_sheets}
 
 
-def _settings() -> Any:
+INIT_TIMEOUT_MARGIN_S = 10.0  # wandb.init's handshake, beyond the probe (default wait: 90 s)
+
+
+def _settings(probe_timeout_s: float = 3.0) -> Any:
     import wandb
 
-    return wandb.Settings(console="off", silent=True)
+    return wandb.Settings(console="off", silent=True,
+                          init_timeout=probe_timeout_s + INIT_TIMEOUT_MARGIN_S)
 
 
 def start_tracking(cfg: RootConfig, run_id: str, run_dir: Path, job_type: str = "train", *,
@@ -259,12 +272,24 @@ def start_tracking(cfg: RootConfig, run_id: str, run_dir: Path, job_type: str = 
         import wandb
 
         mode = wandb_mode(cfg.logger.mode, cfg.logger.probe_timeout_s)
-        run = wandb.init(
-            project=cfg.logger.project, entity=cfg.logger.entity, id=run_id, name=run_id,
-            group=cfg.sweep_name, job_type=job_type, tags=axis_tags(cfg), config=run_config(cfg),
-            dir=str(run_dir), mode=mode, resume="allow",
-            reinit="create_new" if concurrent else "finish_previous", settings=_settings(),
-        )
+
+        def init(mode: str):
+            return wandb.init(
+                project=cfg.logger.project, entity=cfg.logger.entity, id=run_id, name=run_id,
+                group=cfg.sweep_name, job_type=job_type, tags=axis_tags(cfg),
+                config=run_config(cfg), dir=str(run_dir), mode=mode, resume="allow",
+                reinit="create_new" if concurrent else "finish_previous",
+                settings=_settings(cfg.logger.probe_timeout_s))
+
+        try:
+            run = init(mode)
+        except Exception as exc:  # noqa: BLE001 -- a server that answered the probe but
+            if mode != "online":  # not W&B's handshake in time: keep everything offline
+                raise
+            log.warning("W&B online start failed (%s): logging offline (nothing is lost; "
+                        "upload later with `sae-sync SWEEP_DIR`)", exc)
+            mode = "offline"
+            run = init(mode)
         return WandbTracker(run, Path(run_dir), offline=mode != "online")
     except Exception as exc:  # noqa: BLE001 -- W&B unreachable, bad key, ...: train anyway
         log.warning("W&B could not start (%s); continuing without tracking", exc)

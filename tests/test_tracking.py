@@ -188,3 +188,94 @@ def test_sync_to_an_unreachable_server_fails_fast(sweep_root, monkeypatch, capsy
     assert sync.main([str(sweep_root / "sweeps" / "tracked")]) == 1
     assert time.perf_counter() - started < 10.0
     assert f"W&B server {UNREACHABLE} unreachable" in capsys.readouterr().out
+
+
+class LoopbackServer:
+    """A TCP server on 127.0.0.1 for W&B's probe: ``silent`` accepts connections and never
+    answers; otherwise it answers every request with HTTP 404 after ``delay_s``. Bounded: it
+    serves until ``stop()`` (a context manager), each connection closed within 30 s."""
+
+    def __init__(self, silent: bool, delay_s: float = 0.0) -> None:
+        import socket
+        import threading
+
+        self.silent, self.delay_s = silent, delay_s
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.sock.settimeout(0.2)
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        self.stopping = threading.Event()
+        self.open: list = []
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+
+    def _serve(self) -> None:
+        import socket
+
+        deadline = time.monotonic() + 60
+        while not self.stopping.is_set() and time.monotonic() < deadline:
+            try:
+                conn, _ = self.sock.accept()
+            except socket.timeout:
+                continue
+            self.open.append(conn)
+            if not self.silent:
+                time.sleep(self.delay_s)
+                conn.sendall(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n"
+                             b"Connection: close\r\n\r\n")
+                conn.close()
+
+    def __enter__(self) -> LoopbackServer:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stopping.set()
+        self.thread.join(5)
+        for conn in self.open:
+            conn.close()
+        self.sock.close()
+
+
+def test_a_server_that_accepts_and_never_answers_costs_the_probe_and_logs_offline(
+        tmp_path, monkeypatch, caplog):
+    """Issue 23: a TCP connection alone used to count as reachable, and wandb.init then waited
+    about 90 s and lost the data. Now the probe's HTTP request times out and the run is offline,
+    with everything logged."""
+    with LoopbackServer(silent=True) as server:
+        monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+        monkeypatch.setenv("WANDB_BASE_URL", server.url)
+        monkeypatch.delenv("WANDB_MODE", raising=False)
+        cfg = synthetic_cfg()
+        run_dir = tmp_path / "run"
+        run_dir.mkdir()
+        started = time.perf_counter()
+        with caplog.at_level(logging.WARNING, logger="sae.tracking"):
+            tracker = start_tracking(cfg, "silent-run", run_dir)
+            tracker.log({"train/loss": 1.0}, step=1)
+            tracker.summary({"r2": 0.5})
+            tracker.finish()
+        seconds = time.perf_counter() - started
+    print(f"silent server: {seconds:.1f} s")
+    assert seconds < cfg.logger.probe_timeout_s + 10.0
+    flush_wandb()
+    assert isinstance(tracker, tracking.WandbTracker) and tracker.offline
+    assert any(f"W&B server {server.url} unreachable" in r.message for r in caplog.records)
+    assert W.summary(offline_dir(run_dir))["r2"] == 0.5
+
+
+def test_the_probe_counts_an_answer_not_a_connection():
+    with LoopbackServer(silent=True) as server:
+        started = time.perf_counter()
+        assert not tracking.reachable(server.url, 1.0)
+        assert time.perf_counter() - started < 2.5
+    with LoopbackServer(silent=False, delay_s=0.5) as server:  # slow, but within the timeout
+        assert tracking.reachable(server.url, 3.0)
+
+
+def test_sync_passes_project_and_entity_to_wandb_sync():
+    """As ``wandb sync -p/-e``: the flags reach the W&B CLI, which has them."""
+    command = sync.sync_command(Path("/r/offline-run-x"), "other-project", "my-team")
+    assert command[-4:] == ["--project", "other-project", "--entity", "my-team"]
+    assert sync.sync_command(Path("/r/x"))[-1] == "/r/x"
+    helped = subprocess.run([sys.executable, "-m", "wandb", "sync", "--help"],
+                            capture_output=True, text=True, timeout=120)
+    assert "--project" in helped.stdout and "--entity" in helped.stdout
