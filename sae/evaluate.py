@@ -15,6 +15,7 @@ with flat scalar keys (the final numbers, NaN written as null), nested ``curves`
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections.abc import Callable
@@ -47,6 +48,8 @@ from sae.metrics import (
 )
 from sae.model import SparseCode, TopKSAE
 from sae.probe_store import stored_linear_probe
+
+log = logging.getLogger(__name__)
 
 # Rows per probe chunk: (rows, classes) logits, 256 MB at 1000 classes; bigger = fewer launches.
 PROBE_CHUNK_ROWS = 65_536
@@ -347,6 +350,19 @@ def _write_per_latent(out_dir: Path, arrays: dict[str, torch.Tensor]) -> str:
     return PER_LATENT_FILE
 
 
+class _FamilyClock:
+    """One log line per metric family with its seconds (evaluation used to print nothing)."""
+
+    def __init__(self) -> None:
+        self.last = time.perf_counter()
+
+    def done(self, family: str, rows: int | None = None) -> None:
+        now = time.perf_counter()
+        where = f" ({rows} rows)" if rows is not None else ""
+        log.info("evaluation: %s%s in %.2f s", family, where, now - self.last)
+        self.last = now
+
+
 def evaluate(
     sae: TopKSAE,
     train: EmbeddingSet,
@@ -373,19 +389,23 @@ def evaluate(
     was_training = sae.training
     sae = sae.to(device).eval()
     check_stop = check_stop or (lambda: None)
+    family = _FamilyClock()
     try:
         similarity, similarity_protocol = load_similarity(cfg, eval, similarity_x)
         ks = inference_ks(train_k, cfg.k_multiples, sae.n_latents)
         stream = _make_stream(sae, eval, similarity.shape[1], cfg, ks, device, seed)
         _stream_eval_split(sae, eval, similarity, cfg, train_k, stream, device)
-        check_stop()
         flat, curves = _reconstruction_metrics(stream, train_k, list(cfg.k_multiples))
+        family.done("the split's pass: encode, R^2 at every k', firing counts", eval.n)
+        check_stop()
         mono_n = stream.mono.scores()
         flat |= _mono_metrics(mono_n)
         purity_flat, purity_protocol, purity_n = _purity_metrics(stream, eval, cfg)
+        family.done("MonoScore and purity")
         check_stop()
         probe_flat, probe_curves, probe_protocol = _probe_metrics(
             sae, train, eval, stream, cfg, train_k, device, seed, probe_store)
+        family.done("probes (truncated codes and raw embeddings)")
         check_stop()
         planted_flat, planted_protocol = _planted_metrics(sae, eval, train)
         inspection = _inspection(stream, eval, mono_n, cfg, out_dir, seed)
@@ -393,6 +413,7 @@ def evaluate(
         if purity_n is not None:
             per_latent |= {f"purity_{k}": v for k, v in purity_n._asdict().items() if v is not None}
         per_latent_file = _write_per_latent(out_dir, per_latent)
+        family.done("planted atoms, contact sheets, per-latent file")
     finally:
         sae.train(was_training)
     flat |= purity_flat | probe_flat | planted_flat

@@ -229,6 +229,21 @@ def _problem_numbers(cells: Sequence[Cell]) -> dict[str, int]:
     return {problem: number for number, (problem, _) in enumerate(counts.most_common(), 1)}
 
 
+def progress_line(ended: int, failed: int, running: int, total: int, elapsed_s: float) -> str:
+    """``sweep progress: 12/40 jobs ended (11 done, 1 failed), 2 running, 26 waiting; 5 min
+    elapsed, ETA 14 min`` (the ETA from the mean time per ended job so far)."""
+    waiting = total - ended - running
+    line = (f"sweep progress: {ended}/{total} jobs ended ({ended - failed} done, {failed} "
+            f"failed), {running} running, {waiting} waiting; {_minutes(elapsed_s)} elapsed")
+    if 0 < ended < total:
+        line += f", ETA {_minutes(elapsed_s / ended * (total - ended))}"
+    return line
+
+
+def _minutes(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.0f} min"
+
+
 def has_problems(cells: Sequence[Cell]) -> bool:
     return any(_problems_of(c) for c in cells)
 

@@ -175,7 +175,7 @@ def test_firing_means_positive_in_the_metrics_against_a_dense_loop():
             assert torch.isnan(purity[j]), j
 
 
-def test_firing_means_positive_in_the_evaluation(tmp_path):
+def test_firing_means_positive_in_the_evaluation(tmp_path, caplog):
     from sae.config import EvalConfig
     from sae.data.types import EmbeddingSet
     from sae.evaluate import evaluate
@@ -185,7 +185,10 @@ def test_firing_means_positive_in_the_evaluation(tmp_path):
     labels = torch.arange(64) % 4
     split = EmbeddingSet("t", x, labels)
     cfg = EvalConfig(probe_max_train=64, probe_epochs=2, inspect_top_images=0)
-    metrics = evaluate(model, split, split, cfg, 3, tmp_path, torch.device("cpu"))
+    with caplog.at_level("INFO", logger="sae.evaluate"):
+        metrics = evaluate(model, split, split, cfg, 3, tmp_path, torch.device("cpu"))
+    families = [r.message for r in caplog.records if r.message.startswith("evaluation: ")]
+    assert len(families) == 4 and all(" s" in line for line in families)  # one per family
     assert metrics["l0"] == 2.0  # latent 0 at 1e-6 fires, latent 2 at 0 does not
     assert metrics["dead_count"] == N - 2
 

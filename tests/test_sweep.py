@@ -200,3 +200,13 @@ def test_running_status_without_a_live_process_is_interrupted(tmp_path):
     assert run_state(tmp_path) == "interrupted"  # nobody holds the lock: the job was killed
     with run_lock(tmp_path):
         assert run_state(tmp_path) == "running"
+
+
+def test_the_progress_line_counts_and_estimates():
+    from sae.sweep import progress_line
+
+    assert progress_line(12, 1, 2, 40, 300.0) == (
+        "sweep progress: 12/40 jobs ended (11 done, 1 failed), 2 running, 26 waiting; "
+        "5 min elapsed, ETA 12 min")
+    assert progress_line(0, 0, 4, 4, 10.0) == (
+        "sweep progress: 0/4 jobs ended (0 done, 0 failed), 4 running, 0 waiting; 10 s elapsed")

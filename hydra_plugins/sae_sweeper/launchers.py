@@ -14,6 +14,7 @@ Selected by ``_target_`` in conf/launcher/slurm.yaml and conf/launcher/submitit_
 # sys.modules (see sae_sweeper.py).
 import logging
 import os
+import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -30,6 +31,7 @@ from omegaconf import OmegaConf
 
 log = logging.getLogger(__name__)
 POLL_S = 1.0  # how often the launcher looks at its pending tasks
+PROGRESS_S = 30.0  # how often, at most, a progress line is printed while nothing ends
 
 
 class TaskEnded(RuntimeError):
@@ -77,17 +79,38 @@ class _Tolerant:
         return self._collect(jobs)
 
     def _collect(self, jobs: list) -> list[JobReturn]:
-        """Wait for every task; a task's end never stops the wait for the others."""
+        """Wait for every task; a task's end never stops the wait for the others. A progress
+        line goes to stderr at each end and every ``PROGRESS_S`` while waiting."""
+        from sae.sweep import progress_line
+
         results: dict[int, JobReturn] = {}
+        started = last_shown = time.monotonic()
         while len(results) < len(jobs):
+            ended = False
             for index, job in enumerate(jobs):
                 if index not in results and job.done():
                     results[index] = task_return(job)
+                    ended = True
                     if self.job_end_callback is not None:
                         self.job_end_callback(index, results[index])
+            now = time.monotonic()
+            if ended or now - last_shown >= PROGRESS_S:
+                failed = sum(r.status != JobStatus.COMPLETED for r in results.values())
+                running = sum(1 for i, job in enumerate(jobs)
+                              if i not in results and _is_running(job))
+                print(progress_line(len(results), failed, running, len(jobs), now - started),
+                      file=sys.stderr, flush=True)
+                last_shown = now
             if len(results) < len(jobs):
                 time.sleep(POLL_S)
         return [results[i] for i in range(len(jobs))]
+
+
+def _is_running(job: Any) -> bool:
+    try:
+        return str(job.state).upper() in ("RUNNING", "COMPLETING")
+    except Exception:  # noqa: BLE001 -- a scheduler query that fails: count it pending
+        return False
 
 
 def task_return(job: Any) -> JobReturn:
