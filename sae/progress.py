@@ -12,6 +12,16 @@ import time
 from typing import TextIO
 
 
+SCALE_FROM = 100_000  # totals from which the bar shows 1.2k / 1.3M rather than every digit
+
+
+def clock(seconds: float) -> str:
+    """``1:02:03`` / ``2:03``: tqdm's format of a duration."""
+    from tqdm import tqdm
+
+    return tqdm.format_interval(seconds)
+
+
 class Progress:
     def __init__(self, total: int, desc: str, unit: str, *, initial: int = 0,
                  enabled: bool = True, every_s: float | None = None, final_line: bool = True,
@@ -28,9 +38,10 @@ class Progress:
         if self.tty:
             from tqdm import tqdm
 
+            # Whole counts ("12/300"); SI prefixes only where the counts get long ("1.2M").
             self.bar = tqdm(total=total, initial=initial, desc=desc or None, unit=unit,
-                            unit_scale=True, smoothing=0.05, dynamic_ncols=True,
-                            file=self.stream)
+                            unit_scale=total >= SCALE_FROM, smoothing=0.05,
+                            dynamic_ncols=True, file=self.stream)
 
     def update(self, n: int) -> None:
         """Advance by ``n``."""
@@ -56,6 +67,20 @@ class Progress:
     def rate(self) -> float:
         """Units per second since the start (resumed units not counted)."""
         return (self.n - self.initial) / max(time.perf_counter() - self.started, 1e-9)
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.started
+
+    def eta(self) -> float | None:
+        """Seconds to the end at the rate so far (None before any unit)."""
+        rate = self.rate()
+        return (self.total - self.n) / rate if rate > 0 else None
+
+    def timing(self) -> str:
+        """``0:12 elapsed, ETA 1:03`` for a log line."""
+        eta = self.eta()
+        return f"{clock(self.elapsed())} elapsed" + (f", ETA {clock(eta)}" if eta is not None
+                                                     else "")
 
     def close(self) -> None:
         if self.bar is not None:

@@ -204,7 +204,7 @@ def progress_line(progress: Progress, step: int, metrics: dict[str, float]) -> s
     """The plain line of a logged step, for log files."""
     return (f"step {step}/{progress.total} ({100 * step / progress.total:.0f}%) "
             f"loss {metrics['loss']:.4f} nmse {metrics['nmse']:.4f} "
-            f"dead {metrics['dead']:.0f} | {progress.rate():.1f} steps/s")
+            f"dead {metrics['dead']:.0f} | {progress.rate():.1f} steps/s, {progress.timing()}")
 
 
 # -- the loop -----------------------------------------------------------------------------------
