@@ -24,7 +24,14 @@ from sae.io import atomic_write_json, atomic_write_text, code_version
 from sae.method_card import render_markdown, run_card
 from sae.model import TopKSAE, save_model
 from sae.preemption import Interrupted, StopRequest
-from sae.runs import is_own_requeue, run_state, set_aside_outputs, write_status
+from sae.runs import (
+    is_own_requeue,
+    link_task_log,
+    run_state,
+    set_aside_outputs,
+    task_logs,
+    write_status,
+)
 from sae.threads import set_torch_threads
 from sae.tracking import start_tracking
 from sae.trainer import Trainer, TrainState
@@ -39,6 +46,7 @@ def begin_run(cfg: RootConfig, rid: str, directory: Path, command: str, *,
     atomic_write_text(directory / "config.yaml", OmegaConf.to_yaml(OmegaConf.structured(cfg)))
     atomic_write_json(directory / "identity.json", semantic_config(cfg))
     write_status(directory, "running", command=command)
+    link_task_log(directory)
     return start_tracking(cfg, rid, directory, concurrent=concurrent)
 
 
@@ -80,7 +88,9 @@ def finish_run(rid: str, directory: Path, tracker, metrics: dict, command: str
     tracker.summary(metrics)
     tracker.finish()
     write_status(directory, "done", command=command)
-    log.info("run %s done: %s", rid, directory)
+    logs = task_logs()
+    log.info("run %s done: %s%s", rid, directory,
+             f" (task log {logs['stdout']})" if logs else "")
     return {"run_id": rid, "state": "done", "reason": None, "run_dir": str(directory)}
 
 

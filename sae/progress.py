@@ -11,7 +11,6 @@ import sys
 import time
 from typing import TextIO
 
-
 SCALE_FROM = 100_000  # totals from which the bar shows 1.2k / 1.3M rather than every digit
 
 

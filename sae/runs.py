@@ -44,10 +44,52 @@ def slurm_facts() -> dict[str, str]:
     return {k.lower(): os.environ[k] for k in keys if k in os.environ}
 
 
+TASK_LOG_LINK = "slurm.out"  # in a run folder: the latest task log of the job that ran it
+
+
+def task_logs() -> dict[str, str]:
+    """The stdout and stderr files of the submitit task this process runs in (empty outside
+    one), as submitit names them: ``<folder>/<job id>_<task id>_log.out|err``, the folder's
+    ``%j`` / ``%A`` / ``%a`` filled in. Read from the environment: this layer imports no
+    submitit."""
+    folder = os.environ.get("SUBMITIT_FOLDER")
+    if not folder:
+        return {}
+    array_job, array_task = (os.environ.get("SLURM_ARRAY_JOB_ID"),
+                             os.environ.get("SLURM_ARRAY_TASK_ID"))
+    job = (f"{array_job}_{array_task}" if array_job else
+           os.environ.get("SLURM_JOB_ID") or os.environ.get("SUBMITIT_LOCAL_JOB_ID"))
+    if not job:
+        return {}
+    task = os.environ.get("SLURM_PROCID") or os.environ.get("SUBMITIT_LOCAL_GLOBALRANK") or "0"
+    base = folder.replace("%j", job).replace("%t", task)
+    base = base.replace("%A", job.split("_")[0]).replace("%a", job.split("_", 1)[-1])
+    stem = str(Path(base).expanduser().absolute() / f"{job}_{task}_log")
+    return {"stdout": f"{stem}.out", "stderr": f"{stem}.err"}
+
+
+def link_task_log(directory: Path) -> str | None:
+    """``<run>/slurm.out`` -> this task's log (replaced by each new task); returns the log."""
+    logs = task_logs()
+    if not logs:
+        return None
+    link = directory / TASK_LOG_LINK
+    temporary = directory / f".{TASK_LOG_LINK}.{os.getpid()}"
+    try:
+        temporary.unlink(missing_ok=True)
+        temporary.symlink_to(logs["stdout"])
+        os.replace(temporary, link)
+    except OSError:  # a file system without symlinks: the status still names the logs
+        temporary.unlink(missing_ok=True)
+    return logs["stdout"]
+
+
 def write_status(directory: Path, state: str, reason: str | None = None, **extra: Any) -> None:
     assert state in STATES, state
     status = {"state": state, "reason": reason, "updated": dt.datetime.now(dt.UTC).isoformat(),
               "host": socket.gethostname(), "pid": os.getpid(), "slurm": slurm_facts(), **extra}
+    if logs := task_logs():
+        status["logs"] = logs
     atomic_write_json(directory / "status.json", status)
 
 

@@ -217,6 +217,12 @@ def test_sweep_of_four_cells_runs_each_as_an_array_task(slurm_cluster, run_cmd, 
     assert len({s["slurm_array_job_id"] for s in slurm}) == 1, slurm
     assert sorted(int(s["slurm_array_task_id"]) for s in slurm) == [0, 1, 2, 3]
     assert len({s["slurm_job_id"] for s in slurm}) == 4
+    # Each run names its task's log files, and links the log beside its outputs (issue 23).
+    for run_dir, state in zip(runs.values(), statuses.values()):
+        log_file = Path(state["logs"]["stdout"])
+        assert log_file.is_file() and (run_dir / "slurm.out").resolve() == log_file.resolve()
+        logged = log_file.read_text() + Path(state["logs"]["stderr"]).read_text()
+        assert f"run {run_dir.name} done" in logged
     print(f"4-cell SLURM sweep: {elapsed:.1f} s")
 
 

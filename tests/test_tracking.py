@@ -208,13 +208,12 @@ class LoopbackServer:
         self.thread = threading.Thread(target=self._serve, daemon=True)
 
     def _serve(self) -> None:
-        import socket
 
         deadline = time.monotonic() + 60
         while not self.stopping.is_set() and time.monotonic() < deadline:
             try:
                 conn, _ = self.sock.accept()
-            except socket.timeout:
+            except TimeoutError:
                 continue
             self.open.append(conn)
             if not self.silent:
