@@ -38,6 +38,7 @@ from sae.reporting import (
     card,
     claims,
     collect,
+    dashboard,
     head_to_head,
     html,
     plots,
@@ -128,6 +129,43 @@ def log_report_run(sweep: collect.SweepRuns, runs: pd.DataFrame, summary: pd.Dat
     tables = {"paper_tables": parquet_ready(summary), **claims_frames(verdicts)}
     images = {f"plots/{figure.path.stem}": figure.path for figure in figures}
     log_report(sweep.name, out, logger, tables, images)
+    save_dashboard_online(out / dashboard.SPEC_FILE, logger)
+
+
+def write_dashboard_spec(sweep_name: str, runs: pd.DataFrame, out: Path) -> Path | None:
+    """``report/wandb_dashboard.json`` when the sweep's runs were tracked with W&B (saved to
+    the server by ``sae-sync SWEEP_DIR --dashboard``, or at once when the server answers)."""
+    from sae.io import atomic_write_json
+
+    logger = wandb_logger(runs)
+    if logger is None:
+        return None
+    spec = dashboard.dashboard_spec(sweep_name, str(logger.get("project", "sae-grid")),
+                                    logger.get("entity"))
+    path = out / dashboard.SPEC_FILE
+    atomic_write_json(path, spec)
+    return path
+
+
+def save_dashboard_online(spec_path: Path, logger: dict) -> None:
+    """Save the dashboard now when W&B is online here (a warning, never an error, otherwise)."""
+    import json
+    import logging
+    import os
+
+    from sae.tracking import save_dashboard, wandb_mode
+
+    if not spec_path.is_file() or not os.environ.get("WANDB_API_KEY"):
+        return
+    if wandb_mode(str(logger.get("mode", "auto")), float(logger.get("probe_timeout_s", 3.0))
+                  ) != "online":
+        return
+    try:
+        url = save_dashboard(json.loads(spec_path.read_text()))
+        print(f"W&B dashboard: {url}")
+    except Exception as exc:  # noqa: BLE001 -- the report stands without it
+        logging.getLogger(__name__).warning("W&B dashboard not saved (%s); save it later with "
+                                            "`sae-sync SWEEP_DIR --dashboard`", exc)
 
 
 @dataclass
@@ -211,6 +249,7 @@ def _write_report(sweep_dir: Path, out: Path, options: ReportOptions | None) -> 
     write_text(out / "claims.md", claims_md)
 
     figures, plot_notes = plots.make_plots(runs, sweep.curves, summary, out / "plots")
+    write_dashboard_spec(sweep.name, runs, out)
 
     stability = card.seed_stability_table(runs, metrics, options.seed_stability)
     stability.to_csv(out / "seed_stability.csv", index=False)

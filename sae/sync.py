@@ -85,6 +85,27 @@ def sync_sweep(sweep_dir: Path, again: bool = False, timeout_s: float = 600.0,
             else upload(run, timeout_s, project, entity) for run in offline_runs(sweep_dir)]
 
 
+def save_sweep_dashboard(sweep_dir: Path, project: str | None, entity: str | None) -> bool:
+    """Save the spec the report wrote (with ``--project`` / ``--entity`` when given)."""
+    import json
+
+    from sae.reporting.dashboard import SPEC_FILE
+    from sae.tracking import save_dashboard
+
+    path = Path(sweep_dir) / "report" / SPEC_FILE
+    if not path.is_file():
+        print(f"- FAIL dashboard: {path} does not exist (run `sae-report {sweep_dir}` first)")
+        return False
+    spec = json.loads(path.read_text())
+    spec |= {k: v for k, v in (("project", project), ("entity", entity)) if v}
+    try:
+        print(f"- ok   dashboard: {save_dashboard(spec)}")
+        return True
+    except Exception as exc:  # noqa: BLE001 -- reported, the exit status says it
+        print(f"- FAIL dashboard: {exc}")
+        return False
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="sae-sync", description=__doc__.split("\n")[0])
     parser.add_argument("sweep_dir", type=Path, help="a sweep directory (holds cells.json)")
@@ -96,6 +117,9 @@ def main(argv: list[str] | None = None) -> int:
                         "--project; default: each run's own)")
     parser.add_argument("-e", "--entity", help="upload under this W&B entity (as wandb sync's "
                         "--entity; default: each run's own)")
+    parser.add_argument("--dashboard", action="store_true",
+                        help="also save the sweep's W&B workspace view (report/"
+                        "wandb_dashboard.json, written by sae-report)")
     args = parser.parse_args(argv)
     runs = offline_runs(args.sweep_dir)
     print(f"{len(runs)} offline W&B runs in {args.sweep_dir}")
@@ -103,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
         print("\n".join(f"- {run}{' (synced)' if synced(run) else ''}" for run in runs))
         return 0
     url = os.environ.get("WANDB_BASE_URL", DEFAULT_BASE_URL)
-    if runs and not reachable(url, PROBE_TIMEOUT_S):
+    if (runs or args.dashboard) and not reachable(url, PROBE_TIMEOUT_S):
         print(f"sae-sync: W&B server {url} unreachable within {PROBE_TIMEOUT_S:g} s: nothing "
               "sent (run again where the server can be reached)")
         return 1
@@ -111,6 +135,8 @@ def main(argv: list[str] | None = None) -> int:
     for result in results:
         print(f"- {'ok  ' if result.ok else 'FAIL'} {result.run}: {result.detail}")
     failed = sum(not r.ok for r in results)
+    if args.dashboard:
+        failed += not save_sweep_dashboard(args.sweep_dir, args.project, args.entity)
     print(f"sent {sum(r.detail == 'sent' for r in results)}, already synced "
           f"{sum(r.detail == 'already synced' for r in results)}, failed {failed}")
     return 1 if failed else 0

@@ -319,3 +319,53 @@ def log_report(sweep_name: str, report_dir: Path, logger: dict[str, Any],
     except Exception as exc:  # noqa: BLE001 -- the report is written either way
         log.warning("W&B report run not logged (%s)", exc)
         return None
+
+
+# -- the sweep's dashboard ------------------------------------------------------------------------
+def _expression(ref: dict[str, str]) -> Any:
+    """``{"config": "k"}`` / ``{"summary": "r2"}`` as a wandb_workspaces panel reference."""
+    import wandb_workspaces.reports.v2 as wr
+
+    (kind, name), = ref.items()
+    return wr.Config(name) if kind == "config" else wr.SummaryMetric(name)
+
+
+def _panel(panel: dict[str, Any]) -> Any:
+    import wandb_workspaces.reports.v2 as wr
+
+    if panel["type"] == "scatter":
+        return wr.ScatterPlot(title=panel["title"], x=_expression(panel["x"]),
+                              y=_expression(panel["y"]))
+    if panel["type"] == "parallel_coordinates":
+        return wr.ParallelCoordinatesPlot(title=panel["title"], columns=[
+            wr.ParallelCoordinatesPlotColumn(metric=_expression(c)) for c in panel["columns"]])
+    if panel["type"] == "media":
+        return wr.MediaBrowser(media_keys=panel["keys"])
+    raise ValueError(f"unknown dashboard panel type {panel['type']!r}")
+
+
+def dashboard_workspace(spec: dict[str, Any]) -> Any:
+    """The ``wandb_workspaces.workspaces.Workspace`` of a spec of
+    ``sae.reporting.dashboard.dashboard_spec``."""
+    import wandb_workspaces.workspaces as ws
+
+    (key, value), = spec["filters"]["config"].items()
+    return ws.Workspace(
+        entity=spec["entity"], project=spec["project"], name=spec["name"],
+        sections=[ws.Section(name=s["name"], panels=[_panel(p) for p in s["panels"]],
+                             is_open=True) for s in spec["sections"]],
+        runset_settings=ws.RunsetSettings(
+            filters=[ws.Config(key) == value],
+            groupby=[ws.Config(g["config"]) for g in spec["groupby"]],
+            pinned_columns=spec["pinned_columns"]))
+
+
+def save_dashboard(spec: dict[str, Any]) -> str:
+    """Save the sweep's workspace view to the W&B server; returns its URL. Needs the server
+    (``WANDB_API_KEY``, ``WANDB_BASE_URL``) and an entity (the spec's, else the key's default)."""
+    import wandb
+
+    if not spec.get("entity"):
+        spec = {**spec, "entity": wandb.Api().default_entity}
+    workspace = dashboard_workspace(spec).save()
+    return str(workspace.url)

@@ -159,6 +159,8 @@ def test_the_report_logs_a_report_run_in_the_sweeps_group(sweep_root):
     assert main([str(sweep_dir), "--no-seed-stability"]) == 0
     flush_wandb()
     offline = offline_dir(sweep_dir / "report")
+    spec = json.loads((sweep_dir / "report" / "wandb_dashboard.json").read_text())
+    assert spec["sweep"] == "tracked" and spec["filters"] == {"config": {"sweep": "tracked"}}
     record = W.run(offline)
     assert record.job_type == "report" and record.run_group == "tracked"
     logged = {k: v for r in W.history(offline) for k, v in r.items()}
