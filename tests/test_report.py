@@ -576,3 +576,22 @@ def test_a_report_killed_half_way_leaves_the_previous_one_whole(tmp_path, monkey
     index = build_report(sweep_dir, ReportOptions(seed_stability=False))
     assert index == report / "index.html" and index.is_file()
     assert oct(report.stat().st_mode & 0o777) == oct(0o755)
+
+
+def test_plots_use_one_colour_per_regularizer_and_mask_by_line_style():
+    """Issue 23: the dead-latents bars took blue for "mask on" while every other plot took blue
+    for offsupport_l1; the colours now come from the regularizer everywhere, in the registry's
+    order, and coinciding lines are shifted apart."""
+    from sae import regularizers
+    from sae.reporting import plots
+
+    names = regularizers.names()
+    assert [plots.REGULARIZER_COLORS[n] for n in names] == list(plots.PALETTE[:len(names)])
+    on, off = plots.line_style("l1l2", "on"), plots.line_style("l1l2", "off")
+    assert on["color"] == off["color"] and on["linestyle"] != off["linestyle"]
+    assert plots.line_style("offsupport_l1", "on")["color"] != on["color"]
+    import numpy as np
+
+    xs = [plots.offset_x(np.array([8.0]), i, 3)[0] for i in range(3)]
+    assert xs[0] < 8.0 == xs[1] < xs[2] and max(xs) / min(xs) < 1.1
+    assert plots.LEGEND_FONT >= 10

@@ -49,22 +49,39 @@ def line_label(regularizer: str, mask: str) -> str:
     return regularizer if regularizer == "none" else f"{regularizer}, mask {mask}"
 
 
-REGULARIZER_COLORS = {"none": "black", "offsupport_l1": "tab:blue", "l1l2": "tab:orange"}
+# One colour and one marker per regularizer in every plot, in the registry's order (the baseline
+# black); the mask by line style (and hatching for bars), never by colour.
+PALETTE = ("black", "tab:blue", "tab:orange", "tab:green", "tab:purple", "tab:brown")
+MARKERS = ("o", "s", "^", "D", "v", "P")
+REGULARIZER_COLORS = dict(zip(REGULARIZER_ORDER, PALETTE))
+REGULARIZER_MARKERS = dict(zip(REGULARIZER_ORDER, MARKERS))
 MASK_STYLES = {"on": "-", "off": "--", "unused": ":"}  # mask told by line style, not colour only
+LEGEND_FONT = 11  # points: readable at the page's native size
+# Lines that coincide stay visible: each line of a panel is shifted by this fraction of an
+# octave along the (log2) x axis, around the true x.
+X_OFFSET_OCTAVES = 0.04
 
 
 def line_style(regularizer: str, mask: str) -> dict:
-    """Colour = regularizer, line style = mask (solid on, dashed off, dotted for the baseline)."""
+    """Colour and marker = regularizer, line style = mask (solid on, dashed off, dotted for
+    the baseline)."""
     return {"color": REGULARIZER_COLORS.get(regularizer, "tab:grey"),
+            "marker": REGULARIZER_MARKERS.get(regularizer, "o"),
             "linestyle": MASK_STYLES.get(mask, "-.")}
+
+
+def offset_x(x, position: int, lines: int):
+    """x shifted for the ``position``-th of ``lines`` lines (log2 axes), so equal lines do not
+    hide each other; the shift is a few percent, well inside a marker of the true x."""
+    return x * 2 ** ((position - (lines - 1) / 2) * X_OFFSET_OCTAVES)
 
 
 def outside_legend(fig: plt.Figure, ax: plt.Axes) -> None:
     """One legend for the figure, right of the panels: it never covers data."""
     handles, labels = ax.get_legend_handles_labels()
     if handles:
-        fig.legend(handles, labels, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=7,
-                   frameon=False)
+        fig.legend(handles, labels, loc="center left", bbox_to_anchor=(1.0, 0.5),
+                   fontsize=LEGEND_FONT, frameon=False)
 
 
 def line_order(frame: pd.DataFrame) -> list[tuple[str, str]]:
@@ -104,12 +121,13 @@ def metrics_vs_k(summary: pd.DataFrame, out: Path, backbone: str, dataset: str) 
         return None
     fig, axes = _panels(len(specs))
     for ax, spec in zip(axes, specs):
-        for reg, mask in line_order(frame):
+        order = line_order(frame)
+        for position, (reg, mask) in enumerate(order):
             line = frame[(frame["regularizer"] == reg) & (frame["mask_label"] == mask)]
             line = line.groupby("k")[[f"{spec.key}_mean", f"{spec.key}_std"]].mean()
-            ax.errorbar(line.index, line[f"{spec.key}_mean"], yerr=line[f"{spec.key}_std"],
-                        marker="o", capsize=3, label=line_label(reg, mask),
-                        **line_style(reg, mask))
+            ax.errorbar(offset_x(line.index.to_numpy(float), position, len(order)),
+                        line[f"{spec.key}_mean"], yerr=line[f"{spec.key}_std"], capsize=3,
+                        label=line_label(reg, mask), **line_style(reg, mask))
         ax.set(xlabel="training k", ylabel=spec.label, title=spec.label)
         ax.set_xscale("log", base=2)
     outside_legend(fig, axes[0])
@@ -141,10 +159,12 @@ def curve_figure(means: pd.DataFrame, out: Path, backbone: str, dataset: str, na
     fig, axes = _panels(len(ks))
     for ax, k in zip(axes, ks):
         at_k = frame[frame["k"] == k]
-        for reg, mask in line_order(at_k):
+        order = line_order(at_k)
+        for position, (reg, mask) in enumerate(order):
             line = at_k[(at_k["regularizer"] == reg) & (at_k["mask_label"] == mask)]
             line = line.groupby("x")[["mean", "std"]].mean()
-            ax.errorbar(line.index, line["mean"], yerr=line["std"], marker="o", capsize=3,
+            ax.errorbar(offset_x(line.index.to_numpy(float), position, len(order)),
+                        line["mean"], yerr=line["std"], capsize=3,
                         label=line_label(reg, mask), **line_style(reg, mask))
         if name == "robustness":
             ax.axvline(k, color="grey", linestyle=":", linewidth=1)  # the training budget
@@ -168,7 +188,7 @@ def dead_by_mask(summary: pd.DataFrame, out: Path, backbone: str, dataset: str) 
     bars = frame.sort_values(["k"], kind="stable")
     labels = [f"k={r.k}\n{line_label(r.regularizer, r.mask_label)}"
               for r in bars.itertuples(index=False)]
-    colors = [{"on": "tab:blue", "off": "tab:red"}.get(m, "tab:grey") for m in bars["mask_label"]]
+    colors = [REGULARIZER_COLORS.get(r, "tab:grey") for r in bars["regularizer"]]
     fig, ax = plt.subplots(figsize=(max(5.0, 0.55 * len(bars) + 1.5), 3.8))
     drawn = ax.bar(range(len(bars)), bars["dead_count_mean"],
                    yerr=bars["dead_count_std"].fillna(0), color=colors, capsize=3)
@@ -179,11 +199,11 @@ def dead_by_mask(summary: pd.DataFrame, out: Path, backbone: str, dataset: str) 
     top = float((bars["dead_count_mean"] + bars["dead_count_std"].fillna(0)).max())
     ax.set_ylim(0, max(2.0, 3 * top))  # headroom of half a decade above the tallest bar
     ax.set_ylabel("dead latents (evaluation)")
-    ax.set_title(f"{place(backbone, dataset)}: dead latents, mask on (blue) / off (red)")
+    ax.set_title(f"{place(backbone, dataset)}: dead latents, mask on (plain) / off (hatched)")
     path = save(fig, out / f"dead_mask_{slug(backbone, dataset)}.png")
     return Figure(path, f"Dead latents with and without the mask — {place(backbone, dataset)}",
-                  "Evaluation-split dead latents; blue = mask on, red and hatched = mask off, "
-                  "grey = no regularizer. Symmetric log scale (linear below 1).")
+                  "Evaluation-split dead latents; colour = regularizer (as in every plot), "
+                  "hatched = mask off. Symmetric log scale (linear below 1).")
 
 
 # -- all of them ----------------------------------------------------------------------------------
