@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from tests.helpers import run_cli
@@ -21,12 +23,25 @@ CASES = [
 
 
 @pytest.mark.parametrize(("args", "message"), CASES, ids=[" ".join(a) for a, _ in CASES])
-def test_a_config_mistake_exits_2_with_one_line(tmp_path, args, message):
+def test_a_config_mistake_is_refused_naming_the_closest_valid_name(args, message):
+    """In-process: the check the command runs before Hydra (one process per case would cost
+    two seconds each)."""
+    from sae.cli_overrides import OverrideError, check_overrides
+    from sae.config import RootConfig
+    from sae.train import CONF_DIR
+
+    with pytest.raises(OverrideError) as refused:
+        check_overrides(args, Path(CONF_DIR), RootConfig)
+    assert message in str(refused.value)
+
+
+@pytest.mark.parametrize("args", [["train.lrr=1e-3"], ["-m", "regularizer=none,l1_l2"]])
+def test_a_config_mistake_exits_2_with_one_line_and_no_folder(tmp_path, args):
     result = run_cli(["-m", "sae.train", *args], env_extra={"SAE_OUTPUT_ROOT": str(tmp_path)},
                      timeout=120)
     assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], lines
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "did you mean" in lines[0]
     assert not (tmp_path / "sweeps").exists() and not (tmp_path / "runs").exists()
 
 

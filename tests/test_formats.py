@@ -80,27 +80,36 @@ def test_the_content_digest_names_the_data_in_every_format(data, tmp_path):
     assert run_id(files_cfg(root, train_path=root / "x.npy")) == ids["x.npy"]  # stable
 
 
-@pytest.mark.parametrize(("name", "message"), [
-    ("hfdict", "is a DatasetDict (splits train). Fix: point dataset.train_path to"),
-    ("data.h5", "is HDF5"),
-    ("notes.txt", "in no format sae-grid reads"),
-    ("lists.parquet:nokey", "has no column 'nope'"),
-])
-def test_an_unreadable_file_is_refused_before_any_job_and_any_folder(data, tmp_path, name,
-                                                                     message):
+REFUSALS = [
+    ("hfdict", {}, "is a DatasetDict (splits train). Fix: point dataset.train_path to"),
+    ("data.h5", {}, "is HDF5"),
+    ("notes.txt", {}, "in no format sae-grid reads"),
+    ("lists.parquet", {"embedding_key": "nope"}, "has no column 'nope'"),
+]
+
+
+@pytest.mark.parametrize(("name", "keys", "message"), REFUSALS, ids=[r[0] for r in REFUSALS])
+def test_an_unreadable_file_is_refused_at_planning(data, name, keys, message):
+    """The planner's check (sae.sweep.check_files), which a single run and a sweep run first."""
+    from sae.config import ConfigError
+    from sae.sweep import check_files
+
     root, _, _ = data
     (root / "data.h5").write_bytes(b"\x89HDF\r\n")
     (root / "notes.txt").write_text("x")
-    extra = []
-    if name.endswith(":nokey"):
-        name, extra = name.split(":")[0], ["dataset.embedding_key=nope"]
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        check_files(files_cfg(root, train_path=root / name, **keys).dataset)
+
+
+def test_a_refusal_exits_2_before_any_job_and_any_folder(data, tmp_path):
+    root, _, _ = data
     out = tmp_path / "out"
     for mode in (["-m", "dry_run=true"], []):
         result = run_cli(["-m", "sae.train", *mode, "dataset=files", "sae=tiny", "k=4",
-                          f"dataset.train_path={root / name}", *extra],
+                          f"dataset.train_path={root / 'hfdict'}"],
                          env_extra={"SAE_OUTPUT_ROOT": str(out)}, timeout=120)
         assert result.returncode == 2, (mode, result.stdout[-2000:], result.stderr[-2000:])
-        assert message in result.stdout + result.stderr, (mode, result.stderr)
+        assert "is a DatasetDict" in result.stdout + result.stderr, (mode, result.stderr)
         assert not (out / "runs").exists()
 
 
