@@ -99,6 +99,9 @@ def _execute(cfg: RootConfig, rid: str, directory: Path, command: str) -> dict[s
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
 def main(cfg: DictConfig) -> dict[str, Any]:
+    # In a submitit task, submitit's logger has its own handler and also reached Hydra's:
+    # every submitit line was printed twice. Its own handler stays.
+    logging.getLogger("submitit").propagate = False
     if cfg.get("pack_members"):  # a job of the sweeper's that trains several cells together
         from sae.packed_run import run_packed_job
 

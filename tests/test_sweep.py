@@ -210,3 +210,29 @@ def test_the_progress_line_counts_and_estimates():
         "5 min elapsed, ETA 12 min")
     assert progress_line(0, 0, 4, 4, 10.0) == (
         "sweep progress: 0/4 jobs ended (0 done, 0 failed), 4 running, 0 waiting; 10 s elapsed")
+
+
+def test_a_submitit_local_sweep_leaves_findable_logs_printed_once(tmp_path):
+    """Issue 23: a run links its task log (``slurm.out``) and names it in status.json; each
+    submitit line appears once; no empty ``.submitit/%j`` folder stays; the launcher prints
+    its progress while it waits."""
+    import json
+
+    from tests.helpers import run_cli
+
+    result = run_cli(["-m", "sae.train", "-m", "launcher=submitit_local", "dataset=synthetic",
+                      "sae=tiny", "logger=none", "train.max_steps=10", "k=4,8",
+                      "train.progress=false"], env_extra={"SAE_OUTPUT_ROOT": str(tmp_path)},
+                     timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "sweep progress: 2/2 jobs ended (2 done, 0 failed)" in result.stderr
+    submitit = tmp_path / "sweeps" / "adhoc" / ".submitit"
+    assert sorted(p.name for p in submitit.iterdir() if "%" in p.name) == []
+    runs = sorted((tmp_path / "runs").iterdir())
+    assert len(runs) == 2
+    for run in runs:
+        logs = json.loads((run / "status.json").read_text())["logs"]
+        log_text = (run / "slurm.out").read_text()
+        assert (run / "slurm.out").resolve() == Path(logs["stdout"]).resolve()
+        assert log_text.count("Job completed successfully") == 1, log_text
+        assert f"run {run.name} done" in log_text

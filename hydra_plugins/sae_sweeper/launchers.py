@@ -76,7 +76,10 @@ class _Tolerant:
             job_params.append((list(overrides), "hydra.sweep.dir", idx, f"job_id_for_{idx}",
                                Singleton.get_state()))
         jobs = self._executor().map_array(self, *zip(*job_params, strict=True))
-        return self._collect(jobs)
+        try:
+            return self._collect(jobs)
+        finally:
+            _remove_template_folder(str(self.params["submitit_folder"]))
 
     def _collect(self, jobs: list) -> list[JobReturn]:
         """Wait for every task; a task's end never stops the wait for the others. A progress
@@ -104,6 +107,17 @@ class _Tolerant:
             if len(results) < len(jobs):
                 time.sleep(POLL_S)
         return [results[i] for i in range(len(jobs))]
+
+
+def _remove_template_folder(folder: str) -> None:
+    """submitit makes its folder as written, ``%j`` included, before any job has an id; each
+    job then writes to its own ``.submitit/<job id>/``. The literal ``%j`` folder stays empty:
+    remove it (only when empty)."""
+    if "%" in folder:
+        try:
+            Path(folder).rmdir()
+        except OSError:  # not there, or not empty: leave it
+            pass
 
 
 def _is_running(job: Any) -> bool:
