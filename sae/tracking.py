@@ -24,9 +24,9 @@ What a run holds, so that one W&B project carries the whole comparison:
 tables and claims as tables and the plots as images (:func:`log_report`).
 
 Tracking never fails or stalls training: under ``logger.mode=auto`` with an API key, a bounded
-HTTP request to the server (``/healthz``, within ``logger.probe_timeout_s``) precedes
-``wandb.init``; a server that refuses, or accepts and never answers, means an offline run and one
-warning line (upload later: ``sae-sync SWEEP_DIR``). ``wandb.init`` itself waits at most the
+request to the server (its GraphQL viewer query, within ``logger.probe_timeout_s``) precedes
+``wandb.init``; a server that refuses, accepts and never answers, or answers with no GraphQL
+data means an offline run and one warning line (upload later: ``sae-sync SWEEP_DIR``). ``wandb.init`` itself waits at most the
 probe timeout plus ``INIT_TIMEOUT_MARGIN_S``; an online start that fails falls back to an offline
 run, so every history point, summary value, artifact and image is kept for ``sae-sync``. Every W&B call
 is guarded; a failure turns the tracker into a no-op with one warning.
@@ -84,23 +84,30 @@ def run_config(cfg: RootConfig) -> dict[str, Any]:
 
 # -- online, offline, or unreachable --------------------------------------------------------------
 def _answers(url: str, timeout_s: float) -> bool:
-    """Whether the server answers an HTTP request (``/healthz``, which W&B servers serve)
-    within ``timeout_s``: any HTTP status counts (401 and 404 are answers); a refused
-    connection, or one that is accepted but never answered, does not."""
-    import urllib.error
+    """Whether the server answers W&B's own viewer query (``POST /graphql``, authenticated
+    with ``WANDB_API_KEY`` when set) with GraphQL data within ``timeout_s``. A refused
+    connection, one accepted and never answered, an error status (a proxy's 404, a refused
+    key's 401) or a body that is no GraphQL answer all mean: do not start online."""
+    import base64
+    import json
     import urllib.request
 
+    request = urllib.request.Request(
+        url.rstrip("/") + "/graphql", data=json.dumps({"query": "{ viewer { id } }"}).encode(),
+        headers={"Content-Type": "application/json"}, method="POST")
+    key = os.environ.get("WANDB_API_KEY")
+    if key:
+        token = base64.b64encode(f"api:{key}".encode()).decode()
+        request.add_header("Authorization", f"Basic {token}")
     try:
-        with urllib.request.urlopen(url.rstrip("/") + "/healthz", timeout=timeout_s):
-            return True
-    except urllib.error.HTTPError:
-        return True
-    except (OSError, ValueError):
+        with urllib.request.urlopen(request, timeout=timeout_s) as response:
+            return "data" in json.loads(response.read(1 << 20) or b"{}")
+    except (OSError, ValueError):  # HTTPError, URLError and timeouts are OSErrors
         return False
 
 
 def reachable(url: str, timeout_s: float) -> bool:
-    """Whether the W&B server at ``url`` answers a real request within ``timeout_s`` (a TCP
+    """Whether the W&B server at ``url`` answers its viewer query within ``timeout_s`` (a TCP
     connection alone is not enough: a stalled proxy accepts and never answers). Bounded as a
     whole, name resolution included: it runs in a daemon thread, abandoned when it takes
     longer."""

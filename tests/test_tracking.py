@@ -263,13 +263,39 @@ def test_a_server_that_accepts_and_never_answers_costs_the_probe_and_logs_offlin
     assert W.summary(offline_dir(run_dir))["r2"] == 0.5
 
 
-def test_the_probe_counts_an_answer_not_a_connection():
+def test_the_probe_counts_a_graphql_answer_not_a_connection():
+    from tests.test_dashboard import FakeWandb
+
     with LoopbackServer(silent=True) as server:
         started = time.perf_counter()
         assert not tracking.reachable(server.url, 1.0)
         assert time.perf_counter() - started < 2.5
-    with LoopbackServer(silent=False, delay_s=0.5) as server:  # slow, but within the timeout
+    with LoopbackServer(silent=False, delay_s=0.5) as server:  # answers, but a 404
+        assert not tracking.reachable(server.url, 3.0)
+    with FakeWandb() as server:  # W&B's viewer query answered
         assert tracking.reachable(server.url, 3.0)
+
+
+def test_a_server_that_answers_slowly_and_wrongly_costs_seconds_and_logs_offline(
+        tmp_path, monkeypatch):
+    """A proxy that answers every request after a second, with a 404: no online start is
+    tried (it would fail, and its run id would then be taken in this process); the run is
+    offline, its data kept."""
+    with LoopbackServer(silent=False, delay_s=1.0) as server:
+        monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+        monkeypatch.setenv("WANDB_BASE_URL", server.url)
+        monkeypatch.delenv("WANDB_MODE", raising=False)
+        run_dir = tmp_path / "run"
+        run_dir.mkdir()
+        started = time.perf_counter()
+        tracker = start_tracking(synthetic_cfg(), "slow-run", run_dir)
+        tracker.summary({"r2": 0.5})
+        tracker.finish()
+        seconds = time.perf_counter() - started
+    print(f"slow server: {seconds:.1f} s")
+    assert seconds < 3.0 + 10.0 and isinstance(tracker, tracking.WandbTracker)
+    flush_wandb()
+    assert W.summary(offline_dir(run_dir))["r2"] == 0.5
 
 
 def test_sync_passes_project_and_entity_to_wandb_sync():
