@@ -50,26 +50,23 @@ SAME = {  # where and how it runs
 }
 
 
+def keys_before_and_after(tmp_path, group: str, change: dict) -> tuple[str, str]:
+    backbone, dataset = base(tmp_path)
+    if group == "dataset":
+        return key(backbone, dataset), key(backbone, dataset_replace(dataset, change))
+    return key(backbone, dataset), key(dataclasses.replace(backbone, **change), dataset)
+
+
 @pytest.mark.parametrize("what", sorted(CHANGES))
 def test_an_input_of_the_numbers_changes_the_key(tmp_path, what):
-    backbone, dataset = base(tmp_path)
-    group, change = CHANGES[what]
-    if group == "dataset":
-        changed = key(backbone, dataset_replace(dataset, change))
-    else:
-        changed = key(dataclasses.replace(backbone, **change), dataset)
-    assert changed != key(backbone, dataset), what
+    before, after = keys_before_and_after(tmp_path, *CHANGES[what])
+    assert after != before, what
 
 
 @pytest.mark.parametrize("what", sorted(SAME))
 def test_where_and_how_it_runs_leave_the_key_alone(tmp_path, what):
-    backbone, dataset = base(tmp_path)
-    group, change = SAME[what]
-    if group == "dataset":
-        changed = key(backbone, dataset_replace(dataset, change))
-    else:
-        changed = key(dataclasses.replace(backbone, **change), dataset)
-    assert changed == key(backbone, dataset), what
+    before, after = keys_before_and_after(tmp_path, *SAME[what])
+    assert after == before, what
 
 
 def test_weights_by_content_not_by_path(tmp_path):

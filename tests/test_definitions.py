@@ -83,7 +83,10 @@ def auxk_of_paths(model: TopKSAE, x: torch.Tensor, dead: torch.Tensor
     kwargs = dict(regularizer="none", strength=0.0, mask=True, eps=1e-8, dead=dead,
                   aux_alpha=1 / 32, aux_k=AUX_K)
     values = {"reference": training_loss(model, x, **kwargs)[0].auxk,
-              "fast": fast_training_loss(model, x, **kwargs)[0].auxk}
+              "fast": fast_training_loss(model, x, **kwargs)[0].auxk,
+              # A host bound above the dead count (what CUDA steps get): live columns among
+              # the ones AuxK looks at, which it must hold at -inf.
+              "fast, bound n": fast_training_loss(model, x, dead_bound=N, **kwargs)[0].auxk}
     pack = PackedSAE([model])
     coeffs = PackCoefficients.build([MemberSpec(K, "none", 0.0, True, 1e-8)], x.device)
     out = packed_training_loss(pack, x.unsqueeze(0), coeffs, dead_gn=dead.unsqueeze(0),

@@ -123,21 +123,29 @@ def test_history_artifact_table_histogram_and_images(sweep_root):
     assert refs["model.safetensors"] == (run_dir / "model.safetensors").resolve().as_uri()
 
 
-def test_an_unreachable_server_costs_seconds_and_logs_offline(tmp_path, monkeypatch, caplog):
-    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)  # a dummy: the server is never reached
-    monkeypatch.setenv("WANDB_BASE_URL", UNREACHABLE)
+def track_against(server_url: str, tmp_path: Path, monkeypatch, run_id: str):
+    """A cell's tracker with an API key and ``server_url`` as the W&B server (logger.mode=auto):
+    one logged point, a summary, the end. Returns the tracker, its run dir and the seconds."""
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)  # a dummy: no real server is reached
+    monkeypatch.setenv("WANDB_BASE_URL", server_url)
     monkeypatch.delenv("WANDB_MODE", raising=False)
     cfg = synthetic_cfg()
     assert cfg.logger.name == "wandb" and cfg.logger.mode == "auto"
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     started = time.perf_counter()
+    tracker = start_tracking(cfg, run_id, run_dir)
+    tracker.log({"train/loss": 1.0}, step=1)
+    tracker.summary({"r2": 0.5})
+    tracker.finish()
+    return tracker, run_dir, time.perf_counter() - started
+
+
+def test_an_unreachable_server_costs_seconds_and_logs_offline(tmp_path, monkeypatch, caplog):
     with caplog.at_level(logging.WARNING, logger="sae.tracking"):
-        tracker = start_tracking(cfg, "unreachable-run", run_dir)
-        tracker.log({"train/loss": 1.0}, step=1)
-        tracker.summary({"r2": 0.5})
-        tracker.finish()
-    assert time.perf_counter() - started < 15.0
+        tracker, run_dir, seconds = track_against(UNREACHABLE, tmp_path, monkeypatch,
+                                                  "unreachable-run")
+    assert seconds < 15.0
     flush_wandb()
     assert isinstance(tracker, tracking.WandbTracker)
     assert [r.message for r in caplog.records if "unreachable" in r.message] == [
@@ -241,22 +249,12 @@ def test_a_server_that_accepts_and_never_answers_costs_the_probe_and_logs_offlin
     """Issue 23: a TCP connection alone used to count as reachable, and wandb.init then waited
     about 90 s and lost the data. Now the probe's HTTP request times out and the run is offline,
     with everything logged."""
-    with LoopbackServer(silent=True) as server:
-        monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
-        monkeypatch.setenv("WANDB_BASE_URL", server.url)
-        monkeypatch.delenv("WANDB_MODE", raising=False)
-        cfg = synthetic_cfg()
-        run_dir = tmp_path / "run"
-        run_dir.mkdir()
-        started = time.perf_counter()
-        with caplog.at_level(logging.WARNING, logger="sae.tracking"):
-            tracker = start_tracking(cfg, "silent-run", run_dir)
-            tracker.log({"train/loss": 1.0}, step=1)
-            tracker.summary({"r2": 0.5})
-            tracker.finish()
-        seconds = time.perf_counter() - started
+    with LoopbackServer(silent=True) as server, \
+            caplog.at_level(logging.WARNING, logger="sae.tracking"):
+        tracker, run_dir, seconds = track_against(server.url, tmp_path, monkeypatch,
+                                                  "silent-run")
     print(f"silent server: {seconds:.1f} s")
-    assert seconds < cfg.logger.probe_timeout_s + 10.0
+    assert seconds < synthetic_cfg().logger.probe_timeout_s + 10.0
     flush_wandb()
     assert isinstance(tracker, tracking.WandbTracker) and tracker.offline
     assert any(f"W&B server {server.url} unreachable" in r.message for r in caplog.records)
@@ -282,16 +280,7 @@ def test_a_server_that_answers_slowly_and_wrongly_costs_seconds_and_logs_offline
     tried (it would fail, and its run id would then be taken in this process); the run is
     offline, its data kept."""
     with LoopbackServer(silent=False, delay_s=1.0) as server:
-        monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
-        monkeypatch.setenv("WANDB_BASE_URL", server.url)
-        monkeypatch.delenv("WANDB_MODE", raising=False)
-        run_dir = tmp_path / "run"
-        run_dir.mkdir()
-        started = time.perf_counter()
-        tracker = start_tracking(synthetic_cfg(), "slow-run", run_dir)
-        tracker.summary({"r2": 0.5})
-        tracker.finish()
-        seconds = time.perf_counter() - started
+        tracker, run_dir, seconds = track_against(server.url, tmp_path, monkeypatch, "slow-run")
     print(f"slow server: {seconds:.1f} s")
     assert seconds < 3.0 + 10.0 and isinstance(tracker, tracking.WandbTracker)
     flush_wandb()
