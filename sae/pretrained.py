@@ -80,7 +80,8 @@ def load(path_or_run_id: str | os.PathLike, root: str | os.PathLike | None = Non
     run_dir = file.parent.parent if file.parent.name == "checkpoints" else file.parent
     model.run_id = run_dir.name if (run_dir / "identity.json").exists() else None
     model.metrics = _flat_metrics(run_dir / "metrics.json")
-    return model.to(device).eval()
+    # For analysis: no autograd graph behind the codes (requires_grad_(True) to fine-tune).
+    return model.requires_grad_(False).to(device).eval()
 
 
 def _resolve(given: str | os.PathLike, root: str | os.PathLike | None) -> Path:

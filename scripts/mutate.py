@@ -70,7 +70,7 @@ MUTATIONS = (
     Mutation("MonoScore without its min-max shift", "sae/metrics/monosemanticity.py",
              "m_n = torch.where(fires_everywhere, self.min_n, torch.zeros_like(self.min_n))",
              "m_n = torch.zeros_like(self.min_n)", ("tests/test_metrics.py", "-k", "mono")),
-    Mutation("R^2: variance-weighted in place of the uniform average",
+    Mutation("R^2: the median over dimensions in place of the mean",
              "sae/metrics/reconstruction.py", "r2 = float(r2_d.mean())",
              "r2 = float(r2_d.median())",
              ("tests/test_metrics.py", "-k", "r2")),
