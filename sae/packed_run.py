@@ -38,6 +38,7 @@ from sae.cell import (
 )
 from sae.config import RootConfig, to_dict, validate
 from sae.data import load_splits
+from sae.data.embedding import ExtractionStopped
 from sae.device import resolve_device
 from sae.identity import run_id
 from sae.io import load_meta
@@ -126,6 +127,8 @@ def _train_pack(members: list[Member]) -> dict[str, dict[str, Any]]:
             _train_and_evaluate(members, outcomes, stop)
         except Interrupted as exc:
             stopped = exc
+        except ExtractionStopped as exc:  # the cache's shards are kept: a requeue resumes them
+            stopped = Interrupted(exc.signum, 0, "extraction")
         except Exception as exc:  # the pack as a whole failed (data, device): members not
             reason = f"{type(exc).__name__}: {exc}"  # finished yet fail
             for m in members:

@@ -32,6 +32,7 @@ from sae.cell import (
 )
 from sae.cli_overrides import main_with_checks
 from sae.config import RootConfig, register_configs, validate
+from sae.data.embedding import ExtractionStopped
 from sae.identity import run_id
 from sae.locking import hold_run_lock
 from sae.preemption import Interrupted, redeliver, signal_name, stop_signals
@@ -80,6 +81,8 @@ def _execute(cfg: RootConfig, rid: str, directory: Path, command: str) -> dict[s
             metrics = train_and_evaluate(cfg, directory, tracker, command, stop)
         except Interrupted as exc:
             stopped = exc
+        except ExtractionStopped as exc:  # the cache's shards are kept: a requeue resumes them
+            stopped = Interrupted(exc.signum, 0, "extraction")
         except Exception as exc:
             outcome = fail_run(rid, directory, tracker, f"{type(exc).__name__}: {exc}", command)
             if is_multirun():  # let the sweep go on; the sweeper reports the failure

@@ -187,3 +187,22 @@ def test_a_pack_waits_on_a_locked_member_at_most_lock_timeout_and_names_the_hold
     finally:
         lock.release()
     assert "waiting at most 0.5 s" in caplog.text
+
+
+@pytest.mark.slow
+def test_sigterm_during_extraction_is_a_stop_not_a_failure(tmp_path):
+    """Issue 20: an extraction stopped by a signal (the shards so far kept) was recorded
+    ``failed`` and the signal swallowed. Now the run is ``interrupted ... during extraction``,
+    the process ends as the signal asks (under SLURM, USR2 reaches submitit's requeue), and a
+    relaunch resumes the cache and finishes."""
+    root = tmp_path / "runs"
+    args = ["backbone=clip_tiny", "dataset=digits_images", "sae=tiny", "logger=none", "k=8",
+            "train.max_steps=5", "train.progress=false", "train.device=cpu",
+            "backbone.batch_size=64", "extract.shard_size=64", "eval.probe_epochs=2"]
+    stopped = run_train(root, args, "sae.data.embedding:_embed_batch", None, check=False)
+    assert ended_by_sigterm(stopped), (stopped.returncode, stopped.stderr[-3000:])
+    (directory,) = run_dirs(root).values()
+    record = status(directory)
+    assert record["state"] == "interrupted" and "during extraction" in record["reason"], record
+    run_train(root, args)
+    assert status(directory)["state"] == "done"

@@ -47,6 +47,10 @@ class EmbedResult:
 class ExtractionStopped(RuntimeError):
     """A stop signal arrived; the shards so far are saved and the next extraction resumes."""
 
+    def __init__(self, message: str, signum: int) -> None:
+        super().__init__(message)
+        self.signum = signum
+
 
 def embed_split(backbone_cfg: BackboneConfig, images: ImageSplit, out_file: Path,
                 on_unreadable: str = "fail", device: str = "auto", progress: bool = True,
@@ -133,7 +137,8 @@ def _embed_remaining(backbone_cfg: BackboneConfig, images: ImageSplit, shards: S
                 bar.close()
                 stop.resend()
                 raise ExtractionStopped(f"stopped by signal {stop.requested} at image "
-                                        f"{position} of {len(images)}; run again to resume")
+                                        f"{position} of {len(images)}; run again to resume",
+                                        stop.requested)
     bar.close()
     return fallbacks, time.perf_counter() - loop_start
 
