@@ -206,3 +206,51 @@ def test_sigterm_during_extraction_is_a_stop_not_a_failure(tmp_path):
     assert record["state"] == "interrupted" and "during extraction" in record["reason"], record
     run_train(root, args)
     assert status(directory)["state"] == "done"
+
+
+@pytest.mark.slow
+def test_a_task_waiting_on_another_extraction_hears_sigterm(tmp_path):
+    """Issue 20: a task waiting on another process's extraction lock survived USR2 and SIGTERM
+    and held its GPU. Now the wait ends within a second of the signal, the run is
+    ``interrupted ... during extraction``."""
+    import os
+    import time
+
+    from filelock import FileLock
+    from hydra import compose, initialize_config_dir
+
+    from sae.config import register_configs, validate
+    from sae.data.cache import cache_path
+
+    root = tmp_path / "runs"
+    args = ["backbone=clip_tiny", "dataset=digits_images", "sae=tiny", "logger=none", "k=8",
+            "train.max_steps=5", "train.progress=false", "train.device=cpu",
+            "eval.probe_epochs=2", f"paths.root={root}"]
+    register_configs()
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        cfg = validate(compose("train", overrides=args))
+    lock = FileLock(str(cache_path(cfg.paths.cache, cfg.backbone, cfg.dataset, "train"))
+                    + ".lock")
+    with lock:  # another process is extracting this split
+        proc = subprocess.Popen([sys.executable, "-m", "sae.train", *args], cwd=REPO,
+                                env=env(root), text=True, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + 120
+            while not list((root / "runs").glob("*/status.json")):
+                assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()
+                time.sleep(0.1)
+            time.sleep(2.0)  # into the wait on the lock
+            os.kill(proc.pid, signal.SIGTERM)
+            signalled = time.monotonic()
+            output, _ = proc.communicate(timeout=30)
+            seconds = time.monotonic() - signalled
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    assert "waiting for another process extracting" in output, output[-3000:]
+    assert proc.returncode in (-signal.SIGTERM, 128 + signal.SIGTERM) and seconds < 10, output
+    (directory,) = run_dirs(root).values()
+    record = status(directory)
+    assert record["state"] == "interrupted" and "during extraction" in record["reason"], record
+    # (the relaunch that then extracts and finishes is the test above's)

@@ -52,7 +52,7 @@ from sae.data.cache_key import (  # noqa: F401 -- cache_path and key_fields re-e
     key_fields,
     resolve_cache,
 )
-from sae.data.embedding import embed_split
+from sae.data.embedding import ExtractionStopped, embed_split
 from sae.data.errors import CacheError
 from sae.data.images import ImageSplit
 from sae.data.layout import (
@@ -65,7 +65,7 @@ from sae.data.layout import (
     cache_dir_name,
     split_dir_name,
 )
-from sae.data.shards import ShardLog, partial_dir
+from sae.data.shards import ShardLog, StopSignals, partial_dir
 from sae.data.types import EmbeddingSet
 from sae.fingerprint import key_versions, library_versions, version_drift
 from sae.io import atomic_write_json, stream_sha256
@@ -110,7 +110,7 @@ def ensure_cache(backbone: BackboneConfig, dataset: ImagesDatasetConfig, split: 
         lock.acquire(timeout=0)
     except Timeout:
         log.info("waiting for another process extracting %s (lock %s)", path.name, lock.lock_file)
-        lock.acquire()
+        _wait_for(lock, path.name)
     try:
         if not path.exists():  # nobody finished it while we waited
             assert resolved.images is not None  # a missing cache was resolved from its images
@@ -119,6 +119,30 @@ def ensure_cache(backbone: BackboneConfig, dataset: ImagesDatasetConfig, split: 
     finally:
         lock.release()
     return path
+
+
+LOCK_POLL_S = 1.0  # how often a task waiting on another's extraction looks for a stop signal
+
+
+def _wait_for(lock, name: str) -> None:
+    """Acquire ``lock``, held by another process's extraction, without being deaf to stop
+    signals: SIGTERM or USR2 while waiting ends the wait with :class:`ExtractionStopped`
+    (after giving the signal to the handler that was there before: under SLURM, submitit's
+    requeue), so a task never holds a GPU through a preemption waiting on a lock."""
+    from filelock import Timeout
+
+    with StopSignals() as stop:
+        while True:
+            try:
+                lock.acquire(timeout=LOCK_POLL_S)
+                return
+            except Timeout:
+                if stop.requested is not None:
+                    signum = stop.requested
+                    stop.resend()
+                    raise ExtractionStopped(f"stopped by signal {signum} while waiting for "
+                                            f"another process extracting {name}", signum
+                                            ) from None
 
 
 def check_cache(path: Path, allow_version_drift: bool = False) -> CachedSplit:
