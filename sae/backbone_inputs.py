@@ -31,7 +31,7 @@ import torch
 from PIL import Image
 
 if TYPE_CHECKING:
-    from sae.backbones import Backbone
+    from sae.backbone_base import Backbone
 
 log = logging.getLogger(__name__)
 

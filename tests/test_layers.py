@@ -80,11 +80,17 @@ def _is_type_checking(node: ast.If) -> bool:
         isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
 
 
-def _walk(node: ast.AST, module: str, is_package: bool, module_level: bool):
+def _walk(node: ast.AST, module: str, is_package: bool, module_level: bool,
+          type_checking: bool = False):
+    """The imports under ``node``; ``type_checking``: also those of ``if TYPE_CHECKING:``
+    blocks (which never run, but name a dependency all the same)."""
     for child in ast.iter_child_nodes(node):
         if isinstance(child, ast.If) and _is_type_checking(child):
-            for sub in child.orelse:  # the else branch runs
-                yield from _walk(sub, module, is_package, module_level)
+            if type_checking:
+                body = ast.Module(body=child.body, type_ignores=[])
+                yield from _walk(body, module, is_package, False, type_checking)
+            orelse = ast.Module(body=child.orelse, type_ignores=[])  # the else branch runs
+            yield from _walk(orelse, module, is_package, module_level, type_checking)
             continue
         if isinstance(child, ast.Import):
             for alias in child.names:
@@ -100,14 +106,14 @@ def _walk(node: ast.AST, module: str, is_package: bool, module_level: bool):
                 yield Import(_resolve(f"{base}.{alias.name}"), module_level)
         inner = module_level and not isinstance(
             child, ast.FunctionDef | ast.AsyncFunctionDef | ast.Lambda)
-        yield from _walk(child, module, is_package, inner)
+        yield from _walk(child, module, is_package, inner, type_checking)
 
 
 @cache
-def imports_of(module: str) -> tuple[Import, ...]:
+def imports_of(module: str, type_checking: bool = False) -> tuple[Import, ...]:
     path = sae_modules()[module]
     tree = ast.parse(path.read_text(), filename=str(path))
-    return tuple(_walk(tree, module, path.name == "__init__.py", True))
+    return tuple(_walk(tree, module, path.name == "__init__.py", True, type_checking))
 
 
 def _parents(module: str) -> list[str]:
@@ -159,8 +165,9 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
     return None
 
 
-def dependency_graph() -> dict[str, set[str]]:
-    return {m: {i.target for i in imports_of(m) if i.target in sae_modules() and i.target != m}
+def dependency_graph(type_checking: bool = False) -> dict[str, set[str]]:
+    return {m: {i.target for i in imports_of(m, type_checking)
+                if i.target in sae_modules() and i.target != m}
             for m in sae_modules()}
 
 
@@ -209,8 +216,11 @@ def test_report_and_reporting_are_torch_free():
         assert not [m for m in loaded_at_import(module) if within(m, TORCH)], module
 
 
-def test_no_import_cycles():
-    cycle = find_cycle(dependency_graph())
+@pytest.mark.parametrize("type_checking", [False, True], ids=["runtime", "with-TYPE_CHECKING"])
+def test_no_import_cycles(type_checking):
+    """Counting the imports of ``if TYPE_CHECKING:`` blocks too: an annotation that names a
+    higher layer is a cycle in the design, even if it never runs."""
+    cycle = find_cycle(dependency_graph(type_checking))
     assert cycle is None, "import cycle: " + " -> ".join(cycle)
 
 
@@ -225,6 +235,8 @@ def test_checker_finds_a_cycle_and_a_torch_import(tmp_path):
     assert Import("numpy", True) in found and Import("wandb", False) in found
     assert Import("sae.io", True) in found  # relative import resolved to the module
     assert not any(i.target == "torch" for i in found)  # TYPE_CHECKING never runs
+    strict = list(_walk(ast.parse(source), "sae.identity", False, True, type_checking=True))
+    assert Import("torch", False) in strict  # ... but names a dependency
 
 
 def test_import_sae_report_leaves_torch_out():
