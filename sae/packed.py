@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sae.fast import AUTO, topk_by_chunks
+from sae.fast.plan import autocast_dtype
 from sae.losses import LossParts
 from sae.model import TopKSAE
 from sae.packing import PACKED_REGULARIZERS as REGULARIZERS
@@ -168,7 +169,7 @@ class PackedSAE(nn.Module):
         if dense:
             atoms = self.W_dec if members is None else self.W_dec.index_select(0, members)
             # The code is built in the product's dtype: no (G, B, n) cast either way.
-            dtype = _compute_dtype(values_gbk)
+            dtype = autocast_dtype(values_gbk.device.type) or values_gbk.dtype
             code = values_gbk.new_zeros(groups, batch, self.n_latents, dtype=dtype).scatter(
                 2, indices_gbk, values_gbk.to(dtype))
             return torch.bmm(code, atoms).float()
@@ -226,18 +227,10 @@ def packed_training_loss(pack: PackedSAE, x_gbd: torch.Tensor, coeffs: PackCoeff
     return PackedStepOutput(LossParts(total, reconstruction, auxk, penalty), fired)
 
 
-def _compute_dtype(tensor: torch.Tensor) -> torch.dtype:
-    """Autocast's dtype on the tensor's device when it is on, else the tensor's."""
-    device = tensor.device.type
-    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else tensor.dtype
-
-
 def uses_dense_decoder(device_type: str) -> bool:
     """The lone fast step's rule (``sae.fast.Formulation``): the dense code times the atoms on
     CUDA under 16-bit autocast (or TF32), the embedding-bag elsewhere."""
-    autocast_on = torch.is_autocast_enabled(device_type)
-    dtype = torch.get_autocast_dtype(device_type) if autocast_on else None
-    return AUTO.dense_decoder(device_type, dtype)
+    return AUTO.dense_decoder(device_type, autocast_dtype(device_type))
 
 
 def _batch_active(indices_gbk: torch.Tensor, keep_gk: torch.Tensor | None, n: int

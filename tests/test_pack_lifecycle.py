@@ -20,6 +20,7 @@ from safetensors.torch import load_file
 
 from tests.helpers import REPO
 from tests.test_packed import PACK_CELLS, compose_cell
+from tests.test_reliability import cell_env, signal_when
 
 # Two cells of one pack (they share every preset), long enough to be stopped mid-way.
 PACK = ["dataset=synthetic", "sae=tiny", "sae.n_latents=64", "logger=none",
@@ -51,20 +52,13 @@ main()
 """
 
 
-def env(root: Path) -> dict[str, str]:
-    import os
-
-    return {**os.environ, "SAE_OUTPUT_ROOT": str(root), "OMP_NUM_THREADS": "1",
-            "WANDB_MODE": "disabled", "PYTHONPATH": str(REPO)}
-
-
 def run_train(root: Path, args: list[str], target: str | None = None, at=None,
               check: bool = True) -> subprocess.CompletedProcess:
     if target is None:
         command = [sys.executable, "-m", "sae.train", *args]
     else:
         command = [sys.executable, "-c", WRAPPER.format(target=target, at=at, args=args)]
-    result = subprocess.run(command, cwd=REPO, env=env(root), text=True, capture_output=True,
+    result = subprocess.run(command, cwd=REPO, env=cell_env(root), text=True, capture_output=True,
                             timeout=300)
     if check:
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -213,8 +207,6 @@ def test_a_task_waiting_on_another_extraction_hears_sigterm(tmp_path):
     """Issue 20: a task waiting on another process's extraction lock survived USR2 and SIGTERM
     and held its GPU. Now the wait ends within a second of the signal, the run is
     ``interrupted ... during extraction``."""
-    import os
-    import time
 
     from filelock import FileLock
     from hydra import compose, initialize_config_dir
@@ -233,21 +225,11 @@ def test_a_task_waiting_on_another_extraction_hears_sigterm(tmp_path):
                     + ".lock")
     with lock:  # another process is extracting this split
         proc = subprocess.Popen([sys.executable, "-m", "sae.train", *args], cwd=REPO,
-                                env=env(root), text=True, stdout=subprocess.PIPE,
+                                env=cell_env(root), text=True, stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT)
-        try:
-            deadline = time.monotonic() + 120
-            while not list((root / "runs").glob("*/status.json")):
-                assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()
-                time.sleep(0.1)
-            time.sleep(2.0)  # into the wait on the lock
-            os.kill(proc.pid, signal.SIGTERM)
-            signalled = time.monotonic()
-            output, _ = proc.communicate(timeout=30)
-            seconds = time.monotonic() - signalled
-        finally:
-            if proc.poll() is None:
-                proc.kill()
+        output, seconds = signal_when(
+            proc, lambda: bool(list((root / "runs").glob("*/status.json"))), signal.SIGTERM,
+            settle_s=2.0)  # into the wait on the lock
     assert "waiting for another process extracting" in output, output[-3000:]
     assert proc.returncode in (-signal.SIGTERM, 128 + signal.SIGTERM) and seconds < 10, output
     (directory,) = run_dirs(root).values()

@@ -38,24 +38,38 @@ def only_run_dir(root: Path) -> Path:
     return runs[0].parent if runs else None
 
 
+def signal_when(proc: subprocess.Popen, ready, sig: int, settle_s: float = 0.0,
+                timeout: float = 120) -> tuple[str, float]:
+    """Send ``sig`` to ``proc`` once ``ready()`` holds (and ``settle_s`` more seconds have
+    passed); its output and the seconds from the signal to its exit. Killed if it outlives the
+    test."""
+    try:
+        deadline = time.monotonic() + timeout
+        while not ready():
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()
+            time.sleep(0.05)
+        time.sleep(settle_s)
+        proc.send_signal(sig)
+        signalled = time.monotonic()
+        output, _ = proc.communicate(timeout=30)
+        return output, time.monotonic() - signalled
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR2], ids=["SIGTERM", "SIGUSR2"])
 def test_a_stop_signal_checkpoints_records_and_resumes_exactly(tmp_path, sig):
     root, reference_root = tmp_path / "signalled", tmp_path / "reference"
     proc = subprocess.Popen(train_cmd(), cwd=REPO, env=cell_env(root), text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + 120
-        while (run_dir := only_run_dir(root)) is None or \
-                not (run_dir / "checkpoints" / "last.json").exists():
-            assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()
-            time.sleep(0.05)
-        proc.send_signal(sig)
-        signalled = time.monotonic()
-        output, _ = proc.communicate(timeout=30)
-        seconds_to_exit = time.monotonic() - signalled
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+
+    def checkpointed() -> bool:
+        run_dir = only_run_dir(root)
+        return run_dir is not None and (run_dir / "checkpoints" / "last.json").exists()
+
+    output, seconds_to_exit = signal_when(proc, checkpointed, sig)
+    run_dir = only_run_dir(root)
     assert seconds_to_exit < 5, output
     print(f"{sig.name}: exited {seconds_to_exit:.2f} s after the signal")
     assert proc.returncode != 0

@@ -57,6 +57,14 @@ class Formulation:
 AUTO = Formulation()
 
 
+def autocast_dtype(device_type: str) -> torch.dtype | None:
+    """The dtype autocast gives the products on ``device_type`` ("cpu", "cuda"), None when
+    autocast is off there."""
+    if not torch.is_autocast_enabled(device_type):
+        return None
+    return torch.get_autocast_dtype(device_type)
+
+
 def resolved_formulation(device: str, compute_dtype: torch.dtype | None,
                          formulation: Formulation = AUTO) -> dict[str, str]:
     """``formulation.resolved(device, compute_dtype)``."""
@@ -100,8 +108,7 @@ def make_plan(
     # the columns pays off when it halves the work (B k <= n / 2); typical sizes are dense.
     gather = mask and kernels is not None and batch * model.k <= n // 2
     device = x.device.type
-    autocast = torch.is_autocast_enabled(device)
-    compute_dtype = torch.get_autocast_dtype(device) if autocast else None
+    compute_dtype = autocast_dtype(device)
     return StepPlan(
         k=model.k, regularizer=regularizer, kernels=kernels, params=reg.params(eps=eps),
         mask=mask, strength=float(strength), aux_alpha=float(aux_alpha), aux_k=min(aux_k, n),
