@@ -1,9 +1,10 @@
 """What an extraction reads, as identities for the embedding cache key (no torch).
 
-- :func:`weights_id`: the backbone's weights. A local ``checkpoint_path`` file or transformers
-  snapshot directory is identified by the sha256 of its bytes (:func:`file_sha256` keeps each
-  file's digest in a sidecar keyed by size and mtime, so a 1 GB checkpoint is hashed once);
-  weights named by the library (``pretrained``) by library and tag; random weights by their seed.
+- :func:`weights_id`: the backbone's weights, by the files its loader reads (a checkpoint file,
+  a snapshot directory, or the one repository's snapshot in a hub cache), whatever else lies in
+  the folder and whatever path leads there; weights named by the library and not stored
+  locally by library and tag; random weights by their seed. The run id and the cache key both
+  use it.
 - :func:`listing_id`: the images of a split, in order, with their sizes, and the metadata files
   read beside them (label CSVs, class mappings) -- a digest of the listing, not of the pixels.
 - :func:`library_versions` / :func:`version_drift`: the packages that decide the numbers.
@@ -11,6 +12,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import os
@@ -44,15 +46,36 @@ def pretrained_flag(value: str | bool | None) -> bool:
 
 
 def weights_id(cfg: BackboneConfig) -> str:
-    """A path-independent identity of the weights, part of the embedding cache key."""
+    """The identity of the weights ``cfg``'s loader reads, path-independent: part of both the
+    run id (``sae.identity``) and the embedding cache key.
+
+    - ``checkpoint_path`` a file: ``sha256:`` of its bytes;
+    - a transformers snapshot directory (``config.json`` in it): ``sha256:`` over the relative
+      names and digests of its files;
+    - a download cache (the Hugging Face hub layout of ``$SAE_WEIGHTS_DIR``): the same digest of
+      the snapshot of the one repository the library reads, at the revision ``refs/main`` names.
+      Other models in the folder, ``.locks/``, READMEs and digest sidecars never count; a cache
+      that does not hold the repository yet is ``<library>:<tag> (not downloaded)``;
+    - no ``checkpoint_path``: ``<library>:<tag>`` for weights named by the library, else
+      ``random:seed0``.
+
+    Files are followed through symlinks (hub snapshots link to blobs), so the same bytes under
+    another path or link keep the identity. Digests are cached in the user's digest folder
+    (:func:`file_sha256`), never written into a weights folder.
+    """
     path = Path(cfg.checkpoint_path) if cfg.checkpoint_path else None
     if path is not None and path.is_file():
         return f"sha256:{file_sha256(path)}"
     if path is not None and (path / "config.json").is_file():  # a transformers snapshot
         return f"sha256:{directory_sha256(path)}"
-    if pretrained_flag(cfg.pretrained):  # a download cache (or none): the tag names the weights
-        tag = str(cfg.pretrained) if cfg.library == "open_clip" else "default"
-        return f"{cfg.library}:{tag}"
+    named = library_weights(cfg)
+    repository = hub_repository(cfg) if path is not None and path.is_dir() else None
+    if named is not None and repository is not None:
+        snapshot = hub_snapshot(path, repository)
+        return (f"sha256:{directory_sha256(snapshot)}" if snapshot is not None
+                else f"{named} (not downloaded)")
+    if named is not None:  # no local copy, or one outside the hub layout (an open_clip URL)
+        return named
     if path is not None:
         raise ConfigError(
             f"backbone.checkpoint_path: {path} is not a file, and a directory is only a download "
@@ -61,17 +84,27 @@ def weights_id(cfg: BackboneConfig) -> str:
     return f"random:seed{RANDOM_INIT_SEED}"
 
 
+def library_weights(cfg: BackboneConfig) -> str | None:
+    """``<library>:<tag>`` for weights the library names (None: random weights)."""
+    if not pretrained_flag(cfg.pretrained):
+        return None
+    tag = str(cfg.pretrained) if cfg.library == "open_clip" else "default"
+    return f"{cfg.library}:{tag}"
+
+
 def file_sha256(path: Path) -> str:
-    """sha256 of a file's bytes, read from its sidecar when size and mtime still match
-    (``sae.io.sidecar_digest``: beside the file when its directory is writable, else under
-    ``$SAE_DIGEST_CACHE`` or ``~/.cache/sae-grid``)."""
+    """sha256 of a file's bytes (through symlinks), read from its digest record when size and
+    mtime still match. The record lives in the user's digest folder (``$SAE_DIGEST_CACHE`` or
+    ``~/.cache/sae-grid``), keyed by the resolved path, so a 1 GB checkpoint is hashed once and
+    nothing is written beside the weights."""
     real = Path(path).resolve()  # hub snapshots are symlinks to blobs: key the blob
     stat = real.stat()
-    return sidecar_digest(real, stat.st_size, stat.st_mtime_ns, _user_digest_dir())
+    return sidecar_digest(real, stat.st_size, stat.st_mtime_ns, _user_digest_dir(), beside=False)
 
 
 def directory_sha256(folder: Path) -> str:
-    """sha256 over the relative names and contents of every file of a snapshot directory."""
+    """sha256 over the relative names and contents of the files of a snapshot directory (dot
+    files and folders, and digest sidecars, excluded)."""
     digest = hashlib.sha256()
     for file in sorted(p for p in Path(folder).rglob("*") if p.is_file()):
         rel = file.relative_to(folder).as_posix()
@@ -79,6 +112,45 @@ def directory_sha256(folder: Path) -> str:
             continue
         digest.update(f"{rel}\t{file_sha256(file)}\n".encode())
     return digest.hexdigest()
+
+
+def hub_snapshot(cache_dir: Path, repo: str) -> Path | None:
+    """The snapshot folder a library reads from a Hugging Face hub cache: ``models--org--name/
+    snapshots/<the commit refs/main names>`` of ``repo`` (None: not there)."""
+    folder = Path(cache_dir) / f"models--{repo.replace('/', '--')}"
+    ref = folder / "refs" / "main"
+    if not ref.is_file():
+        return None
+    snapshot = folder / "snapshots" / ref.read_text().strip()
+    return snapshot if snapshot.is_dir() else None
+
+
+@functools.cache
+def _hub_repository(library: str, model: str, pretrained: str) -> str | None:
+    if library == "transformers":
+        return model
+    if library == "open_clip":
+        import open_clip
+
+        tag = open_clip.get_pretrained_cfg(model, pretrained)
+        hub = (tag or {}).get("hf_hub") or ""
+        return "/".join(hub.split("/")[:2]) if hub else None
+    if library == "timm":
+        from timm.models import get_pretrained_cfg
+
+        found = get_pretrained_cfg(model)
+        return found.hf_hub_id if found is not None and found.hf_hub_id else None
+    return None
+
+
+def hub_repository(cfg: BackboneConfig) -> str | None:
+    """The Hugging Face repository ``cfg``'s library downloads its weights from (open_clip:
+    the tag's ``hf_hub``; timm: the model's ``hf_hub_id``; transformers: the model id). None
+    for weights from a URL or random weights. open_clip and timm are imported only here, once
+    per backbone per process."""
+    if not pretrained_flag(cfg.pretrained):
+        return None
+    return _hub_repository(cfg.library, cfg.model, str(cfg.pretrained))
 
 
 def _user_digest_dir() -> str:

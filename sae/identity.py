@@ -7,7 +7,8 @@ with no effect are normalised away first: without a regularizer, ``mask``, ``str
 run directory name and the "already done" check all use it.
 
 The identity of the data is part of it (:func:`data_identity`): the content digests of a files
-dataset's embedding, label and class-name files, of ``backbone.checkpoint_path``, and, for an
+dataset's embedding, label and class-name files, of the weights ``backbone.checkpoint_path``
+leads to (``sae.fingerprint.weights_id``), and, for an
 image dataset, what its embedding cache key holds beyond the config. Generated data (synthetic,
 digits) is named by its config alone.
 
@@ -21,6 +22,7 @@ import json
 from typing import Any
 
 from sae.config import RootConfig, to_dict
+from sae.fingerprint import weights_id
 from sae.io import content_identity
 
 # Keys that never change a run's numbers: how and where it runs, and how it is logged.
@@ -52,8 +54,9 @@ def semantic_config(cfg: RootConfig) -> dict[str, Any]:
     if data := data_identity(cfg):
         config["data"] = data
     if cfg.backbone.library != "none" and cfg.backbone.checkpoint_path:
-        config["backbone"]["weights"] = content_identity(cfg.backbone.checkpoint_path,
-                                                         digest_cache_dir(cfg))
+        # The files the loader reads, never the folder's other contents nor its path (the
+        # embedding cache key uses the same identity).
+        config["backbone"]["weights"] = weights_id(cfg.backbone)
     return config
 
 

@@ -65,23 +65,25 @@ def pretrained_options() -> list[str]:
 
 
 def hub_source(cfg) -> tuple[str, str]:
-    """(Hugging Face repository, files) that ``cfg``'s library downloads for its weights."""
+    """(Hugging Face repository, files) that ``cfg``'s library downloads for its weights (the
+    repository is the one whose snapshot names the weights in run ids and cache keys:
+    ``sae.fingerprint.hub_repository``)."""
+    from sae.fingerprint import hub_repository
+
+    repo = hub_repository(cfg)
+    if repo is None:
+        return "?", "(a URL, not the hub: the library's own cache layout)"
     if cfg.library == "transformers":
-        return cfg.model, "config.json, preprocessor_config.json, model.safetensors (or the .bin)"
+        return repo, "config.json, preprocessor_config.json, model.safetensors (or the .bin)"
     if cfg.library == "open_clip":
         import open_clip
 
-        tag = open_clip.get_pretrained_cfg(cfg.model, str(cfg.pretrained))
-        if not tag.get("hf_hub"):
-            return tag.get("url") or "?", "(a URL, not the hub: open_clip's own cache layout)"
-        org, name, filename = (tag["hf_hub"] + "/").split("/")[:3]
-        return f"{org}/{name}", filename or "open_clip_model.safetensors (or the .bin)"
+        filename = (open_clip.get_pretrained_cfg(cfg.model, str(cfg.pretrained))["hf_hub"]
+                    + "/").split("/")[2]
+        return repo, filename or "open_clip_model.safetensors (or the .bin)"
     from timm.models import get_pretrained_cfg
 
-    pretrained = get_pretrained_cfg(cfg.model)
-    if pretrained is None or not pretrained.hf_hub_id:
-        return "?", "(no Hugging Face source: timm downloads the URL of its pretrained config)"
-    return pretrained.hf_hub_id, pretrained.hf_hub_filename or "model.safetensors (or the .bin)"
+    return repo, get_pretrained_cfg(cfg.model).hf_hub_filename or "model.safetensors (or the .bin)"
 
 
 def plan_line(name: str, weights_dir: Path) -> str:

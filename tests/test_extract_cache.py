@@ -85,7 +85,8 @@ def test_weights_are_identified_by_content_and_hashed_once(tmp_path, monkeypatch
     weights.write_bytes(b"weights" * 1000)
     expected = hashlib.sha256(weights.read_bytes()).hexdigest()
     assert file_sha256(weights) == expected
-    sidecar = tmp_path / "w.pt.sha256.json"
+    assert not list(tmp_path.glob("*.sha256.json"))  # nothing written beside the weights
+    (sidecar,) = (tmp_path / "digests" / "digests").glob("*w.pt.sha256.json")
     record = json.loads(sidecar.read_text())
     sidecar.write_text(json.dumps({**record, "sha256": "from-the-sidecar"}))
     assert file_sha256(weights) == "from-the-sidecar"  # same size and mtime: not re-read
