@@ -218,9 +218,15 @@ class ExtractOptions:
 
     shard_size: int = 8192  # images per resumable shard: a killed or preempted extraction resumes from the last complete one (rounded up to a multiple of backbone.batch_size)
     allow_version_drift: bool = False  # use a cache built by other major.minor versions of torch, open_clip, timm or transformers (refused otherwise)
+    inline: bool = True  # training extracts a missing cache itself; a SLURM sweep sets false: its extraction jobs build the caches first, and a training task never extracts nor waits on an extraction lock
+    train_cache: str | None = None  # the train split's cache directory, resolved by the sweep planner: opened as it is, without listing the image tree (null: resolved from the dataset root)
+    eval_cache: str | None = None  # the same for the evaluation split
+    verify: str = "sizes"  # at use: sizes (file sizes and the manifest; checksums are verified when a cache is built) | checksums (re-read every file against its sha256)
 
     def __post_init__(self) -> None:
         require(self.shard_size > 0, "extract.shard_size", "must be positive", "use e.g. 8192")
+        require(self.verify in ("sizes", "checksums"), "extract.verify",
+                f"unknown check {self.verify!r}", "use sizes or checksums")
 
 
 @dataclass
@@ -243,10 +249,23 @@ class RunConfig:
 
 
 @dataclass
+class ExtractJobConfig:
+    """What a SLURM sweep's extraction job (stage 1) asks for: one per missing embedding cache,
+    submitted before the training tasks, which start after it (``afterok``)."""
+
+    cpus_per_task: int = 16  # image decoding: DataLoader workers = these CPUs minus one
+    gpus_per_node: int = 1  # the backbone's forward pass (0 on a cluster without GPUs)
+    mem_gb: int = 64  # host memory: decoded image batches, the model, the shards
+    timeout_min: int = 240  # time limit; at it the job is requeued (USR2) and resumes from its last shard
+
+
+@dataclass
 class LauncherConfig:
     """Facts about the machine a job gets that planning needs (the launcher is ``hydra.launcher``)."""
 
     gpu_mem_gb: float = 8.0  # device memory one job may use, in GB: the bound of pack=auto
+    wait: bool = True  # SLURM: wait for every job and print progress; false: return right after submission (follow with sae-status SWEEP_DIR; a re-launch re-attaches)
+    extract: ExtractJobConfig = field(default_factory=ExtractJobConfig)  # resources of the stage-1 extraction jobs (launcher=slurm)
 
 
 PACK_AUTO = "auto"

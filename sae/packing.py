@@ -135,12 +135,12 @@ def assign_packs(cells: Sequence, pack: int | Literal["auto"], gpu_mem_gb: float
     return packs
 
 
-def members_override(members: Sequence) -> str:
-    """The ``pack_members=[...]`` override of a packed job: each member's overrides as one
-    JSON string, single-quoted for Hydra's override grammar."""
+def members_override(members: Sequence, extra: Sequence[str] = ()) -> str:
+    """The ``pack_members=[...]`` override of a packed job: each member's overrides (and
+    ``extra``, the same for all) as one JSON string, single-quoted for Hydra's grammar."""
     quoted = []
     for cell in members:
-        text = json.dumps(list(cell.overrides))
+        text = json.dumps([*cell.overrides, *extra])
         quoted.append("'" + text.replace("'", "\\'") + "'")
     return f"pack_members=[{','.join(quoted)}]"
 

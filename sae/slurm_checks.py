@@ -104,3 +104,84 @@ def check_slurm_ready(partition: str | None) -> None:
     check_sbatch()
     check_controller()
     check_partition(partition)
+
+
+# ---------------------------------------------------------------- flock on shared folders
+
+# Mount options under which a flock(2) taken on one node is not seen on another: Lustre's
+# `localflock` (node-local locks) and `noflock` (flock fails), NFS's `nolock` / `local_lock=all`.
+NODE_LOCAL_LOCK_OPTIONS = {"localflock", "noflock", "nolock", "local_lock=all",
+                           "local_lock=flock"}
+_LOCK_CHILD = ("import fcntl, sys\n"
+               "handle = open(sys.argv[1], 'a')\n"
+               "fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)\n"
+               "print('locked', flush=True)\n"
+               "sys.stdin.read()\n")
+
+
+def mount_of(path: str, mounts: str) -> tuple[str, str, list[str]]:
+    """(mount point, file system type, options) of the mount holding ``path``, from the text
+    of ``/proc/mounts`` (the longest mount point that is a prefix of the path)."""
+    best = ("/", "", [])
+    for line in mounts.splitlines():
+        fields = line.split()
+        if len(fields) < 4:
+            continue
+        point = fields[1].replace("\\040", " ")
+        inside = path == point or path.startswith(point.rstrip("/") + "/")
+        if inside and len(point) >= len(best[0]):
+            best = (point, fields[2], fields[3].split(","))
+    return best
+
+
+def flock_problem(path: str, key: str, mounts: str) -> str | None:
+    """Why ``path`` (the folder of config key ``key``) cannot hold the sweep's locks, from its
+    mount options; None when they allow flock across nodes."""
+    point, fstype, options = mount_of(path, mounts)
+    local = sorted(NODE_LOCAL_LOCK_OPTIONS.intersection(options))
+    if not local:
+        return None
+    return (f"{key}: {path} is on a {fstype} mount ({point}) with {', '.join(local)}: a lock "
+            "taken on one node is not seen on another, so two nodes could extract into the same "
+            "cache, and a running cell looks free from the login node. Fix: point "
+            f"{key} at a folder on a mount with cluster-wide flock (Lustre `-o flock`, GPFS, "
+            "NFSv4 with locking), or ask the administrators to remount it")
+
+
+def check_flock(path: str, key: str) -> None:
+    """Before a SLURM sweep: ``path`` supports flock across processes and, from its mount
+    options, across nodes. Raises :class:`SlurmNotReady` naming the problem and the fix."""
+    import sys
+    import tempfile
+    from pathlib import Path
+
+    folder = Path(path).absolute()
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        mounts = Path("/proc/mounts").read_text()
+    except OSError:  # not Linux: only the test below
+        mounts = ""
+    problem = flock_problem(str(folder.resolve()), key, mounts)
+    if problem:
+        raise SlurmNotReady(problem)
+    import fcntl
+
+    with tempfile.NamedTemporaryFile(dir=folder, prefix=".flock-check-") as probe:
+        child = subprocess.Popen([sys.executable, "-c", _LOCK_CHILD, probe.name],
+                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        try:
+            held = child.stdout.readline().strip() == "locked"
+            try:
+                fcntl.flock(probe, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                seen = False
+            except OSError:
+                seen = True
+        finally:
+            child.stdin.close()
+            child.wait(timeout=CLIENT_TIMEOUT_S)
+    if not (held and seen):
+        raise SlurmNotReady(
+            f"{key}: {folder} does not support flock between processes (a lock "
+            f"{'could not be taken' if not held else 'taken by one process was not seen by another'}"
+            f"). Fix: point {key} at a folder on a file system with flock (local disk, Lustre "
+            "`-o flock`, GPFS)")

@@ -17,6 +17,7 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import Any
 
 from omegaconf import DictConfig
 
@@ -39,7 +40,9 @@ class Cell:
     overrides: list[str]  # the cell's command-line overrides
     run_id: str
     run_dir: str
-    state: str  # new | running | interrupted | done | failed, before this launch
+    # before this launch: new | running | interrupted | done | failed, or queued (its job from
+    # an earlier launch is still pending or running: left alone)
+    state: str
     duplicate_of: int | None = None  # index of the cell with the same run id
     # after this launch: done | failed | cancelled | timeout | node_fail | skipped
     result: str | None = None
@@ -48,11 +51,13 @@ class Cell:
     checkpoint: str = ""  # the backbone option and its weights, e.g. "vit_l16: transformers ..."
     notes: list[str] = field(default_factory=list)  # dry run only: what may fail on a node
     pack: int | None = None  # the pack (one job) that trains this cell with others (pack > 1)
+    job_id: str | None = None  # the scheduler's job (array task) that trains this cell
+    cache: str | None = None  # the cache build it reads (launcher=slurm: stage 1 in cells.json)
     config: RootConfig | None = field(default=None, repr=False)  # validated; not in cells.json
 
     @property
     def to_launch(self) -> bool:
-        return self.duplicate_of is None and self.state != "done"
+        return self.duplicate_of is None and self.state not in ("done", "queued")
 
     def describe(self) -> str:
         return " ".join(self.overrides) or "(defaults)"
@@ -61,7 +66,7 @@ class Cell:
 def preflight(cfg: RootConfig) -> None:
     """Checks that need the file system, done before submission rather than on a node."""
     data = cfg.dataset
-    if data.kind == "images":
+    if data.kind == "images" and data.layout != "digits_images":  # that one is generated
         _check_image_root(data)
     if data.kind == "images" and data.sampling == "narratives":
         from sae.data.errors import DataError
@@ -194,7 +199,9 @@ def summary_line(name: str, cells: Sequence[Cell]) -> str:
             f"({duplicates} duplicates of settings with no effect); "
             f"{states['done']} done (skipped), {states['failed']} failed (re-run), "
             f"{states['interrupted']} interrupted (resumed), {states['running']} running "
-            f"elsewhere (waited for), {states['new']} new")
+            f"elsewhere (waited for), {states['new']} new"
+            + (f", {states['queued']} with a pending or running job of an earlier launch (left "
+               "alone)" if states["queued"] else ""))
 
 
 def checkpoints_line(cells: Sequence[Cell]) -> str:
@@ -211,7 +218,8 @@ def table(cells: Sequence[Cell]) -> str:
     for c in cells:
         action = (f"same run as cell {c.duplicate_of}" if c.duplicate_of is not None
                   else {"done": "skip (done)", "failed": "re-run (failed)",
-                        "interrupted": "resume", "running": "wait, then skip"}.get(c.state, "run"))
+                        "interrupted": "resume", "running": "wait, then skip",
+                        "queued": f"left alone (job {c.job_id})"}.get(c.state, "run"))
         if c.pack is not None and c.to_launch:
             action += f" in pack {c.pack}"
         marks = [f"! problem {numbers[p]}" for p in _problems_of(c)]
@@ -274,7 +282,7 @@ def scheduler_end(state: str) -> str:
 
 def outcome_summary(name: str, cells: Sequence[Cell], sweep_dir: Path | str) -> str:
     """``sweep NAME: 3 done, 1 failed (FloatingPointError x1), 1 cancelled, ...``"""
-    launched = [c for c in cells if c.result != "skipped" and c.result is not None]
+    launched = [c for c in cells if c.result not in ("skipped", "queued", None)]
     counts = Counter(c.result for c in launched)
     reasons = Counter(_reason_kind(c.reason) for c in launched if c.result == "failed")
     parts = [f"{counts['done']} done",
@@ -283,7 +291,10 @@ def outcome_summary(name: str, cells: Sequence[Cell], sweep_dir: Path | str) -> 
                  if reasons else ""),
              f"{counts['cancelled']} cancelled"]
     parts += [f"{counts[o]} {o}" for o in ("timeout", "node_fail") if counts[o]]
-    parts.append(f"{len(cells) - len(launched)} skipped")
+    queued = sum(c.result == "queued" for c in cells)
+    if queued:
+        parts.append(f"{queued} left to their earlier job")
+    parts.append(f"{len(cells) - len(launched) - queued} skipped")
     return (f"sweep {name}: " + ", ".join(parts)
             + f"; plan and results in {sweep_dir}/cells.json")
 
@@ -298,7 +309,35 @@ def _reason_kind(reason: str | None) -> str:
     return head if head and " " not in head else reason[:40]
 
 
-def cells_record(name: str, cells: Sequence[Cell]) -> dict:
-    """What ``cells.json`` in the sweep directory holds; the report reads it."""
-    return {"sweep": name, "cells": [{f.name: getattr(c, f.name) for f in fields(c)
-                                      if f.name != "config"} for c in cells]}
+def cells_record(name: str, cells: Sequence[Cell], caches: Sequence[Any] = (),
+                 scheduler: str = "local") -> dict:
+    """What ``cells.json`` in the sweep directory holds: the cells, stage 1's cache builds
+    (``sae.grid.stages.CacheBuild``) with their extraction jobs, and whose job ids they are
+    (``slurm`` or ``local`` processes). The report, ``sae-status`` and a re-launch read it."""
+    return {"sweep": name, "scheduler": scheduler,
+            "cells": [{f.name: getattr(c, f.name) for f in fields(c) if f.name != "config"}
+                      for c in cells],
+            "caches": [build.record() for build in caches]}
+
+
+def earlier_jobs(record: dict) -> tuple[dict[str, str], dict[str, dict]]:
+    """From an earlier ``cells.json``: run id -> its job id, and cache build name -> its
+    record (paths, job id)."""
+    runs = {c["run_id"]: c["job_id"] for c in record.get("cells", []) if c.get("job_id")}
+    caches = {b["name"]: b for b in record.get("caches", []) if b.get("job_id")}
+    return runs, caches
+
+
+def leave_live_jobs(cells: Sequence[Cell], earlier_runs: dict[str, str],
+                    states: dict[str, str]) -> int:
+    """Cells whose job of an earlier launch is still pending or running become ``queued``
+    (not submitted again); returns how many."""
+    from sae.grid.scheduler import is_live
+
+    left = 0
+    for cell in cells:
+        job = earlier_runs.get(cell.run_id)
+        if cell.to_launch and job and is_live(states.get(job)):
+            cell.state, cell.job_id = "queued", job
+            left += 1
+    return left

@@ -243,6 +243,7 @@ def test_another_backbone_checkpoint_is_another_run(tmp_path):
         image_cell(tmp_path, checkpoint_path=str(b)))
     snapshot = tmp_path / "snapshot"
     snapshot.mkdir()
+    (snapshot / "config.json").write_text("{}")  # a transformers snapshot directory
     (snapshot / "model.safetensors").write_bytes(b"weights A")
     before = run_id(image_cell(tmp_path, checkpoint_path=str(snapshot)))
     (snapshot / "model.safetensors").write_bytes(b"weights C")

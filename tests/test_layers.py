@@ -36,6 +36,7 @@ NOT_IN_PURE_LAYERS = ("sae.train", "sae.trainer", "sae.losses", "sae.config", "s
                       "submitit")
 # The bottom of the stack: these import no other sae module than each other.
 FOUNDATION = ("sae.config", "sae.dataset_schemas", "sae.checks", "sae.cli_help", "sae.identity",
+              "sae.fingerprint",
               "sae.io", "sae.plain", "sae.progress")
 # The regularizer registry (the package's torch-free ``__init__`` and ``base``): config validation
 # reads its names, as issue 12 asks; the penalty modules themselves stay above the foundation.

@@ -35,34 +35,72 @@ PROGRESS_S = 30.0  # how often, at most, a progress line is printed while nothin
 
 
 class TaskEnded(RuntimeError):
-    """A task ended without returning (cancelled, timed out, node failure, killed)."""
+    """A task ended without returning (cancelled, timed out, node failure, killed), or never
+    started (``cause``: its extraction job failed)."""
 
-    def __init__(self, state: str, job_id: str, log: str) -> None:
-        super().__init__(f"task ended in state {state} (job {job_id}; log {log})")
+    def __init__(self, state: str, job_id: str, log: str, cause: Optional[str] = None  # noqa: UP045
+                 ) -> None:
+        super().__init__(f"task ended in state {state} (job {job_id}; log {log})"
+                         + (f": {cause}" if cause else ""))
         self.state = state
 
 
+class ExtractionJob:
+    """Stage 1 as a submitit job: build the missing caches of one (backbone, dataset)
+    (``sae.grid.stages.build_caches``). On USR2 (the time limit is near) the extraction saves
+    its shard and submitit requeues this job through :meth:`checkpoint`; it resumes from its
+    shards."""
+
+    def __init__(self, build: Any) -> None:
+        self.build = build
+
+    def __call__(self) -> dict:
+        from sae.grid.stages import build_caches
+
+        logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s] %(message)s")
+        return build_caches(self.build)
+
+    def checkpoint(self, *args: Any, **kwargs: Any) -> Any:
+        import submitit
+
+        return submitit.helpers.DelayedSubmission(self)
+
+
 class _Tolerant:
-    """Mixin over the plugin's BaseSubmititLauncher: same submission, tolerant collection."""
+    """Mixin over the plugin's BaseSubmititLauncher: stage 1 first, then the same submission,
+    tolerant collection.
+
+    The sweeper sets, before :meth:`launch`: ``stage1`` (the cache builds to submit),
+    ``job_builds`` (per training job, the build it reads, or None), ``wait`` and ``on_submit``
+    (called with ``("extract", build)`` after each extraction job and ``("train", [(position,
+    job_id), ...])`` after each array is submitted, so cells.json holds every job id even if
+    this process dies)."""
 
     _EXECUTOR: str
+    _DEPENDENCIES = False  # whether the scheduler can start a job after another (afterok)
     params: dict
     config: Any
     job_end_callback: Optional[Callable[[int, JobReturn], None]] = None  # noqa: UP045
+    on_submit: Optional[Callable[[str, Any], None]] = None  # noqa: UP045
+    stage1: Sequence[Any] = ()
+    job_builds: Sequence[Any] = ()
+    wait: bool = True
 
-    def _executor(self) -> Any:
-        """The plugin's executor, built from the same launcher parameters the plugin reads."""
+    def _executor(self, **changes: Any) -> Any:
+        """The plugin's executor, built from the same launcher parameters the plugin reads
+        (with ``changes`` to them: another job name, resources, a dependency)."""
         import submitit
 
+        params = {**self.params, **changes}
         init_keys = {"max_num_timeout", "submitit_folder"}
-        init = {"folder": self.params["submitit_folder"]}
-        if "max_num_timeout" in self.params:
-            init[f"{self._EXECUTOR}_max_num_timeout"] = self.params["max_num_timeout"]
+        init = {"folder": params["submitit_folder"]}
+        if "max_num_timeout" in params:
+            init[f"{self._EXECUTOR}_max_num_timeout"] = params["max_num_timeout"]
         executor = submitit.AutoExecutor(cluster=self._EXECUTOR, **init)
         base = set(OmegaConf.structured(BaseQueueConf).keys())
         executor.update_parameters(**{
             key if key in base else f"{self._EXECUTOR}_{key}": value
-            for key, value in self.params.items() if key not in init_keys})
+            for key, value in params.items() if key not in init_keys})
         return executor
 
     def launch(self, job_overrides: Sequence[Sequence[str]],
@@ -75,38 +113,134 @@ class _Tolerant:
             log.info(f"\t#{idx} : {' '.join(filter_overrides(overrides))}")
             job_params.append((list(overrides), "hydra.sweep.dir", idx, f"job_id_for_{idx}",
                                Singleton.get_state()))
-        jobs = self._executor().map_array(self, *zip(*job_params, strict=True))
         try:
-            return self._collect(jobs)
+            extraction = self._submit_extractions()
+            jobs, ended = self._submit_training(job_params, extraction)
+            if not self.wait:
+                return []
+            return self._collect(jobs, ended, extraction)
         finally:
             _remove_template_folder(str(self.params["submitit_folder"]))
 
-    def _collect(self, jobs: list) -> list[JobReturn]:
-        """Wait for every task; a task's end never stops the wait for the others. A progress
-        line goes to stderr at each end and every ``PROGRESS_S`` while waiting."""
+    def _submit_extractions(self) -> dict[int, Any]:
+        """One job per cache build with missing caches, with stage-1 resources; ``{id(build):
+        submitit job}``."""
+        resources = OmegaConf.to_container(self.config.launcher.extract, resolve=True)
+        submitted = {}
+        for build in self.stage1:
+            executor = self._executor(name=f"{self.params.get('name') or 'sae'}-extract-"
+                                      f"{build.name}", **resources)
+            job = executor.submit(ExtractionJob(build))
+            build.job_id = str(job.job_id)
+            submitted[id(build)] = job
+            if self.on_submit is not None:
+                self.on_submit("extract", build)
+            print(f"stage 1: extraction job {job.job_id} builds {build.name} "
+                  f"({', '.join(build.missing)})", file=sys.stderr, flush=True)
+        return submitted
+
+    def _submit_training(self, job_params: list, extraction: dict[int, Any]
+                         ) -> tuple[list, dict[int, JobReturn]]:
+        """The training jobs, one array per cache build they wait for (``afterok`` on its
+        extraction job; without scheduler dependencies, after waiting for it here)."""
+        builds = list(self.job_builds) or [None] * len(job_params)
+        groups: dict[Optional[str], list[int]] = {}  # noqa: UP045
+        for position, build in enumerate(builds):
+            groups.setdefault(build.job_id if build is not None else None, []).append(position)
+        jobs: list = [None] * len(job_params)
+        ended: dict[int, JobReturn] = {}
+        for dependency, positions in groups.items():
+            changes = {}
+            if dependency is not None and self._DEPENDENCIES:
+                extra = dict(self.params.get("additional_parameters") or {})
+                changes["additional_parameters"] = {**extra,
+                                                    "dependency": f"afterok:{dependency}"}
+            elif dependency is not None:
+                failure = _wait_for_extraction(_job_of(extraction, builds[positions[0]]))
+                if failure is not None:
+                    ended.update({p: failure for p in positions})
+                    continue
+            submitted = self._executor(**changes).map_array(
+                self, *zip(*[job_params[p] for p in positions], strict=True))
+            for position, job in zip(positions, submitted, strict=True):
+                jobs[position] = job
+            if self.on_submit is not None:
+                self.on_submit("train", [(p, str(j.job_id)) for p, j in
+                                         zip(positions, submitted, strict=True)])
+        return jobs, ended
+
+    def _collect(self, jobs: list, ended: dict[int, JobReturn], extraction: dict[int, Any]
+                 ) -> list[JobReturn]:
+        """Wait for every task; a task's end never stops the wait for the others. A failed
+        extraction job cancels the training tasks that wait for it. A progress line goes to
+        stderr at each end and every ``PROGRESS_S`` while waiting."""
         from sae.sweep import progress_line
 
         results: dict[int, JobReturn] = {}
+        for index, result in ended.items():
+            self._record(results, index, result)
+        builds = list(self.job_builds) or [None] * len(jobs)
+        failed_builds: dict[int, str] = {}
         started = last_shown = time.monotonic()
         while len(results) < len(jobs):
-            ended = False
+            any_ended = False
+            for key, job in extraction.items():
+                if key not in failed_builds and job.done() and _failed(job):
+                    failed_builds[key] = (f"its extraction job {job.job_id} ended "
+                                          f"{job.state} (log {job.paths.stderr})")
+                    for index, build in enumerate(builds):
+                        if build is not None and id(build) == key and jobs[index] is not None:
+                            jobs[index].cancel(check=False)
             for index, job in enumerate(jobs):
-                if index not in results and job.done():
-                    results[index] = task_return(job)
-                    ended = True
-                    if self.job_end_callback is not None:
-                        self.job_end_callback(index, results[index])
+                if index not in results and job is not None and job.done():
+                    build = builds[index]
+                    cause = failed_builds.get(id(build)) if build is not None else None
+                    self._record(results, index, task_return(job, cause))
+                    any_ended = True
             now = time.monotonic()
-            if ended or now - last_shown >= PROGRESS_S:
+            if any_ended or now - last_shown >= PROGRESS_S:
                 failed = sum(r.status != JobStatus.COMPLETED for r in results.values())
                 running = sum(1 for i, job in enumerate(jobs)
-                              if i not in results and _is_running(job))
+                              if i not in results and job is not None and _is_running(job))
                 print(progress_line(len(results), failed, running, len(jobs), now - started),
                       file=sys.stderr, flush=True)
                 last_shown = now
             if len(results) < len(jobs):
                 time.sleep(POLL_S)
         return [results[i] for i in range(len(jobs))]
+
+    def _record(self, results: dict[int, JobReturn], index: int, result: JobReturn) -> None:
+        results[index] = result
+        if self.job_end_callback is not None:
+            self.job_end_callback(index, result)
+
+
+def _job_of(extraction: dict[int, Any], build: Any) -> Any:
+    """This launch's extraction job of ``build`` (None: a live job of an earlier launch)."""
+    return extraction.get(id(build))
+
+
+def _failed(job: Any) -> bool:
+    return str(job.state).split()[0].upper() not in ("COMPLETED", "FINISHED")
+
+
+def _wait_for_extraction(job: Any) -> Optional[JobReturn]:  # noqa: UP045
+    """Without scheduler dependencies (the local executor): wait here for the extraction job;
+    a failed JobReturn for its training jobs when it failed."""
+    if job is None:
+        return None
+    while not job.done():
+        time.sleep(POLL_S)
+    try:
+        job.result()
+        return None
+    except Exception as exc:  # noqa: BLE001 -- any failure of stage 1 fails its cells
+        ended = JobReturn()
+        ended.status = JobStatus.FAILED
+        ended._return_value = TaskEnded("NOT_STARTED", "-", str(job.paths.stderr),
+                                        f"its extraction job {job.job_id} failed: "
+                                        f"{str(exc).strip().splitlines()[-1][:300]}")
+        return ended
 
 
 def _remove_template_folder(folder: str) -> None:
@@ -127,8 +261,9 @@ def _is_running(job: Any) -> bool:
         return False
 
 
-def task_return(job: Any) -> JobReturn:
-    """What the task returned, or a failed JobReturn holding how it ended."""
+def task_return(job: Any, cause: Optional[str] = None) -> JobReturn:  # noqa: UP045
+    """What the task returned, or a failed JobReturn holding how it ended (and why, when its
+    extraction job failed)."""
     from submitit.core.utils import UncompletedJobError
 
     try:
@@ -136,12 +271,13 @@ def task_return(job: Any) -> JobReturn:
     except UncompletedJobError:  # FailedJobError included
         ended = JobReturn()
         ended.status = JobStatus.FAILED
-        ended._return_value = TaskEnded(str(job.state), str(job.job_id), str(job.paths.stderr))
+        ended._return_value = TaskEnded(str(job.state), str(job.job_id), str(job.paths.stderr),
+                                        cause)
         return ended
 
 
 class SaeSlurmLauncher(_Tolerant, SlurmLauncher):
-    pass
+    _DEPENDENCIES = True
 
 
 class SaeLocalLauncher(_Tolerant, LocalLauncher):

@@ -74,6 +74,9 @@ class SaeSweeper(BasicSweeper):
         cells = planning.plan_cells(self._expand(arguments), self._compose,
                                     force=bool(self.config.force),
                                     dry_run=bool(self.config.dry_run), progress=_to_stderr)
+        if not self.config.dry_run:
+            self._check_launcher(sweep_dir)
+            self._reattach(cells, sweep_dir, planning)
         packs = self._packs(cells, planning)
         print(planning.summary_line(name, cells), flush=True)
         print(planning.checkpoints_line(cells), flush=True)
@@ -89,7 +92,6 @@ class SaeSweeper(BasicSweeper):
 
                 sys.exit(CONFIG_ERROR_EXIT)
             return []
-        self._check_launcher()
         sweep_dir.mkdir(parents=True, exist_ok=True)
         try:
             with FileLock(str(sweep_dir / ".launch.lock"), timeout=0):
@@ -110,20 +112,77 @@ class SaeSweeper(BasicSweeper):
         except ValueError as exc:
             raise planning.SweepError(f"pack={self.config.pack}: {exc}") from None
 
-    def _check_launcher(self) -> None:
-        """Fail before submission when the SLURM launcher cannot reach a cluster."""
+    def _on_slurm(self) -> bool:
         target = str(OmegaConf.select(self.config, "hydra.launcher._target_", default=""))
-        if "SlurmLauncher" in target:
-            from sae.slurm_checks import check_slurm_ready
+        return "SlurmLauncher" in target
+
+    def _check_launcher(self, sweep_dir: Path) -> None:
+        """Fail before submission when the SLURM launcher cannot reach a cluster, or when the
+        output folders do not honour flock across processes (caches and run locks rely on it)."""
+        if self._on_slurm():
+            from sae.slurm_checks import check_flock, check_slurm_ready
 
             check_slurm_ready(OmegaConf.select(self.config, "hydra.launcher.partition",
                                                default=None))
+            for key in ("paths.cache", "paths.runs"):
+                check_flock(str(OmegaConf.select(self.config, key)), key)
+
+    def _reattach(self, cells, sweep_dir: Path, planning) -> None:
+        """A re-launch on SLURM never submits a cell whose job from an earlier launch (recorded
+        in cells.json) is still pending or running: it asks SLURM, and says how many it left
+        alone. (The earlier launcher may have died, or returned at once with wait=false.)"""
+        record_file = sweep_dir / "cells.json"
+        if not self._on_slurm() or not record_file.is_file():
+            return
+        import json
+
+        from sae.grid.scheduler import is_live, job_states
+
+        runs, caches = planning.earlier_jobs(json.loads(record_file.read_text()))
+        states = job_states([*runs.values(), *(b["job_id"] for b in caches.values())])
+        left = planning.leave_live_jobs(cells, runs, states)
+        self._live_caches = {name: build for name, build in caches.items()
+                             if is_live(states.get(build["job_id"]))}
+        if left:
+            print(f"re-attached: {left} cells left alone, their jobs of an earlier launch are "
+                  f"still pending or running (follow them: sae-status {sweep_dir})",
+                  file=sys.stderr, flush=True)
+
+    def _stage1(self, packs) -> tuple[list, list]:
+        """The cache build each job reads (None for embedding datasets) and the builds stage 1
+        submits: those with a missing cache and no live extraction job of an earlier launch.
+        Only for the submitit launchers; launcher=local extracts inline, one cell at a time."""
+        if not hasattr(self.launcher, "stage1") or not packs:
+            return [None] * len(packs), []
+        from sae.grid.stages import plan_caches
+
+        of_cell = plan_caches([members[0] for members in packs])
+        job_builds = [of_cell.get(members[0].index) for members in packs]
+        submit = []
+        for build in dict.fromkeys(b for b in job_builds if b is not None):
+            earlier = getattr(self, "_live_caches", {}).get(build.name)
+            if earlier is not None and earlier["paths"] == build.paths:
+                build.job_id = earlier["job_id"]  # still extracting: wait for that job
+            elif build.missing:
+                submit.append(build)
+        for members, build in zip(packs, job_builds, strict=True):
+            for cell in members:
+                cell.cache = build.name if build is not None else None
+        return job_builds, submit
 
     def _launch(self, name, sweep_dir, cells, packs, planning, atomic_write_json) -> Any:
         OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
-        atomic_write_json(sweep_dir / "cells.json", planning.cells_record(name, cells))
+        job_builds, stage1 = self._stage1(packs)
+        caches = list(dict.fromkeys(b for b in job_builds if b is not None))
+
+        def save() -> None:
+            atomic_write_json(sweep_dir / "cells.json", planning.cells_record(
+                name, cells, caches, "slurm" if self._on_slurm() else "local"))
+
+        save()
         todo = [c for c in cells if c.to_launch]
-        batch = [_job_overrides(members) for members in packs]
+        batch = [_job_overrides(members, build) for members, build in
+                 zip(packs, job_builds, strict=True)]
 
         def record_end(position: int, result) -> None:
             """cells.json learns of each job's end as it happens (the launch may be killed); a
@@ -132,17 +191,32 @@ class SaeSweeper(BasicSweeper):
             for cell, (state, reason) in zip(members, _outcomes(result, len(members)),
                                              strict=True):
                 cell.result, cell.reason = state, reason
-            atomic_write_json(sweep_dir / "cells.json", planning.cells_record(name, cells))
+            save()
 
+        def record_submission(stage: str, submitted) -> None:
+            """cells.json holds every job id as soon as it exists: sae-status and a re-launch
+            read them, even when this process is gone."""
+            if stage == "train":
+                for position, job_id in submitted:
+                    for cell in packs[position]:
+                        cell.job_id = job_id
+            save()
+
+        wait = bool(OmegaConf.select(self.config, "launcher.wait", default=True))
         if hasattr(self.launcher, "job_end_callback"):  # the submitit launchers of launchers.py
             self.launcher.job_end_callback = record_end
+            self.launcher.on_submit = record_submission
+            self.launcher.stage1, self.launcher.job_builds = stage1, job_builds
+            self.launcher.wait = wait
         results = self.launcher.launch(batch, initial_job_idx=0) if batch else []
+        if not wait and batch:
+            return self._submitted(name, sweep_dir, todo, stage1, save)
         for position, result in enumerate(results):
             record_end(position, result)
         for cell in cells:
             if cell.result is None:
-                cell.result = "skipped"
-        atomic_write_json(sweep_dir / "cells.json", planning.cells_record(name, cells))
+                cell.result = "queued" if cell.state == "queued" else "skipped"
+        save()
         print(planning.outcome_summary(name, cells, sweep_dir), flush=True)
         unfinished = [c for c in todo if c.result != "done"]
         if unfinished:
@@ -156,19 +230,33 @@ class SaeSweeper(BasicSweeper):
         return [results]
 
 
+    def _submitted(self, name, sweep_dir, todo, stage1, save) -> Any:
+        """launcher.wait=false: every job is submitted; say where to follow them, and return."""
+        for cell in todo:
+            cell.result = "submitted"
+        save()
+        jobs = len({c.job_id for c in todo})
+        print(f"sweep {name}: submitted {len(stage1)} extraction jobs and {jobs} training jobs "
+              f"for {len(todo)} runs; the launcher returns now (launcher.wait=false). Follow "
+              f"them: sae-status {sweep_dir} --watch; a re-launch re-attaches", flush=True)
+        return []
+
+
 def _to_stderr(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
 
 
-def _job_overrides(members) -> list:
-    """A job's overrides: a lone cell's own; a pack's lead member's plus ``pack_members``.
+def _job_overrides(members, build=None) -> list:
+    """A job's overrides: a lone cell's own; a pack's lead member's plus ``pack_members``; and,
+    after stage 1, the caches it reads (each member's too: a pack composes every member).
     Each job's Hydra directory is named after its (lead) run id, not its grid position."""
+    stage = build.training_overrides() if build is not None else []
     lead = members[0]
     if len(members) == 1:
-        return [*lead.overrides, f"hydra.sweep.subdir={lead.run_id}"]
+        return [*lead.overrides, *stage, f"hydra.sweep.subdir={lead.run_id}"]
     from sae.packing import members_override
 
-    return [*lead.overrides, members_override(members),
+    return [*lead.overrides, *stage, members_override(members, stage),
             f"hydra.sweep.subdir=pack-{lead.pack}-{lead.run_id}"]
 
 

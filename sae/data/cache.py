@@ -21,9 +21,13 @@ preempted extraction resumes from the last complete shard), assembles the cache 
 and renames it into place when every file and the manifest are written, so a reader sees a
 complete cache or none. The lock is a ``filelock`` flock(2) lock file beside the directory: put
 ``paths.cache`` on a file system that honours flock across nodes (Lustre mounted with
-``-o flock``, GPFS, local disk; not every NFS mount does). Every use checks the array against its
-manifest (shape, dtype, size, checksum) and the library versions against the installed ones,
-and fails naming the directory and the fix rather than return wrong embeddings.
+``-o flock``, GPFS, local disk; not every NFS mount does; a SLURM sweep checks before it
+submits, ``sae.slurm_checks.check_flock``). Every checksum is verified once, when the cache is
+built; every use checks the files against the manifest (shape, dtype, size; every checksum
+again with ``extract.verify=checksums``) and the library versions against the installed ones,
+and fails naming the directory and the fix rather than return wrong embeddings. In a SLURM
+sweep, extraction jobs build the caches first and training tasks open the directory the planner
+resolved (``extract.train_cache``), never listing the image tree (:func:`training_cache`).
 """
 
 from __future__ import annotations
@@ -102,7 +106,7 @@ def ensure_cache(backbone: BackboneConfig, dataset: ImagesDatasetConfig, split: 
     resolved = resolve_cache(backbone, dataset, split, cache_root)
     path = resolved.path
     if path.exists():
-        check_cache(path, options.allow_version_drift)  # verify before handing it out
+        check_cache(path, options.allow_version_drift, options.verify == "checksums")
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
     lock = FileLock(str(path) + ".lock")
@@ -115,9 +119,40 @@ def ensure_cache(backbone: BackboneConfig, dataset: ImagesDatasetConfig, split: 
         if not path.exists():  # nobody finished it while we waited
             assert resolved.images is not None  # a missing cache was resolved from its images
             _extract(path, resolved, backbone, dataset, device, progress, options.shard_size)
-        check_cache(path, options.allow_version_drift)
+            check_cache(path, options.allow_version_drift)  # built: every checksum, once
+        else:
+            check_cache(path, options.allow_version_drift, options.verify == "checksums")
     finally:
         lock.release()
+    return path
+
+
+def training_cache(backbone: BackboneConfig, dataset: ImagesDatasetConfig, split: str,
+                   cache_root: str | Path, device: str = "auto", progress: bool = True,
+                   options: ExtractOptions | None = None) -> Path:
+    """The verified cache a training run reads for one split.
+
+    - ``extract.train_cache`` / ``eval_cache`` set (a SLURM sweep's planner resolved them): that
+      directory, checked by sizes and manifest, without listing the image tree;
+    - ``extract.inline=false`` otherwise: the resolved cache, which must exist (no extraction,
+      no wait on another's extraction lock);
+    - else :func:`ensure_cache`: extracted here when missing (a lone run on a workstation).
+    """
+    options = options or ExtractOptions()
+    given = options.train_cache if split == "train" else options.eval_cache
+    path = Path(given) if given else None
+    if path is None and not options.inline:
+        path = resolve_cache(backbone, dataset, split, cache_root).path
+    if path is None:
+        return ensure_cache(backbone, dataset, split, cache_root, device, progress, options)
+    if not (path / MANIFEST_FILE).is_file():
+        raise CacheError(
+            f"the {split} embedding cache {path} is missing or incomplete, and this task does "
+            "not extract (extract.inline=false: a SLURM sweep builds its caches in extraction "
+            "jobs first). Fix: re-launch the sweep, whose extraction job builds it (its log: "
+            f"sae-status SWEEP_DIR), or build it with python -m sae.extract "
+            f"backbone={backbone.name} dataset={dataset.name}")
+    check_cache(path, options.allow_version_drift, options.verify == "checksums")
     return path
 
 
@@ -145,10 +180,12 @@ def _wait_for(lock, name: str) -> None:
                                             ) from None
 
 
-def check_cache(path: Path, allow_version_drift: bool = False) -> CachedSplit:
-    """Open and verify a cache, and refuse one built by other library versions (unless
-    allowed): the same config could give other numbers there."""
-    cached = open_cache(path)
+def check_cache(path: Path, allow_version_drift: bool = False, verify_checksums: bool = True
+                ) -> CachedSplit:
+    """Open and verify a cache (sizes and manifest; checksums too unless told not to), and
+    refuse one built by other library versions (unless allowed): the same config could give
+    other numbers there."""
+    cached = open_cache(path, verify_checksums)
     drift = version_drift(cached.manifest.get("key_versions", {}),
                           key_versions(library_versions()))
     if drift and not allow_version_drift:
@@ -306,9 +343,9 @@ def load_image_split(backbone: BackboneConfig, dataset: ImagesDatasetConfig, cac
     ``x`` is float32, unit-normalised when ``dataset.normalize``; images are reopened from the
     dataset root of *this* config, so a cache moved to another cluster still shows its images.
     """
-    path = ensure_cache(backbone, dataset, split, cache_root, device=device, progress=progress,
-                        options=options)
-    cached = open_cache(path, verify_checksums=False)  # ensure_cache verified it just now
+    path = training_cache(backbone, dataset, split, cache_root, device=device,
+                          progress=progress, options=options)
+    cached = open_cache(path, verify_checksums=False)  # training_cache verified it just now
     x = torch.from_numpy(np.array(cached.embeddings, dtype=np.float32))  # a copy in memory
     if not torch.isfinite(x).all():
         raise CacheError(f"{path}: embeddings hold NaN or inf. Fix: delete the directory and "

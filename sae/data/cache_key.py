@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -93,12 +94,16 @@ class ResolvedCache:
 
 
 def resolve_cache(backbone: BackboneConfig, dataset: ImagesDatasetConfig, split: str,
-                  cache_root: str | Path) -> ResolvedCache:
+                  cache_root: str | Path, listed: Callable[[str], ImageSplit] | None = None
+                  ) -> ResolvedCache:
     """The cache of one split ("train" or "eval"), whether it exists or not, keyed by the
     listing of the dataset root. Where the images are not (a cache copied to another cluster),
-    the one complete cache of the same config is used, or the root's error is raised."""
+    the one complete cache of the same config is used, or the root's error is raised.
+    ``listed(split_name)`` lists the split (default ``sae.data.images.open_split``); the sweep
+    planner passes one that lists each split of a dataset once for all its backbones."""
     from sae.data.images import open_split
 
+    listed = listed or (lambda name: open_split(dataset, name))
     split_name = split_dir_name(dataset, split)
     if dataset.layout != "digits_images" and not (dataset.root and Path(dataset.root).is_dir()):
         found = _cache_without_images(backbone, dataset, split_name, cache_root)
@@ -106,7 +111,7 @@ def resolve_cache(backbone: BackboneConfig, dataset: ImagesDatasetConfig, split:
             open_split(dataset, split_name)  # raises the root's error, with its fix
             raise AssertionError("open_split accepted a missing root")
         return found
-    images = open_split(dataset, split_name)
+    images = listed(split_name)
     fields = key_fields(backbone, dataset, images)
     name = cache_dir_name(dataset.name, backbone.name, split_name, cache_key(fields))
     return ResolvedCache(Path(cache_root) / name, images, fields)
