@@ -131,7 +131,10 @@ def test_num_workers_default_to_the_job_cpus_minus_one(monkeypatch):
     assert resolve_num_workers(2) == 2  # an explicit value wins
     monkeypatch.delenv("SLURM_CPUS_PER_TASK")
     assert resolve_num_workers(None) == max(0, len(os.sched_getaffinity(0)) - 1)
-    assert backbone_cfg("clip_vitl14").num_workers == 8
+    # One source of truth: the paper backbones leave it to the allocation (before: 8 in every
+    # backbone file, whatever the job's CPUs).
+    for name in ("clip_vitl14", "siglip2", "vit_l16", "dinov2_vitl14", "siglip2_openclip"):
+        assert backbone_cfg(name).num_workers is None
     from sae.config import BackboneConfig
 
     assert BackboneConfig().num_workers is None

@@ -115,6 +115,36 @@ def test_a_locked_run_says_whose_lock_and_gives_up_after_lock_timeout(tmp_path, 
     assert "still locked" in output and "run.lock_timeout_s" in output, output
 
 
+def test_a_task_waiting_on_a_run_lock_hears_sigterm(tmp_path, monkeypatch):
+    """Issue 20: a task waiting on another process's run lock (up to run.lock_timeout_s, 24 h
+    by default) was deaf to SIGTERM and USR2. Now it ends within seconds of the signal, and
+    the holder's status is left as it was. The task starts with SIGTERM ignored, as under
+    submitit (which acts on USR2 only): before, it slept on in the wait."""
+    from sae.config import validate
+    from sae.runs import read_status, run_dir, run_lock, write_status
+    from tests.test_config import compose_train
+
+    monkeypatch.setenv("SAE_OUTPUT_ROOT", str(tmp_path))
+    directory = run_dir(validate(compose_train(CELL)))
+    directory.mkdir(parents=True)
+    write_status(directory, "running")  # as the lock's holder would have
+    with run_lock(directory):
+        proc = subprocess.Popen(train_cmd(), cwd=REPO, env=cell_env(tmp_path), text=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                preexec_fn=lambda: signal.signal(signal.SIGTERM, signal.SIG_IGN))
+        waiting: list[str] = []
+
+        def in_the_wait() -> bool:  # the warning line is printed as the wait starts
+            waiting.append(proc.stdout.readline())
+            return "waiting without limit" in waiting[-1] or "waiting at most" in waiting[-1]
+
+        output, seconds = signal_when(proc, in_the_wait, signal.SIGTERM, settle_s=0.5)
+    assert proc.returncode in (-signal.SIGTERM, 128 + signal.SIGTERM), "".join(waiting) + output
+    assert seconds < 5, seconds
+    assert "stopped by SIGTERM while waiting" in output, output
+    assert read_status(directory)["state"] == "running"
+
+
 # -- labels (issue 13 item 6) ----------------------------------------------------------------------
 def labelled_files(tmp_path: Path, labels, class_names: list[str] | None = None):
     """A files dataset of 12 embeddings with ``labels`` (saved as .npy), no held-out split."""

@@ -69,7 +69,7 @@ from sae.data.layout import (
     cache_dir_name,
     split_dir_name,
 )
-from sae.data.shards import ShardLog, StopSignals, partial_dir
+from sae.data.shards import ShardLog, partial_dir
 from sae.data.types import EmbeddingSet
 from sae.fingerprint import key_versions, library_versions, version_drift
 from sae.io import atomic_write_json, stream_sha256
@@ -156,28 +156,22 @@ def training_cache(backbone: BackboneConfig, dataset: ImagesDatasetConfig, split
     return path
 
 
-LOCK_POLL_S = 1.0  # how often a task waiting on another's extraction looks for a stop signal
-
-
 def _wait_for(lock, name: str) -> None:
     """Acquire ``lock``, held by another process's extraction, without being deaf to stop
-    signals: SIGTERM or USR2 while waiting ends the wait with :class:`ExtractionStopped`
-    (after giving the signal to the handler that was there before: under SLURM, submitit's
-    requeue), so a task never holds a GPU through a preemption waiting on a lock."""
-    from filelock import Timeout
+    signals: SIGTERM or USR2 while waiting is handed to the handler that was there before
+    (under SLURM, submitit's requeue; in a training run, its stop request) and ends the wait
+    with :class:`ExtractionStopped`, so a task never holds a GPU through a preemption waiting
+    on a lock."""
+    import signal
 
-    with StopSignals() as stop:
-        while True:
-            try:
-                lock.acquire(timeout=LOCK_POLL_S)
-                return
-            except Timeout:
-                if stop.requested is not None:
-                    signum = stop.requested
-                    stop.resend()
-                    raise ExtractionStopped(f"stopped by signal {signum} while waiting for "
-                                            f"another process extracting {name}", signum
-                                            ) from None
+    from sae.locking import WaitStopped, acquire_listening
+
+    try:
+        acquire_listening(lock)
+    except WaitStopped as stop:
+        signal.raise_signal(stop.signum)
+        raise ExtractionStopped(f"stopped by signal {stop.signum} while waiting for another "
+                                f"process extracting {name}", stop.signum) from None
 
 
 def check_cache(path: Path, allow_version_drift: bool = False, verify_checksums: bool = True
