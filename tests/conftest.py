@@ -1,11 +1,12 @@
 """Shared pytest fixtures and helpers.
 
 SLURM: ``slurm_cluster`` (session scope) starts a real single-node SLURM cluster with
-``scripts/slurm_local.sh`` (installing slurm-wlm + munge when missing), points ``SLURM_CONF``
-at it for the session and stops it at the end. It skips only where SLURM cannot be installed
-(the script exits 5: not root, or no apt-get); any other failure to start is a test error,
-because CI must run the SLURM tests. A cluster that was already running (started by hand with
-``eval "$(scripts/slurm_local.sh start)"``) is reused and left running.
+``scripts/slurm_local.sh`` (installing slurm-wlm, slurmdbd, munge and mariadb-server when
+missing; its own munged, slurmdbd and MariaDB, so the real ``sacct`` answers), points
+``SLURM_CONF`` at it for the session and stops it at the end. It skips only where SLURM cannot
+be installed (the script exits 5: not root, or no apt-get); any other failure to start is a test
+error, because CI must run the SLURM tests. A cluster that was already running (started by hand
+with ``eval "$(scripts/slurm_local.sh start)"``) is reused and left running.
 """
 
 from __future__ import annotations
@@ -23,8 +24,9 @@ import pytest
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SLURM_SCRIPT = REPO_ROOT / "scripts" / "slurm_local.sh"
 SLURM_CANNOT_INSTALL = 5  # exit status of slurm_local.sh when SLURM cannot be installed here
-# `start` may first apt-get install slurm-wlm + munge (a minute or two on a fresh machine); the
-# cluster itself comes up in well under a second.
+# `start` may first apt-get install slurm-wlm, slurmdbd, munge and mariadb-server (a minute or
+# two on a fresh machine); the cluster itself (munged, MariaDB, slurmdbd, slurmctld, slurmd)
+# comes up in a few seconds.
 SLURM_START_TIMEOUT_S = 600
 
 
@@ -81,11 +83,11 @@ class SlurmCluster:
 
     conf: Path  # its slurm.conf (SLURM_CONF)
     partition: str  # its only partition, the default one
-    state_dir: Path  # slurm.conf, logs (log/*.log), spool, pid files
-    # The exports of `slurm_local.sh start`: SLURM_CONF, PATH with the sacct stand-in first,
-    # and the SAE_SLURM_* values that fit conf/launcher/slurm.yaml to this cluster (partition,
-    # no GPU, 1 CPU, 1 GB). Merged into os.environ for subprocesses; os.environ itself only gets
-    # SLURM_CONF and PATH, so in-process config tests still see the launcher's real defaults.
+    state_dir: Path  # slurm.conf, slurmdbd.conf, logs (log/*.log), spool, munge/, mysql/, pids
+    # The exports of `slurm_local.sh start`: SLURM_CONF, and the SAE_SLURM_* values that fit
+    # conf/launcher/slurm.yaml to this cluster (partition, no GPU, 1 CPU, 1 GB). Merged into
+    # os.environ for subprocesses; os.environ itself only gets SLURM_CONF, so in-process config
+    # tests still see the launcher's real defaults.
     exports: dict[str, str] = field(default_factory=dict)
     start_seconds: float = 0.0  # wall time of `slurm_local.sh start` (0 when reused)
     started_here: bool = True  # False: it was already running and is left running
@@ -139,9 +141,8 @@ def slurm_cluster() -> Iterator[SlurmCluster]:
                            partition=exports["SAE_SLURM_PARTITION"], state_dir=state_dir,
                            exports=exports, start_seconds=0.0 if already_running else start_seconds,
                            started_here=not already_running)
-    saved = {k: os.environ.get(k) for k in ("SLURM_CONF", "PATH")}
+    saved = {"SLURM_CONF": os.environ.get("SLURM_CONF")}
     os.environ["SLURM_CONF"] = exports["SLURM_CONF"]
-    os.environ["PATH"] = exports["PATH"]
     try:
         yield cluster
     finally:

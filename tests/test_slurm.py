@@ -13,6 +13,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -62,6 +63,38 @@ def test_cluster_is_up_and_start_is_idempotent(slurm_cluster, run_cmd):
     assert status.returncode == 0
 
 
+def test_a_second_cluster_comes_and_goes_without_disturbing_the_first(slurm_cluster, run_cmd):
+    """Each cluster has its own state directory, ports, munged, MariaDB and slurmdbd: a second
+    one runs jobs with its own accounting, and stopping it leaves the first one working."""
+    ports = []
+    for _ in range(3):
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            ports.append(str(sock.getsockname()[1]))
+    # Under /tmp, not tmp_path: short socket paths, and a parent the munge and mysql users can
+    # search (pytest's base directory is private).
+    state = Path(tempfile.mkdtemp(prefix="sae-slurm-2nd-", dir="/tmp"))
+    script_env = {**os.environ, "SLURM_LOCAL_DIR": str(state), "SLURM_LOCAL_CTLD_PORT": ports[0],
+                  "SLURM_LOCAL_SLURMD_PORT": ports[1], "SLURM_LOCAL_DBD_PORT": ports[2]}
+    second = {**os.environ, "SLURM_CONF": str(state / "slurm.conf")}
+    try:
+        run_cmd([SCRIPT, "start"], timeout=120, env=script_env)
+        job_id = run_cmd(["sbatch", "--parsable", "--wait", "--output=/dev/null", "--wrap", "true"],
+                         timeout=60, env=second).stdout.strip().split(";")[0]
+        deadline = time.monotonic() + 30
+        while f"{job_id}|COMPLETED" not in (sacct := run_cmd(
+                ["sacct", "-o", "JobID,State", "--parsable2", "-j", job_id], timeout=30,
+                env=second)).stdout.splitlines():
+            assert time.monotonic() < deadline, sacct.stdout
+            time.sleep(0.3)
+    finally:
+        run_cmd([SCRIPT, "stop"], timeout=120, env=script_env)
+    assert not state.exists()
+    # The first cluster (its munged, slurmdbd, controller) is untouched.
+    run_cmd(["sbatch", "--wait", "--output=/dev/null", "--wrap", "true"], timeout=60)
+    run_cmd(["sacctmgr", "-n", "list", "cluster"], timeout=30)
+
+
 def test_sbatch_runs_a_job_to_completion(slurm_cluster, run_cmd, tmp_path):
     out = tmp_path / "job.out"
     # --wait: sbatch returns when the job ends, with the job's exit status.
@@ -71,11 +104,16 @@ def test_sbatch_runs_a_job_to_completion(slurm_cluster, run_cmd, tmp_path):
                      timeout=60)
     job_id = submit.stdout.strip().split(";")[0]
     assert out.read_text().strip() == f"hello from job {job_id} on localhost"
-    # The finished job stays in the controller's table (MinJobAge), which the sacct stand-in
-    # reads: submitit sees COMPLETED as it would through a real sacct.
-    sacct = run_cmd(["sacct", "-o", "JobID,State,NodeList", "--parsable2", "-j", job_id],
-                    timeout=30)
-    assert f"{job_id}|COMPLETED|localhost" in sacct.stdout.splitlines()
+    # The accounting database (slurmdbd) has the job: the real sacct answers the query submitit
+    # makes. slurmctld hands job records to slurmdbd asynchronously, hence the short wait.
+    deadline = time.monotonic() + 30
+    while True:
+        sacct = run_cmd(["sacct", "-o", "JobID,State,NodeList", "--parsable2", "-j", job_id],
+                        timeout=30)
+        if f"{job_id}|COMPLETED|localhost" in sacct.stdout.splitlines():
+            break
+        assert time.monotonic() < deadline, sacct.stdout
+        time.sleep(0.3)
 
 
 def test_a_gpu_request_is_rejected_on_this_gpu_less_cluster(slurm_cluster, run_cmd):
@@ -143,8 +181,8 @@ def test_check_slurm_ready_names_a_missing_partition(slurm_cluster):
 
 
 def test_scancel_of_a_running_task_is_seen_by_submitit(slurm_cluster, tmp_path):
-    """Through the sacct stand-in, submitit learns that a cancelled task ended: it raises
-    instead of waiting forever for a result that will never come."""
+    """Through sacct (the cluster's accounting), submitit learns that a cancelled task ended: it
+    raises instead of waiting forever for a result that will never come."""
     import submitit
 
     executor = submitit.AutoExecutor(folder=tmp_path / "%j", cluster="slurm")
