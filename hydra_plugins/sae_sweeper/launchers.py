@@ -186,8 +186,8 @@ class _Tolerant:
             any_ended = False
             for key, job in extraction.items():
                 if key not in failed_builds and job.done() and _failed(job):
-                    failed_builds[key] = (f"its extraction job {job.job_id} ended "
-                                          f"{job.state} (log {job.paths.stderr})")
+                    failed_builds[key] = (f"its extraction job {job.job_id} failed or "
+                                          f"ended ({job.state}; log {job.paths.stderr})")
                     for index, build in enumerate(builds):
                         if build is not None and id(build) == key and jobs[index] is not None:
                             jobs[index].cancel(check=False)
@@ -221,7 +221,13 @@ def _job_of(extraction: dict[int, Any], build: Any) -> Any:
 
 
 def _failed(job: Any) -> bool:
-    return str(job.state).split()[0].upper() not in ("COMPLETED", "FINISHED")
+    """Whether an ended job left no result (its result file is the proof of success: the
+    scheduler's accounting may still say RUNNING for a few seconds)."""
+    try:
+        job.result()
+        return False
+    except Exception:  # noqa: BLE001 -- the job's own error, or no result at all
+        return True
 
 
 def _wait_for_extraction(job: Any) -> Optional[JobReturn]:  # noqa: UP045
