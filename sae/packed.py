@@ -11,8 +11,9 @@ A pack holds its members' parameters stacked on a leading member axis (``W_dec``
 * decoding (and AuxK's decoding) is one embedding-bag over the (G n, d) stacked atoms, or, where
   the lone fast step takes its dense formulation (CUDA under 16-bit autocast or TF32:
   ``sae.fast.Formulation``), one ``bmm`` of the (G, B, n) dense code with the stacked atoms;
-* the penalties (one hand-fused autograd function for both) and AuxK reduce over each member's
-  own (B, n) block; AuxK runs for the members the host names (those that may have a dead
+* the penalties (one hand-fused autograd function for the terms the registry names as
+  ``Regularizer.pack_term``; any other registered penalty by autograd through its reference,
+  member by member) and AuxK reduce over each member's own (B, n) block; AuxK runs for the members the host names (those that may have a dead
   latent), the others' AuxK being an exact zero; a member's regularizer, strength and mask are per-member coefficient
   tensors (G,), so a mixed pack adds no launch.
 
@@ -36,11 +37,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sae import regularizers
 from sae.fast import AUTO, topk_by_chunks
 from sae.fast.plan import autocast_dtype
 from sae.losses import LossParts
 from sae.model import TopKSAE
-from sae.packing import PACKED_REGULARIZERS as REGULARIZERS
 from sae.trainer import autocast
 
 VARIANCE_FLOOR = 1e-12  # sae.losses.nmse's floor
@@ -52,10 +53,21 @@ class MemberSpec:
     """What differs between the members of a pack (everything else is the pack's)."""
 
     k: int
-    regularizer: str  # none | offsupport_l1 | l1l2
+    regularizer: str  # a registered name (sae.regularizers)
     strength: float
     mask: bool
     eps: float
+
+
+class AutogradPenalty(NamedTuple):
+    """A member whose regularizer has no fused pack term: its reference penalty, bound to its
+    config, differentiated by autograd on its own (B, n) block."""
+
+    member: int
+    penalty: object  # penalty(pre_bn, support_bk, mask) -> scalar
+    strength: float
+    mask: bool
+    k: int
 
 
 class PackCoefficients(NamedTuple):
@@ -72,19 +84,22 @@ class PackCoefficients(NamedTuple):
     mixed_k: bool  # k differs between members: the selection must be sorted
     any_off: bool  # compute the off-support L1 at all
     any_ratio: bool  # compute the L1/L2 ratio at all
+    autograd: tuple[AutogradPenalty, ...] = ()  # members without a fused pack term
 
     @classmethod
     def build(cls, specs: list[MemberSpec], device: torch.device) -> PackCoefficients:
-        for spec in specs:
-            if spec.regularizer not in REGULARIZERS:
-                raise ValueError(f"unknown regularizer {spec.regularizer!r}; use "
-                                 + ", ".join(REGULARIZERS))
+        """The coefficients of ``specs``; each regularizer's ``pack_term`` (its registry entry)
+        says which fused term computes it, or that autograd does (None)."""
 
         def column(values, dtype=torch.float32):
             return torch.tensor(values, dtype=dtype, device=device)
 
-        is_off = [s.regularizer == "offsupport_l1" for s in specs]
-        is_ratio = [s.regularizer == "l1l2" for s in specs]
+        entries = [regularizers.get(s.regularizer) for s in specs]
+        is_off = [e.pack_term == "off_support" for e in entries]
+        is_ratio = [e.pack_term == "ratio" for e in entries]
+        autograd = tuple(
+            AutogradPenalty(g, e.bind(eps=s.eps), s.strength, s.mask, s.k)
+            for g, (s, e) in enumerate(zip(specs, entries, strict=True)) if e.pack_term is None)
         ks = [s.k for s in specs]
         return cls(
             k=column(ks, torch.int64),
@@ -94,7 +109,7 @@ class PackCoefficients(NamedTuple):
             mask=column([s.mask for s in specs], torch.bool),
             eps=column([s.eps for s in specs]),
             k_max=max(ks), mixed_k=len(set(ks)) > 1, any_off=any(is_off),
-            any_ratio=any(is_ratio))
+            any_ratio=any(is_ratio), autograd=autograd)
 
 
 class PackedSAE(nn.Module):
@@ -224,6 +239,12 @@ def packed_training_loss(pack: PackedSAE, x_gbd: torch.Tensor, coeffs: PackCoeff
     if coeffs.any_ratio:
         total = total + coeffs.ratio_strength * ratio
         penalty = torch.where(coeffs.is_ratio, ratio, penalty)
+    for member in coeffs.autograd:  # a registered penalty without a fused term: its reference
+        g = member.member
+        value = member.penalty(pre[g].float(), top_indices[g, :, :member.k], member.mask)
+        one_hot = torch.zeros_like(total).index_fill_(0, _device_rows((g,), pre.device), 1.0)
+        total = total + one_hot * (member.strength * value)
+        penalty = penalty + one_hot * value.detach()
     return PackedStepOutput(LossParts(total, reconstruction, auxk, penalty), fired)
 
 

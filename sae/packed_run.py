@@ -44,7 +44,7 @@ from sae.identity import run_id
 from sae.io import load_meta
 from sae.locking import hold_run_lock
 from sae.packed_trainer import PackedTrainer
-from sae.packing import member_overrides
+from sae.packing import member_overrides, pack_conflict
 from sae.preemption import Interrupted, StopRequest, redeliver, signal_name, stop_signals
 from sae.runs import run_dir
 from sae.threads import set_torch_threads
@@ -52,7 +52,6 @@ from sae.trainer import Trainer
 
 log = logging.getLogger(__name__)
 # Config groups that must be equal in every member: they fix the data and the step's shape.
-SHARED_GROUPS = ("backbone", "dataset", "sae", "train")
 
 
 class Member:
@@ -62,16 +61,6 @@ class Member:
         self.directory = run_dir(cfg, self.rid)
         self.tracker: Any = None
         self.trainer: Trainer | None = None
-
-
-def check_shared_presets(cfgs: Sequence[RootConfig]) -> None:
-    first = to_dict(cfgs[0])
-    for index, cfg in enumerate(cfgs[1:], start=1):
-        mine = to_dict(cfg)
-        for group in SHARED_GROUPS:
-            if mine[group] != first[group]:
-                raise ValueError(f"pack member {index} differs from member 0 in `{group}`: a "
-                                 "pack shares its backbone, dataset, sae and train presets")
 
 
 def run_packed_job(entries: Sequence[str]) -> dict[str, Any]:
@@ -92,7 +81,8 @@ def run_pack(members: Sequence[tuple[DictConfig | RootConfig, str]]) -> list[dic
     """Run the pack's members that are not done. Returns one outcome per member, in order
     (``{"run_id", "state", "reason", "run_dir"}``, as ``sae.train.run_cell``)."""
     cells = [Member(validate(node), command) for node, command in members]
-    check_shared_presets([m.cfg for m in cells])
+    if (conflict := pack_conflict([m.cfg for m in cells])) is not None:
+        raise ValueError(conflict)
     outcomes: dict[str, dict[str, Any]] = {}
     with contextlib.ExitStack() as locks:
         # One process per run at a time, as run_cell (with its timeout and holder message);

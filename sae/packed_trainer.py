@@ -27,6 +27,7 @@ import torch
 
 from sae.packed import MemberSpec, PackCoefficients, PackedSAE, packed_train_step
 from sae.packed_graph import PackedGraphStep
+from sae.packing import pack_conflict
 from sae.preemption import StopRequest
 from sae.progress import Progress
 from sae.trainer import (
@@ -40,12 +41,6 @@ from sae.trainer import (
 )
 
 log = logging.getLogger(__name__)
-# Config fields every member of a pack must share: they shape the lockstep step or its Adam.
-SHARED_TRAIN_FIELDS = ("batch_size", "lr", "adam_eps", "adam_beta1", "adam_beta2", "epochs",
-                       "max_steps", "autocast_bf16", "log_every", "checkpoint_every",
-                       "checkpoint_every_s")
-SHARED_SAE_FIELDS = ("n_latents", "tied", "layernorm", "aux_alpha", "aux_k",
-                     "dead_window_samples", "dead_window_max_epochs")
 
 
 @dataclass
@@ -55,16 +50,12 @@ class MemberResult:
 
 
 def check_compatible(trainers: list[Trainer]) -> None:
-    """Raise naming the first field in which a member differs from the pack's first one."""
+    """Raise naming why the members cannot share a pack (``sae.packing.pack_conflict``), or
+    that one was given other data than member 0."""
+    if (conflict := pack_conflict([t.cfg for t in trainers])) is not None:
+        raise ValueError(conflict)
     first = trainers[0]
     for index, trainer in enumerate(trainers[1:], start=1):
-        for group, fields in (("train", SHARED_TRAIN_FIELDS), ("sae", SHARED_SAE_FIELDS)):
-            for name in fields:
-                mine = getattr(getattr(trainer.cfg, group), name)
-                theirs = getattr(getattr(first.cfg, group), name)
-                if mine != theirs:
-                    raise ValueError(f"pack member {index} has {group}.{name}={mine!r}, member "
-                                     f"0 {theirs!r}: a pack shares its train and sae presets")
         if trainer.x is not first.x and not torch.equal(trainer.x, first.x):
             raise ValueError(f"pack member {index} trains on other data than member 0")
 

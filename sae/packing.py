@@ -9,8 +9,9 @@ duplicate run id) joins no pack, so a pack whose members are all done is never f
 ``pack`` is an int (at most that many members a pack) or ``"auto"``: as many as the device
 memory bound allows (:func:`member_bytes`).
 
-A cell the packed objective cannot train (tied weights, LayerNorm, or a registered regularizer
-without a batched penalty in ``sae.packed``) trains unpacked, a pack of one (:func:`unpacked_reason`).
+A cell the packed objective cannot train (tied weights, LayerNorm) trains unpacked, a pack of
+one (:func:`unpacked_reason`). Every registered regularizer packs: the ones whose registry entry
+names a fused term (``Regularizer.pack_term``) in the fused head, the others by autograd.
 
 In the sweep (``hydra_plugins/sae_sweeper``): :func:`assign_packs` after ``sae.sweep.plan_cells``;
 :func:`packs_table` on a dry run; one job per pack, whose ``pack_members`` override
@@ -27,8 +28,6 @@ from typing import Literal
 from sae.config import RootConfig, to_dict
 
 SHARED_GROUPS = ("backbone", "dataset", "sae", "train")
-# The regularizers whose penalties sae.packed batches over the member axis (fused by hand).
-PACKED_REGULARIZERS = ("none", "offsupport_l1", "l1l2")
 # Embedding dimension for the memory estimate when the config does not fix it (image datasets,
 # user files): the largest reference backbone's (SigLIP2 SO400M, METHOD.md s1), an upper bound.
 DIGITS_DIM = 64
@@ -77,9 +76,27 @@ def unpacked_reason(cfg: RootConfig) -> str | None:
     """Why this cell cannot join a pack (it then trains alone), or None."""
     if cfg.sae.tied or cfg.sae.layernorm:
         return "tied weights or LayerNorm (a pack trains untied SAEs without LayerNorm)"
-    if cfg.regularizer.name not in PACKED_REGULARIZERS:
-        return (f"regularizer {cfg.regularizer.name!r} has no batched penalty in sae.packed "
-                f"(packed: {', '.join(PACKED_REGULARIZERS)})")
+    return None  # any registered regularizer packs (sae.packed: fused or by autograd)
+
+
+def pack_conflict(cfgs: Sequence[RootConfig]) -> str | None:
+    """Why these cells cannot train as one pack, or None: the one place that decides it, for
+    the planner (which groups cells by :func:`pack_key`, these same groups) and for the job and
+    the packed trainer (which refuse a pack built otherwise). A member that cannot pack at all
+    (:func:`unpacked_reason`), or the first field of a shared group in which a member differs
+    from member 0."""
+    for index, cfg in enumerate(cfgs):
+        if (reason := unpacked_reason(cfg)) is not None:
+            return f"pack member {index}: {reason}"
+    first = to_dict(cfgs[0])
+    for index, cfg in enumerate(cfgs[1:], start=1):
+        mine = to_dict(cfg)
+        for group in SHARED_GROUPS:
+            for name in sorted(set(mine[group]) | set(first[group])):
+                if mine[group].get(name) != first[group].get(name):
+                    return (f"pack member {index} has {group}.{name}={mine[group].get(name)!r}, "
+                            f"member 0 {first[group].get(name)!r}: a pack shares its "
+                            f"{', '.join(SHARED_GROUPS)} presets")
     return None
 
 

@@ -56,12 +56,21 @@ def test_auto_packs_compatible_cells_and_leaves_done_and_unpackable_ones_out():
     assert "pack 0: 3 member(s)" in packs_table(packs)
 
 
-def test_an_unbatched_regularizer_trains_alone():
-    fake = cell_cfg(k=4, reg="l1l2", strength=0.01)
-    fake.regularizer.name = "my_penalty"  # as a registered regularizer without a batched one
-    assert "my_penalty" in unpacked_reason(fake)
-    cells = planned([cell_cfg(k=4), fake, cell_cfg(k=4, seed=1)])
-    assert [[c.index for c in p] for p in assign_packs(cells, 4, 8.0)] == [[0, 2], [1]]
+def test_a_regularizer_without_fused_terms_packs_with_the_others():
+    """Before: a registered regularizer not in sae.packing's list trained alone. Now every
+    regularizer packs (sae.packed differentiates it by autograd,
+    tests/test_regularizer_registry.py); what cannot pack is decided by one function."""
+    from sae.packing import pack_conflict
+
+    other = cell_cfg(k=4, reg="l1l2", strength=0.01)
+    other.regularizer.name = "my_penalty"  # as a registered regularizer without fused terms
+    assert unpacked_reason(other) is None
+    cells = planned([cell_cfg(k=4), other, cell_cfg(k=4, seed=1)])
+    assert [[c.index for c in p] for p in assign_packs(cells, 4, 8.0)] == [[0, 1, 2]]
+    assert pack_conflict([c.config for c in cells]) is None
+    lr = cell_cfg(k=4)
+    lr.train.lr = 0.5
+    assert "member 1 has train.lr=0.5" in pack_conflict([cells[0].config, lr])
 
 
 def test_auto_refuses_a_member_larger_than_the_device():

@@ -206,3 +206,63 @@ def test_the_step_benchmark_has_a_case_per_registered_regularizer(toy):
                          "--repeats", "1", "--no-tune-allocator", "--cases", "toy_relu_l1+mask"])
     assert [r["case"] for r in record] == ["toy_relu_l1+mask"]
     assert record[0]["step_ms"] > 0 and record[0]["reference_step_ms"] > 0
+
+
+# -- a registered penalty trains packed (issue 19) -----------------------------------------------
+def test_toy_penalty_packs_and_equals_its_lone_objective(toy):
+    """Before: a regularizer registered outside the package could not join a pack (its name
+    was not in sae.packing's list). Now it packs beside the built-in ones, its penalty
+    differentiated by autograd over its own member's block: each member's values and
+    gradients equal sae.losses.training_loss of its lone model."""
+    from sae.packed import MemberSpec, PackCoefficients, PackedSAE, packed_training_loss
+    from sae.packing import unpacked_reason
+
+    torch.manual_seed(5)
+    x = unit_batch(4 * 48)
+    cells = [(4, "toy_relu_l1", True), (2, "l1l2", True), (4, "toy_relu_l1", False),
+             (2, "none", True)]
+    models = [TopKSAE(x.shape[1], 128, k) for k, _, _ in cells]
+    specs = [MemberSpec(k, reg, 0.0 if reg == "none" else 0.05, mask, 1e-8)
+             for k, reg, mask in cells]
+    pack = PackedSAE(models)
+    batch = x.view(len(cells), 48, -1)
+    dead = torch.rand(len(cells), 128) < 0.3
+    out = packed_training_loss(pack, batch, PackCoefficients.build(specs, x.device),
+                               dead_gn=dead, aux_alpha=1 / 32, aux_k=16)
+    for g, (model, spec) in enumerate(zip(models, specs)):
+        parts, _ = training_loss(model, batch[g], regularizer=spec.regularizer,
+                                 strength=spec.strength, mask=spec.mask, eps=spec.eps,
+                                 dead=dead[g], aux_alpha=1 / 32, aux_k=16)
+        for name in ("total", "nmse", "auxk", "penalty"):
+            assert float(getattr(out.parts, name)[g].detach()) == pytest.approx(
+                float(getattr(parts, name).detach()), rel=1e-5, abs=1e-7), (g, name)
+        parts.total.backward()
+    assert float(out.parts.penalty[0]) > 0
+    out.parts.total.sum().backward()
+    for g, model in enumerate(models):
+        for name in PackedSAE.PARAMETERS:
+            expected, got = getattr(model, name).grad, getattr(pack, name).grad[g]
+            scale = float(expected.abs().max())
+            assert float((got - expected).abs().max()) <= 1e-5 * scale, (g, name)
+    toy_cell = synthetic_cfg(k=4, reg="l1l2", strength=0.05)
+    toy_cell.regularizer.name = "toy_relu_l1"
+    assert unpacked_reason(toy_cell) is None
+
+
+def test_toy_penalty_trains_in_a_pack_as_alone(toy, tmp_path):
+    """Through the packed trainer: a pack of the toy cell and an l1l2 cell ends with the
+    weights each cell reaches alone (tests/test_packed.py's tolerance)."""
+    from tests.test_packed import (
+        WEIGHT_ATOL,
+        assert_same_runs,
+        train_alone,
+        train_packed,
+    )
+
+    base = dict(n_train=1000, batch=128, n_latents=128, max_steps=20, log_every=10)
+    toy_cfg = synthetic_cfg(k=4, reg="l1l2", strength=0.05, **base)
+    toy_cfg.regularizer.name = "toy_relu_l1"
+    cfgs = [toy_cfg, synthetic_cfg(k=4, reg="l1l2", strength=0.05, **base)]
+    x = load_synthetic(cfgs[0].dataset)[0].x
+    assert WEIGHT_ATOL == 3e-4
+    assert_same_runs(train_alone(cfgs, x, tmp_path), train_packed(cfgs, x, tmp_path))

@@ -12,6 +12,8 @@ from functools import partial
 from typing import Any
 
 Tensor = Any  # torch.Tensor; not imported here so that this module stays torch-free
+# The terms sae.packed fuses by hand for a whole pack (Regularizer.pack_term); None = autograd.
+PACK_TERMS = (None, "zero", "off_support", "ratio")
 
 
 @dataclass(frozen=True)
@@ -49,12 +51,22 @@ class Regularizer:
     restricts it to the batch-active units. ``fields`` names the ``regularizer.*`` config
     fields passed to it as ``params`` (e.g. ``("eps",)``). ``kernels``: optional fused
     kernels for the fast path; without them the fast path differentiates ``penalty``.
+    ``pack_term``: which term of the packed objective's hand-fused head (``sae.packed``)
+    computes this penalty for a whole pack at once: ``"zero"`` (no penalty), ``"off_support"``
+    (the off-support L1: the masked sum of z less the support's), ``"ratio"`` (the mean L1/L2
+    ratio), or None: a pack differentiates ``penalty`` by autograd, member by member.
     """
 
     name: str
     penalty: Callable[..., Tensor]
     fields: tuple[str, ...] = ()
     kernels: FusedKernels | None = None
+    pack_term: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.pack_term not in PACK_TERMS:
+            raise ValueError(f"regularizer {self.name!r}: pack_term {self.pack_term!r} is not "
+                             f"one of {PACK_TERMS}")
 
     def params(self, **config: Any) -> dict[str, Any]:
         """The values of this penalty's fields among the ``regularizer.*`` config values."""

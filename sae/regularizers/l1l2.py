@@ -49,4 +49,5 @@ def fused_grad(z_bm: torch.Tensor, saved: tuple, scale: torch.Tensor, eps: float
 REGULARIZER = Regularizer(
     name="l1l2", penalty=l1_l2_ratio, fields=("eps",),
     kernels=FusedKernels(forward=fused_forward, grad=fused_grad, zero_on_support=False),
+    pack_term="ratio",
 )

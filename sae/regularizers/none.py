@@ -12,4 +12,4 @@ def no_penalty(pre: torch.Tensor, support: torch.Tensor, mask: bool = True) -> t
     return pre.new_zeros(())
 
 
-REGULARIZER = Regularizer(name="none", penalty=no_penalty)
+REGULARIZER = Regularizer(name="none", penalty=no_penalty, pack_term="zero")

@@ -42,4 +42,5 @@ def fused_grad(z_bm: torch.Tensor, saved: tuple, scale: torch.Tensor
 REGULARIZER = Regularizer(
     name="offsupport_l1", penalty=off_support_l1,
     kernels=FusedKernels(forward=fused_forward, grad=fused_grad, zero_on_support=True),
+    pack_term="off_support",
 )
