@@ -22,25 +22,32 @@ from tests.test_slurm import REPO, SWEEP_TIMEOUT_S, sweep_env, train_cmd
 
 pytestmark = pytest.mark.slurm
 
-IMAGE_CELL = ["dataset=digits_images", "dataset.max_per_split=160", "sae=tiny", "k=8",
+IMAGE_CELL = ["dataset=digits_images", "dataset.max_per_split=80", "sae=tiny", "k=8",
               "logger=none", "train.progress=false", "train.max_steps=20", "eval.probe_epochs=2",
               "backbone.batch_size=32"]
 
 
-def accounting(job_ids: list[str] | None = None, name: str | None = None
-               ) -> dict[str, dict[str, str]]:
+def accounting(job_ids: list[str] | None = None, name: str | None = None,
+               settle_s: float = 30.0) -> dict[str, dict[str, str]]:
     """sacct's name, state, start and end of each job or array task (of ``job_ids``, or of
-    every job called ``name`` today)."""
+    every job called ``name`` today). slurmctld sends job records to slurmdbd in the
+    background: ask again until every job has an end (at most ``settle_s``)."""
     select = (["-j", ",".join(sorted({j.split("_")[0] for j in job_ids}))] if job_ids
               else [f"--name={name}", "-S", "now-1days"])
-    out = subprocess.run(["sacct", "-n", "-P", "-X", *select, "-o",
-                          "JobID,JobName,State,Start,End"], capture_output=True, text=True,
-                         check=True, timeout=60).stdout
-    rows = {}
-    for line in out.splitlines():
-        job, name, state, start, end = line.split("|")
-        rows[job] = {"name": name, "state": state, "start": start, "end": end}
-    return rows
+    deadline = time.monotonic() + settle_s
+    while True:
+        out = subprocess.run(["sacct", "-n", "-P", "-X", *select, "-o",
+                              "JobID,JobName,State,Start,End"], capture_output=True, text=True,
+                             check=True, timeout=60).stdout
+        rows = {}
+        for line in out.splitlines():
+            job, job_name, state, start, end = line.split("|")
+            rows[job] = {"name": job_name, "state": state, "start": start, "end": end}
+        settled = all(row["end"] not in ("Unknown", "") for row in rows.values()) and (
+            job_ids is None or set(job_ids) <= set(rows))
+        if settled or time.monotonic() > deadline:
+            return rows
+        time.sleep(0.5)
 
 
 def when(stamp: str) -> datetime:
@@ -58,12 +65,13 @@ def status_cmd(sweep_dir: Path, *extra: str) -> list[str]:
 
 def test_an_image_sweep_extracts_each_cache_once_before_its_training_tasks(
         slurm_cluster, run_cmd, tmp_path):
-    """Before: with pack=1 every task of a (backbone, dataset) group held a GPU while the
-    first one extracted, waiting on the cache's file lock."""
+    """Before: every task of a (backbone, dataset) group held a GPU while the first one
+    extracted, waiting on the cache's file lock. The cells of a backbone train as one pack
+    (pack=auto: two training jobs, whose members each open the cache the planner resolved)."""
     sweep_dir = tmp_path / "sweeps" / "stages"
     result = run_cmd(train_cmd("launcher=slurm", "sweep_name=stages",
                                "backbone=clip_tiny,vit_tiny", "regularizer=none,l1l2",
-                               "seed=0,1", *IMAGE_CELL),
+                               "seed=0,1", "pack=auto", *IMAGE_CELL),
                      env=sweep_env(slurm_cluster, tmp_path), cwd=REPO, timeout=SWEEP_TIMEOUT_S)
     record = json.loads((sweep_dir / "cells.json").read_text())
     caches = record["caches"]
@@ -71,6 +79,7 @@ def test_an_image_sweep_extracts_each_cache_once_before_its_training_tasks(
                                                  "digits_images__vit_tiny"], result.stdout
     cells = [c for c in record["cells"] if c["duplicate_of"] is None]
     assert len(cells) == 8 and {c["result"] for c in cells} == {"done"}, cells
+    assert len({c["job_id"] for c in cells}) == 2 and len({c["pack"] for c in cells}) == 2
     jobs = accounting([c["job_id"] for c in cells] + [c["job_id"] for c in caches])
     extraction = {c["name"]: jobs[c["job_id"]] for c in caches}
     for name, job in extraction.items():
@@ -101,7 +110,7 @@ def test_a_killed_launcher_is_relaunched_and_reattaches(slurm_cluster, run_cmd, 
     name = f"leave{time.time_ns() % 10**8}"  # jobs of earlier test sessions stay in sacct
     sweep_dir = tmp_path / "sweeps" / name
     sweep = train_cmd("launcher=slurm", f"sweep_name={name}", "k=4,8", "seed=0,1", *CELL,
-                      "train.max_steps=300")
+                      "train.max_steps=20")
     env = sweep_env(slurm_cluster, tmp_path)
     launcher = subprocess.Popen(sweep, cwd=REPO, env=env, text=True, stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT)
@@ -117,9 +126,19 @@ def test_a_killed_launcher_is_relaunched_and_reattaches(slurm_cluster, run_cmd, 
     finally:
         launcher.send_signal(signal.SIGKILL)
         launcher.communicate(timeout=30)
-    again = run_cmd([*sweep, "launcher.wait=false"], env=env, cwd=REPO, timeout=SWEEP_TIMEOUT_S)
+    # Held, the tasks stay pending while the launcher is relaunched (else they might all be
+    # done by then, and the relaunch would only skip them).
+    arrays = sorted({c["job_id"].split("_")[0] for c in record["cells"]})
+    subprocess.run(["scontrol", "hold", *arrays], check=True, timeout=30)
+    try:
+        again = run_cmd([*sweep, "launcher.wait=false"], env=env, cwd=REPO,
+                        timeout=SWEEP_TIMEOUT_S)
+        pending = run_cmd(status_cmd(sweep_dir), env=env, cwd=REPO, timeout=120, check=False)
+    finally:
+        subprocess.run(["scontrol", "release", *arrays], check=True, timeout=30)
     output = again.stdout + again.stderr
-    assert "re-attached" in output or "4 done (skipped)" in output, output
+    assert "re-attached: 4 cells left alone" in output, output
+    assert pending.returncode == 3 and "4 pending" in pending.stdout, pending.stdout
     watched = run_cmd(status_cmd(sweep_dir, "--watch", "1"), env=env, cwd=REPO,
                       timeout=SWEEP_TIMEOUT_S)
     assert watched.stdout.strip().endswith("4 runs: 4 done"), watched.stdout

@@ -42,22 +42,24 @@ def fake_snapshot(weights, repo: str, payload: bytes) -> None:
 @pytest.fixture
 def paper_ids(tmp_path, monkeypatch):
     """Run ids of one paper cell per (backbone, dataset, regularizer), and the cache keys'
-    weights, for the weights folder that ``SAE_WEIGHTS_DIR`` names when called."""
+    weights, when ``SAE_WEIGHTS_DIR`` (every paper backbone's checkpoint_path) is a folder."""
     monkeypatch.setenv("SAE_DIGEST_CACHE", str(tmp_path / "digests"))
+    cells = [validate(compose_train(["+sweep=paper", f"backbone={backbone}",
+                                     f"dataset={dataset}"]))
+             for backbone in PAPER_BACKBONES for dataset in ("imagenet", "openimages")]
 
     def ids(weights) -> dict[str, str]:
-        monkeypatch.setenv("SAE_WEIGHTS_DIR", str(weights))
         found = {}
-        for backbone in PAPER_BACKBONES:
-            for dataset in ("imagenet", "openimages"):
-                cfg = validate(compose_train(["+sweep=paper", f"backbone={backbone}",
-                                              f"dataset={dataset}"]))
-                for reg in ("none", "l1l2"):
-                    cell = dataclasses.replace(cfg, regularizer=dataclasses.replace(
-                        cfg.regularizer, name=reg, strength=0.0 if reg == "none" else 1e-3))
-                    found[f"{backbone}/{dataset}/{reg}"] = run_id(cell)
-                found[f"{backbone}/{dataset}/cache"] = config_fields(
-                    cfg.backbone, cfg.dataset, "train")["backbone"]["weights"]
+        for composed in cells:  # as composed with SAE_WEIGHTS_DIR=weights
+            cfg = dataclasses.replace(composed, backbone=dataclasses.replace(
+                composed.backbone, checkpoint_path=str(weights)))
+            where = f"{cfg.backbone.name}/{cfg.dataset.name}"
+            for reg in ("none", "l1l2"):
+                cell = dataclasses.replace(cfg, regularizer=dataclasses.replace(
+                    cfg.regularizer, name=reg, strength=0.0 if reg == "none" else 1e-3))
+                found[f"{where}/{reg}"] = run_id(cell)
+            found[f"{where}/cache"] = config_fields(
+                cfg.backbone, cfg.dataset, "train")["backbone"]["weights"]
         return found
 
     return ids

@@ -31,6 +31,10 @@ from omegaconf import OmegaConf
 
 log = logging.getLogger(__name__)
 POLL_S = 1.0  # how often the launcher looks at its pending tasks
+# How often, at most, the launcher asks the scheduler (one sacct for all its jobs) about tasks
+# that have no result yet. submitit alone backs off to half a job's age (10 min for a job an hour
+# old), so a cancelled or timed-out task would be seen that late.
+STATE_REFRESH_S = 5.0
 PROGRESS_S = 30.0  # how often, at most, a progress line is printed while nothing ends
 
 
@@ -181,9 +185,12 @@ class _Tolerant:
             self._record(results, index, result)
         builds = list(self.job_builds) or [None] * len(jobs)
         failed_builds: dict[int, str] = {}
-        started = last_shown = time.monotonic()
+        started = last_shown = last_refresh = time.monotonic()
         while len(results) < len(jobs):
             any_ended = False
+            if time.monotonic() - last_refresh >= STATE_REFRESH_S:
+                _refresh_states([*extraction.values(), *(j for j in jobs if j is not None)])
+                last_refresh = time.monotonic()
             for key, job in extraction.items():
                 if key not in failed_builds and job.done() and _failed(job):
                     failed_builds[key] = (f"its extraction job {job.job_id} failed or "
@@ -213,6 +220,14 @@ class _Tolerant:
         results[index] = result
         if self.job_end_callback is not None:
             self.job_end_callback(index, result)
+
+
+def _refresh_states(jobs: list) -> None:
+    """One scheduler query for every job of the launch (submitit's watcher is shared by the jobs
+    of one executor kind)."""
+    watchers = {id(w): w for w in (getattr(job, "watcher", None) for job in jobs) if w}
+    for watcher in watchers.values():
+        watcher.update()
 
 
 def _job_of(extraction: dict[int, Any], build: Any) -> Any:
