@@ -125,3 +125,14 @@ def test_flock_between_processes_is_checked_here(tmp_path):
 
     check_flock(str(tmp_path / "cache"), "paths.cache")  # a local disk: taken and seen
     assert (tmp_path / "cache").is_dir() and not list((tmp_path / "cache").iterdir())
+
+
+def test_only_a_slurm_sweep_can_be_left(tmp_path):
+    """launcher.wait=false elsewhere would orphan local jobs: refused before any job."""
+    from tests.helpers import run_cli
+
+    result = run_cli(["-m", "sae.train", "-m", "dataset=synthetic", "launcher.wait=false",
+                      "logger=none"], env_extra={"SAE_OUTPUT_ROOT": str(tmp_path)})
+    assert result.returncode != 0
+    assert "launcher.wait=false: only a SLURM sweep" in result.stderr and "Fix:" in result.stderr
+    assert not (tmp_path / "runs").exists()

@@ -118,7 +118,14 @@ class SaeSweeper(BasicSweeper):
 
     def _check_launcher(self, sweep_dir: Path) -> None:
         """Fail before submission when the SLURM launcher cannot reach a cluster, or when the
-        output folders do not honour flock across processes (caches and run locks rely on it)."""
+        output folders do not honour flock across processes (caches and run locks rely on it);
+        and ``launcher.wait=false`` anywhere else than SLURM (local jobs end with the launcher)."""
+        if not OmegaConf.select(self.config, "launcher.wait", default=True) and not self._on_slurm():
+            from sae.sweep import SweepError
+
+            raise SweepError("launcher.wait=false: only a SLURM sweep can be left (local jobs end "
+                             "with the launcher). Fix: add launcher=slurm, or drop "
+                             "launcher.wait=false")
         if self._on_slurm():
             from sae.slurm_checks import check_flock, check_slurm_ready
 
