@@ -125,31 +125,26 @@ def test_a_changed_member_is_detected(x, tmp_path, change, cell1_alone):
     assert max_weight_difference(alone, packed) > 10 * WEIGHT_ATOL
 
 
-def test_packed_loss_equals_reference_loss_per_member(x):
-    """One step's objective, before any training: each member's (total, nmse, auxk, penalty)
-    and the gradients of its total equal sae.losses.training_loss of its lone model, with some
-    latents marked dead."""
+def assert_pack_matches_lone_objectives(models: list[TopKSAE], specs: list[MemberSpec],
+                                        batch: torch.Tensor, dead: torch.Tensor):
+    """One packed step's objective against sae.losses.training_loss of each lone model: each
+    member's (total, nmse, auxk, penalty), its batch-active units, and the gradients of its
+    total. Returns the packed output."""
     from sae.losses import training_loss
 
-    torch.manual_seed(3)
-    models, specs = [], []
-    for cell in CELLS:
-        models.append(TopKSAE(x.shape[1], 128, cell["k"]))
-        specs.append(MemberSpec(cell["k"], cell["reg"], 0.05, cell["mask"], 1e-8))
     pack = PackedSAE(models)
-    batch = torch.stack([x[i * 64:(i + 1) * 64] for i in range(len(models))])
-    dead = torch.rand(len(models), 128) < 0.3
-    out = packed_training_loss(pack, batch, PackCoefficients.build(specs, x.device),
+    out = packed_training_loss(pack, batch, PackCoefficients.build(specs, batch.device),
                                dead_gn=dead, aux_alpha=1 / 32, aux_k=16)
+    n = models[0].n_latents
     for g, (model, spec) in enumerate(zip(models, specs)):
         parts, ref = training_loss(model, batch[g], regularizer=spec.regularizer,
                                    strength=spec.strength, mask=spec.mask, eps=spec.eps,
                                    dead=dead[g], aux_alpha=1 / 32, aux_k=16)
         for name in ("total", "nmse", "auxk", "penalty"):
             assert float(getattr(out.parts, name)[g].detach()) == pytest.approx(
-                float(getattr(parts, name)), rel=1e-5, abs=1e-7), (g, name)
-        active = torch.zeros(128, dtype=torch.bool).index_fill_(0, ref.code.indices.reshape(-1),
-                                                                True)
+                float(getattr(parts, name).detach()), rel=1e-5, abs=1e-7), (g, name)
+        active = torch.zeros(n, dtype=torch.bool).index_fill_(0, ref.code.indices.reshape(-1),
+                                                              True)
         assert torch.equal(out.fired[g], active)
         parts.total.backward()
     out.parts.total.sum().backward()
@@ -160,6 +155,21 @@ def test_packed_loss_equals_reference_loss_per_member(x):
             scale = float(expected.abs().max())
             assert scale > 0, (g, name)
             assert float((got - expected).abs().max()) <= 1e-5 * scale, (g, name)
+    return out
+
+
+def test_packed_loss_equals_reference_loss_per_member(x):
+    """One step's objective, before any training: each member's (total, nmse, auxk, penalty)
+    and the gradients of its total equal sae.losses.training_loss of its lone model, with some
+    latents marked dead."""
+    torch.manual_seed(3)
+    models, specs = [], []
+    for cell in CELLS:
+        models.append(TopKSAE(x.shape[1], 128, cell["k"]))
+        specs.append(MemberSpec(cell["k"], cell["reg"], 0.05, cell["mask"], 1e-8))
+    batch = torch.stack([x[i * 64:(i + 1) * 64] for i in range(len(models))])
+    dead = torch.rand(len(models), 128) < 0.3
+    assert_pack_matches_lone_objectives(models, specs, batch, dead)
 
 
 def test_pack_resumes_exactly(x, tmp_path):

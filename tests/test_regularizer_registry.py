@@ -214,8 +214,9 @@ def test_toy_penalty_packs_and_equals_its_lone_objective(toy):
     was not in sae.packing's list). Now it packs beside the built-in ones, its penalty
     differentiated by autograd over its own member's block: each member's values and
     gradients equal sae.losses.training_loss of its lone model."""
-    from sae.packed import MemberSpec, PackCoefficients, PackedSAE, packed_training_loss
+    from sae.packed import MemberSpec
     from sae.packing import unpacked_reason
+    from tests.test_packed import assert_pack_matches_lone_objectives
 
     torch.manual_seed(5)
     x = unit_batch(4 * 48)
@@ -224,26 +225,9 @@ def test_toy_penalty_packs_and_equals_its_lone_objective(toy):
     models = [TopKSAE(x.shape[1], 128, k) for k, _, _ in cells]
     specs = [MemberSpec(k, reg, 0.0 if reg == "none" else 0.05, mask, 1e-8)
              for k, reg, mask in cells]
-    pack = PackedSAE(models)
-    batch = x.view(len(cells), 48, -1)
     dead = torch.rand(len(cells), 128) < 0.3
-    out = packed_training_loss(pack, batch, PackCoefficients.build(specs, x.device),
-                               dead_gn=dead, aux_alpha=1 / 32, aux_k=16)
-    for g, (model, spec) in enumerate(zip(models, specs)):
-        parts, _ = training_loss(model, batch[g], regularizer=spec.regularizer,
-                                 strength=spec.strength, mask=spec.mask, eps=spec.eps,
-                                 dead=dead[g], aux_alpha=1 / 32, aux_k=16)
-        for name in ("total", "nmse", "auxk", "penalty"):
-            assert float(getattr(out.parts, name)[g].detach()) == pytest.approx(
-                float(getattr(parts, name).detach()), rel=1e-5, abs=1e-7), (g, name)
-        parts.total.backward()
-    assert float(out.parts.penalty[0]) > 0
-    out.parts.total.sum().backward()
-    for g, model in enumerate(models):
-        for name in PackedSAE.PARAMETERS:
-            expected, got = getattr(model, name).grad, getattr(pack, name).grad[g]
-            scale = float(expected.abs().max())
-            assert float((got - expected).abs().max()) <= 1e-5 * scale, (g, name)
+    out = assert_pack_matches_lone_objectives(models, specs, x.view(len(cells), 48, -1), dead)
+    assert float(out.parts.penalty[0]) > 0 and float(out.parts.penalty[2]) > 0
     toy_cell = synthetic_cfg(k=4, reg="l1l2", strength=0.05)
     toy_cell.regularizer.name = "toy_relu_l1"
     assert unpacked_reason(toy_cell) is None

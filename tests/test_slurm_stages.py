@@ -82,7 +82,7 @@ def test_an_image_sweep_extracts_each_cache_once_before_its_training_tasks(
     assert len({c["job_id"] for c in cells}) == 2 and len({c["pack"] for c in cells}) == 2
     jobs = accounting([c["job_id"] for c in cells] + [c["job_id"] for c in caches])
     extraction = {c["name"]: jobs[c["job_id"]] for c in caches}
-    for name, job in extraction.items():
+    for job in extraction.values():
         assert "extract" in job["name"] and job["state"] == "COMPLETED", job
     for cell in cells:
         task = jobs[cell["job_id"]]
