@@ -172,7 +172,8 @@ class PackedSAE(nn.Module):
         ``sae.fast.sparse.dense_product`` rounds it): the (G, B, n) passes after it read half
         the bytes, and ``_SparseHead`` computes its sums in float32."""
         bias_gn = self.b_enc - torch.bmm(self.W_enc_untied, self.b_pre.unsqueeze(2)).squeeze(2)
-        # bmm then a broadcast add: baddbmm with a broadcast bias measured 2.5x slower on CPU.
+        # bmm then a broadcast add: faster than baddbmm with a broadcast bias on the CPU
+        # (docs/performance.md, "Code choices").
         return torch.bmm(x_gbd, self.W_enc_untied.transpose(1, 2)).add_(bias_gn.unsqueeze(1))
 
     def decode(self, values_gbk: torch.Tensor, indices_gbk: torch.Tensor,
@@ -344,8 +345,8 @@ class _SparseHead(torch.autograd.Function):
             else:
                 per_entry = row_term.expand_as(z)
             # Only where z > 0 (pre > 0 on a penalised column) does z depend on pre: ReLU's
-            # own backward kernel (one vectorised pass; masked_fill_ or where over a (16, 256,
-            # 512) block took 20 ms on this CPU, this 0.4 ms), written in pre's dtype.
+            # own backward kernel, one vectorised pass written in pre's dtype (far faster than
+            # masked_fill_ or where: docs/performance.md, "Code choices").
             torch.ops.aten.threshold_backward.grad_input(per_entry, z, 0, grad_input=grad)
         code_grad = torch.where(slope_mask, grad_values, 0.0).to(grad.dtype)
         grad.scatter_add_(2, indices, code_grad)

@@ -20,9 +20,8 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-# Column block of the CPU path: measured on 2 AMD EPYC cores (1 MB L2 each), N 50k, m 64,
-# C 1000: forward + backward 0.21 s at 64 classes, 0.42 s at 128, 0.24 s at 32, and 0.94 s
-# for torch's embedding_bag forward + autograd backward over the full width.
+# Column block of the CPU path: the fastest of the widths measured (docs/performance.md,
+# "Code choices").
 CPU_BLOCK_COLUMNS = 64
 
 
