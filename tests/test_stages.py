@@ -136,3 +136,13 @@ def test_only_a_slurm_sweep_can_be_left(tmp_path):
     assert result.returncode != 0
     assert "launcher.wait=false: only a SLURM sweep" in result.stderr and "Fix:" in result.stderr
     assert not (tmp_path / "runs").exists()
+
+
+def test_an_extraction_job_requeues_itself(planned):
+    """At the time limit (USR2) submitit asks the job for its checkpoint: the same job again,
+    which resumes from the shards the stopped extraction kept (tests/test_extract_cache.py)."""
+    from hydra_plugins.sae_sweeper.launchers import ExtractionJob
+
+    job = ExtractionJob(planned[1][0])
+    again = job.checkpoint()
+    assert again.function is job and again.args == () and again.kwargs == {}
