@@ -146,3 +146,13 @@ def test_an_extraction_job_requeues_itself(planned):
     job = ExtractionJob(planned[1][0])
     again = job.checkpoint()
     assert again.function is job and again.args == () and again.kwargs == {}
+
+
+def test_a_task_whose_extraction_failed_is_not_left_alone():
+    """SLURM keeps such a task pending forever: a re-launch cancels and resubmits it, and
+    sae-status calls it failed."""
+    from sae.grid.scheduler import is_live
+
+    assert is_live("PENDING (Dependency)") and is_live("RUNNING") and is_live("REQUEUED")
+    assert not is_live("PENDING (DependencyNeverSatisfied)")
+    assert not is_live("COMPLETED") and not is_live("CANCELLED by 0") and not is_live(None)

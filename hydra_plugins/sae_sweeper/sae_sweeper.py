@@ -143,10 +143,17 @@ class SaeSweeper(BasicSweeper):
             return
         import json
 
-        from sae.grid.scheduler import is_live, job_states
+        from sae.grid.scheduler import NEVER_STARTS, is_live, job_states
 
         runs, caches = planning.earlier_jobs(json.loads(record_file.read_text()))
         states = job_states([*runs.values(), *(b["job_id"] for b in caches.values())])
+        stuck = sorted({job for job, state in states.items() if NEVER_STARTS in state})
+        if stuck:  # their extraction job failed: they would wait forever; launched anew
+            import subprocess
+
+            subprocess.run(["scancel", *stuck], check=False, timeout=60)
+            print(f"cancelled {len(stuck)} tasks whose extraction job failed (pending forever): "
+                  f"{', '.join(stuck)}", file=sys.stderr, flush=True)
         left = planning.leave_live_jobs(cells, runs, states)
         self._live_caches = {name: build for name, build in caches.items()
                              if is_live(states.get(build["job_id"]))}

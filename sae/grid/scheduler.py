@@ -18,8 +18,15 @@ class SchedulerUnavailable(RuntimeError):
     """squeue / sacct cannot be run or did not answer."""
 
 
+# A pending job whose dependency failed never starts (unless the cluster kills such jobs).
+NEVER_STARTS = "DependencyNeverSatisfied"
+
+
 def is_live(state: str | None) -> bool:
-    return bool(state) and state.split()[0].upper() in LIVE_STATES
+    """Whether a job in ``state`` holds or will hold an allocation (a pending job whose
+    extraction job failed never will)."""
+    return (bool(state) and state.split()[0].upper() in LIVE_STATES
+            and NEVER_STARTS not in state)
 
 
 def job_states(job_ids: Iterable[str]) -> dict[str, str]:

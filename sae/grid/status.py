@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sae.grid.scheduler import SchedulerUnavailable, is_live, job_states
+from sae.grid.scheduler import NEVER_STARTS, SchedulerUnavailable, is_live, job_states
 from sae.runs import read_status, run_state
 
 # The order of the summary line.
@@ -94,6 +94,9 @@ def _run_status(cell: dict[str, Any], slurm: str | None) -> RunStatus:
         return RunStatus(cell["run_id"], "done", job, "")
     if slurm:
         word = slurm.split()[0].upper()
+        if NEVER_STARTS in slurm:
+            return RunStatus(cell["run_id"], "failed", job, "its extraction job failed (SLURM: "
+                             f"{NEVER_STARTS}); re-launch the sweep")
         if word == "PENDING":
             return RunStatus(cell["run_id"], "pending", job, slurm[len("PENDING"):].strip(" ()"))
         if is_live(slurm):
