@@ -82,6 +82,7 @@ class _Tolerant:
 
     _EXECUTOR: str
     _DEPENDENCIES = False  # whether the scheduler can start a job after another (afterok)
+    _SCHEDULER = False  # whether job states come from a scheduler (sacct) worth refreshing
     params: dict
     config: Any
     job_end_callback: Optional[Callable[[int, JobReturn], None]] = None  # noqa: UP045
@@ -188,7 +189,7 @@ class _Tolerant:
         started = last_shown = last_refresh = time.monotonic()
         while len(results) < len(jobs):
             any_ended = False
-            if time.monotonic() - last_refresh >= STATE_REFRESH_S:
+            if self._SCHEDULER and time.monotonic() - last_refresh >= STATE_REFRESH_S:
                 _refresh_states([*extraction.values(), *(j for j in jobs if j is not None)])
                 last_refresh = time.monotonic()
             for key, job in extraction.items():
@@ -299,6 +300,7 @@ def task_return(job: Any, cause: Optional[str] = None) -> JobReturn:  # noqa: UP
 
 class SaeSlurmLauncher(_Tolerant, SlurmLauncher):
     _DEPENDENCIES = True
+    _SCHEDULER = True
 
 
 class SaeLocalLauncher(_Tolerant, LocalLauncher):
