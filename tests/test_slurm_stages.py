@@ -112,7 +112,10 @@ def test_a_killed_launcher_is_relaunched_and_reattaches(slurm_cluster, run_cmd, 
     sweep = train_cmd("launcher=slurm", f"sweep_name={name}", "k=4,8", "seed=0,1", *CELL,
                       "train.max_steps=20")
     env = sweep_env(slurm_cluster, tmp_path)
-    launcher = subprocess.Popen(sweep, cwd=REPO, env=env, text=True, stdout=subprocess.PIPE,
+    # Submitted held (sbatch --hold), the tasks stay pending until released below: the relaunch
+    # then finds every one of them still queued (else some might be done by then).
+    held = [*sweep, "+hydra.launcher.additional_parameters.hold=true"]
+    launcher = subprocess.Popen(held, cwd=REPO, env=env, text=True, stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT)
     deadline = time.monotonic() + SWEEP_TIMEOUT_S
     try:
@@ -126,10 +129,7 @@ def test_a_killed_launcher_is_relaunched_and_reattaches(slurm_cluster, run_cmd, 
     finally:
         launcher.send_signal(signal.SIGKILL)
         launcher.communicate(timeout=30)
-    # Held, the tasks stay pending while the launcher is relaunched (else they might all be
-    # done by then, and the relaunch would only skip them).
     arrays = sorted({c["job_id"].split("_")[0] for c in record["cells"]})
-    subprocess.run(["scontrol", "hold", *arrays], check=True, timeout=30)
     try:
         again = run_cmd([*sweep, "launcher.wait=false"], env=env, cwd=REPO,
                         timeout=SWEEP_TIMEOUT_S)
