@@ -193,7 +193,7 @@ class _Tolerant:
                 _refresh_states([*extraction.values(), *(j for j in jobs if j is not None)])
                 last_refresh = time.monotonic()
             for key, job in extraction.items():
-                if key not in failed_builds and job.done() and _failed(job):
+                if key not in failed_builds and job.done() and _failure(job) is not None:
                     failed_builds[key] = (f"its extraction job {job.job_id} failed or "
                                           f"ended ({job.state}; log {job.paths.stderr})")
                     for index, build in enumerate(builds):
@@ -236,14 +236,15 @@ def _job_of(extraction: dict[int, Any], build: Any) -> Any:
     return extraction.get(id(build))
 
 
-def _failed(job: Any) -> bool:
-    """Whether an ended job left no result (its result file is the proof of success: the
-    scheduler's accounting may still say RUNNING for a few seconds)."""
+def _failure(job: Any) -> Optional[str]:  # noqa: UP045
+    """The last line of an ended job's error, or None when it left its result (the result
+    file is the proof of success: the scheduler's accounting may still say RUNNING for a few
+    seconds)."""
     try:
         job.result()
-        return False
-    except Exception:  # noqa: BLE001 -- the job's own error, or no result at all
-        return True
+        return None
+    except Exception as exc:  # noqa: BLE001 -- the job's own error, or no result at all
+        return (str(exc).strip().splitlines() or [type(exc).__name__])[-1][:300]
 
 
 def _wait_for_extraction(job: Any) -> Optional[JobReturn]:  # noqa: UP045
@@ -253,16 +254,14 @@ def _wait_for_extraction(job: Any) -> Optional[JobReturn]:  # noqa: UP045
         return None
     while not job.done():
         time.sleep(POLL_S)
-    try:
-        job.result()
+    failure = _failure(job)
+    if failure is None:
         return None
-    except Exception as exc:  # noqa: BLE001 -- any failure of stage 1 fails its cells
-        ended = JobReturn()
-        ended.status = JobStatus.FAILED
-        ended._return_value = TaskEnded("NOT_STARTED", "-", str(job.paths.stderr),
-                                        f"its extraction job {job.job_id} failed: "
-                                        f"{str(exc).strip().splitlines()[-1][:300]}")
-        return ended
+    ended = JobReturn()
+    ended.status = JobStatus.FAILED
+    ended._return_value = TaskEnded("NOT_STARTED", "-", str(job.paths.stderr),
+                                    f"its extraction job {job.job_id} failed: {failure}")
+    return ended
 
 
 def _remove_template_folder(folder: str) -> None:

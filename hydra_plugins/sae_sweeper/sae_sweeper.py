@@ -47,6 +47,8 @@ class SaeSweeper(BasicSweeper):
     def __init__(self, max_batch_size: int | None = None,
                  params: dict[str, str] | None = None) -> None:
         super().__init__(max_batch_size=max_batch_size, params=params or {})
+        # name -> record of a cache build whose extraction job of an earlier launch still runs
+        self._live_caches: dict[str, dict] = {}
 
     def _expand(self, arguments: list[str]) -> list[list[str]]:
         parser = OverridesParser.create(config_loader=self.hydra_context.config_loader)
@@ -174,7 +176,7 @@ class SaeSweeper(BasicSweeper):
         job_builds = [of_cell.get(members[0].index) for members in packs]
         submit = []
         for build in dict.fromkeys(b for b in job_builds if b is not None):
-            earlier = getattr(self, "_live_caches", {}).get(build.name)
+            earlier = self._live_caches.get(build.name)
             if earlier is not None and earlier["paths"] == build.paths:
                 build.job_id = earlier["job_id"]  # still extracting: wait for that job
             elif build.missing:

@@ -67,6 +67,7 @@ from sae.data.layout import (
     MANIFEST_FILE,
     SCHEMA_VERSION,
     cache_dir_name,
+    is_complete,
     split_dir_name,
 )
 from sae.data.shards import ShardLog, partial_dir
@@ -145,7 +146,7 @@ def training_cache(backbone: BackboneConfig, dataset: ImagesDatasetConfig, split
         path = resolve_cache(backbone, dataset, split, cache_root).path
     if path is None:
         return ensure_cache(backbone, dataset, split, cache_root, device, progress, options)
-    if not (path / MANIFEST_FILE).is_file():
+    if not is_complete(path):
         raise CacheError(
             f"the {split} embedding cache {path} is missing or incomplete, and this task does "
             "not extract (extract.inline=false: a SLURM sweep builds its caches in extraction "

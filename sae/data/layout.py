@@ -30,6 +30,11 @@ def cache_dir_name(dataset_name: str, backbone_name: str, split_name: str, key: 
     return f"{dataset_name}__{backbone_name}__{split_name}__{key}"
 
 
+def is_complete(path: Path) -> bool:
+    """A cache directory is renamed into place complete, its manifest written last."""
+    return (Path(path) / MANIFEST_FILE).is_file()
+
+
 def complete_caches(cache_root: str | Path, pattern: str) -> list[Path]:
     """Complete cache directories (with a manifest) matching the glob ``pattern``, sorted."""
-    return sorted(p for p in Path(cache_root).glob(pattern) if (p / MANIFEST_FILE).is_file())
+    return sorted(p for p in Path(cache_root).glob(pattern) if is_complete(p))

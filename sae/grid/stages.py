@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from sae.config import RootConfig, to_dict
+from sae.data.layout import is_complete
 
 SPLITS = ("train", "eval")
 
@@ -64,10 +65,11 @@ def plan_caches(cells: Sequence[Any]) -> dict[int, CacheBuild]:
         cfg: RootConfig = cell.config
         if cfg.dataset.kind != "images":
             continue
-        group = json.dumps([to_dict(cfg)["backbone"], to_dict(cfg)["dataset"],
-                            str(Path(cfg.paths.cache).absolute())], sort_keys=True, default=str)
+        config = to_dict(cfg)
+        dataset_key = json.dumps(config["dataset"], sort_keys=True, default=str)
+        group = json.dumps([config["backbone"], dataset_key, str(Path(cfg.paths.cache).absolute())],
+                           sort_keys=True, default=str)
         if group not in builds:
-            dataset_key = json.dumps(to_dict(cfg)["dataset"], sort_keys=True, default=str)
 
             def listed(split_name: str, dataset=cfg.dataset, key=dataset_key):
                 if (key, split_name) not in listings:
@@ -82,13 +84,6 @@ def plan_caches(cells: Sequence[Any]) -> dict[int, CacheBuild]:
                 missing=[s for s in SPLITS if not is_complete(Path(paths[s]))], config=cfg)
         of_cell[cell.index] = builds[group]
     return of_cell
-
-
-def is_complete(path: Path) -> bool:
-    """A cache directory is renamed into place complete, manifest last."""
-    from sae.data.layout import MANIFEST_FILE
-
-    return (path / MANIFEST_FILE).is_file()
 
 
 def build_caches(build: CacheBuild) -> dict[str, str]:

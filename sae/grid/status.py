@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from sae.data.layout import is_complete
 from sae.grid.scheduler import NEVER_STARTS, SchedulerUnavailable, is_live, job_states
 from sae.runs import read_status, run_state
 
@@ -110,8 +111,6 @@ def _run_status(cell: dict[str, Any], slurm: str | None) -> RunStatus:
 
 
 def _cache_status(build: dict[str, Any], slurm: str | None) -> tuple[str, str, str | None]:
-    from sae.grid.stages import is_complete
-
     if all(is_complete(Path(p)) for p in build.get("paths", {}).values()):
         state = "done"
     elif slurm and slurm.split()[0].upper() == "PENDING":
