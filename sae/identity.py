@@ -21,6 +21,7 @@ import hashlib
 import json
 from typing import Any
 
+from sae import regularizers
 from sae.config import RootConfig, to_dict
 from sae.fingerprint import weights_id
 from sae.io import content_identity
@@ -45,9 +46,9 @@ def semantic_config(cfg: RootConfig) -> dict[str, Any]:
         for part in parents:
             node = node.get(part, {})
         node.pop(leaf, None)
-    if cfg.regularizer.name == "none":
+    if cfg.regularizer.name == regularizers.BASELINE:
         config.pop("mask")
-        config["regularizer"] = {"name": "none"}
+        config["regularizer"] = {"name": regularizers.BASELINE}
     if cfg.backbone.library == "none":
         config["backbone"] = {"name": "none"}
     config["dataset"] = cfg.dataset.identity()
@@ -92,28 +93,29 @@ def digest_cache_dir(cfg: RootConfig) -> str | None:
 
 
 # The readable part of a run id stays within SLUG_LIMIT characters (with the hash, a W&B id must
-# stay under 64) by shortening names through this fixed table, never by cutting: a cut dropped
-# the seed of 15 of the paper's 270 runs. Slugs within the limit are left as they are, so the
-# ids of finished runs (the demo's among them) do not change.
+# stay under 64) by shortening names through this fixed table (regularizers: their registry
+# entries, sae.regularizers.abbreviation), never by cutting: a cut dropped the seed of 15 of the
+# paper's 270 runs. Slugs within the limit are left as they are, so the ids of finished runs
+# (the demo's among them) do not change.
 SLUG_LIMIT = 48
 ABBREVIATIONS = {
     "openimages": "oi", "imagenet": "in1k", "digits_images": "digitsimg", "synthetic": "syn",
     "clip_vitl14": "clipL14", "siglip2_openclip": "siglip2oc", "siglip2": "siglip2",
     "vit_l16_timm": "vitL16timm", "vit_l16": "vitL16", "dinov2_vitl14": "dinoL14",
-    "offsupport_l1": "offl1", "l1l2": "l1l2",
 }
 
 
 def readable_slug(parts: list[str | None]) -> str:
-    """``parts`` joined by ``-``; each name shortened through ABBREVIATIONS when the whole would
-    exceed SLUG_LIMIT (a part ``name-suffix`` is shortened on its name)."""
+    """``parts`` joined by ``-``; each name shortened through ABBREVIATIONS (a regularizer's
+    through the registry) when the whole would exceed SLUG_LIMIT (a part ``name-suffix`` is
+    shortened on its name)."""
     slug = "-".join(p for p in parts if p)
     if len(slug) <= SLUG_LIMIT:
         return slug
     short = []
     for part in filter(None, parts):
         name, dash, rest = part.partition("-")
-        short.append(ABBREVIATIONS.get(name, name) + dash + rest)
+        short.append((ABBREVIATIONS.get(name) or regularizers.abbreviation(name)) + dash + rest)
     return "-".join(short)
 
 
@@ -123,7 +125,7 @@ def run_id(cfg: RootConfig) -> str:
     payload = json.dumps(semantic_config(cfg), sort_keys=True, separators=(",", ":"))
     digest = hashlib.sha256(payload.encode()).hexdigest()[:10]
     reg = cfg.regularizer.name
-    mask = "" if reg == "none" else ("-mask" if cfg.mask else "-nomask")
+    mask = "" if reg == regularizers.BASELINE else ("-mask" if cfg.mask else "-nomask")
     parts = [cfg.dataset.name, cfg.backbone.name if cfg.backbone.library != "none" else None,
              f"k{cfg.k}", f"{reg}{mask}", f"s{cfg.seed}"]
     return f"{readable_slug(parts)}-{digest}"

@@ -30,6 +30,9 @@ _BUILTIN = {
     "offsupport_l1": "sae.regularizers.offsupport_l1",
     "l1l2": "sae.regularizers.l1l2",
 }
+# Short forms in long run ids (sae.identity), kept here so that reading them loads no torch;
+# a registered regularizer gives its own (Regularizer.abbreviation).
+_BUILTIN_ABBREVIATIONS = {"offsupport_l1": "offl1"}
 _registered: dict[str, Regularizer] = {}  # user-registered and already-imported built-ins
 
 _EXPORTS = {
@@ -38,7 +41,8 @@ _EXPORTS = {
     "DEFAULT_EPS": "sae.regularizers.l1l2",
     "batch_active": "sae.regularizers.common",
 }
-__all__ = ["BASELINE", "FusedKernels", "Regularizer", "UnknownRegularizerError", "get", "names", "register", *_EXPORTS]
+__all__ = ["BASELINE", "FusedKernels", "Regularizer", "UnknownRegularizerError", "abbreviation", "get", "names",
+           "register", *_EXPORTS]
 
 
 class UnknownRegularizerError(KeyError, ValueError):
@@ -51,6 +55,15 @@ class UnknownRegularizerError(KeyError, ValueError):
 def names() -> tuple[str, ...]:
     """Every regularizer name: the built-in ones, then the registered ones in order."""
     return (*_BUILTIN, *(name for name in _registered if name not in _BUILTIN))
+
+
+def abbreviation(name: str) -> str:
+    """The short form of a regularizer's name where a run id must be shortened (the name
+    itself when it has none, or is no regularizer's)."""
+    if name in _BUILTIN_ABBREVIATIONS:
+        return _BUILTIN_ABBREVIATIONS[name]
+    reg = _registered.get(name)
+    return (reg.abbreviation if reg is not None else None) or name
 
 
 def register(reg: Regularizer) -> Regularizer:

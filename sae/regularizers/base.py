@@ -55,6 +55,7 @@ class Regularizer:
     computes this penalty for a whole pack at once: ``"zero"`` (no penalty), ``"off_support"``
     (the off-support L1: the masked sum of z less the support's), ``"ratio"`` (the mean L1/L2
     ratio), or None: a pack differentiates ``penalty`` by autograd, member by member.
+    ``abbreviation``: its short form in a run id too long to keep whole (default: the name).
     """
 
     name: str
@@ -62,6 +63,7 @@ class Regularizer:
     fields: tuple[str, ...] = ()
     kernels: FusedKernels | None = None
     pack_term: str | None = None
+    abbreviation: str | None = None
 
     def __post_init__(self) -> None:
         if self.pack_term not in PACK_TERMS:
