@@ -1,4 +1,4 @@
-"""One cell's life, shared by a lone run (``sae.train``) and a pack's members (``sae.packed_run``).
+"""One cell's life, the steps ``sae.training.job`` takes for every cell it runs.
 
 ``begin_run`` (config, identity, ``running`` status, the W&B run) -> training ->
 ``evaluate_and_write`` (model file, evaluation, ``metrics.json``, method card) -> ``finish_run``
@@ -9,16 +9,14 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import time
 from pathlib import Path
 from typing import Any
 
 import torch
 from omegaconf import OmegaConf
 
-from sae.config import RootConfig, to_dict
-from sae.data import EmbeddingSet, load_splits
-from sae.device import resolve_device
+from sae.config import RootConfig
+from sae.data import EmbeddingSet
 from sae.identity import semantic_config
 from sae.io import atomic_write_json, atomic_write_text, code_version
 from sae.method_card import render_markdown, run_card
@@ -32,7 +30,6 @@ from sae.runs import (
     task_logs,
     write_status,
 )
-from sae.threads import set_torch_threads
 from sae.tracking import start_tracking
 from sae.trainer import Trainer, TrainState
 
@@ -98,27 +95,6 @@ def build_model(cfg: RootConfig, dim: int, device: torch.device) -> TopKSAE:
     torch.manual_seed(cfg.seed)  # the initial dictionary is a function of the seed
     return TopKSAE(dim, cfg.sae.n_latents, cfg.k, tied=cfg.sae.tied,
                    layernorm=cfg.sae.layernorm).to(device)
-
-
-def train_and_evaluate(cfg: RootConfig, directory: Path, tracker, command: str,
-                       stop: StopRequest | None = None) -> dict:
-    # Before training: a missing similarity cache must not cost a whole run.
-    eval_cfg = evaluation_config(cfg)
-    device = resolve_device(cfg.train.device)
-    threads = set_torch_threads()
-    started = time.perf_counter()
-    train_set, eval_set = load_splits(cfg, cfg.train.device, cfg.train.progress)
-    check_dims(train_set, eval_set)
-    model = build_model(cfg, train_set.dim, device)
-    trainer = Trainer(cfg, model, train_set.x.to(device), checkpoint_path(directory), tracker,
-                      to_dict(cfg), stop)
-    log.info("run %s start: device %s, %d steps of batch %d, data %s (%d train / %d eval, d=%d), "
-             "%d CPU threads (%s)", directory.name, device, trainer.schedule.total_steps,
-             trainer.schedule.batch_size, cfg.dataset.name, train_set.n, eval_set.n,
-             train_set.dim, threads["count"], threads["source"])
-    state = trainer.run()
-    return evaluate_and_write(cfg, directory, command, trainer, state, train_set, eval_set,
-                              eval_cfg, time.perf_counter() - started, threads, stop)
 
 
 def checkpoint_path(directory: Path) -> Path:

@@ -23,7 +23,7 @@ stacked tensors is each member's own Adam. The values equal the unpacked objecti
 summation order of float32 reductions (tests/test_packed.py states the tolerance).
 
 This module knows the model and the objective; the loop (batch orders, logging, checkpoints,
-failed members) is ``sae.packed_trainer``.
+failed members) is ``sae.training.loop``.
 """
 
 from __future__ import annotations

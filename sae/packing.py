@@ -16,7 +16,7 @@ names a fused term (``Regularizer.pack_term``) in the fused head, the others by 
 In the sweep (``hydra_plugins/sae_sweeper``): :func:`assign_packs` after ``sae.sweep.plan_cells``;
 :func:`packs_table` on a dry run; one job per pack, whose ``pack_members`` override
 (:func:`members_override`) carries each member's overrides; the job (``sae.train``) composes them
-(:func:`member_overrides`) and calls ``sae.packed_run.run_pack``.
+(:func:`member_overrides`) and calls ``sae.training.job.run_cells``.
 """
 
 from __future__ import annotations

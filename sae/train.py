@@ -22,21 +22,9 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from sae.cell import (
-    begin_run,
-    fail_run,
-    finish_run,
-    record_stop,
-    skip_or_prepare,
-    train_and_evaluate,
-)
 from sae.cli_overrides import main_with_checks
-from sae.config import RootConfig, register_configs, validate
-from sae.data.embedding import ExtractionStopped
-from sae.identity import run_id
-from sae.locking import hold_run_lock
-from sae.preemption import Interrupted, redeliver, signal_name, stop_signals
-from sae.runs import run_dir
+from sae.config import RootConfig, register_configs
+from sae.training.job import run_cells, run_packed_job
 
 log = logging.getLogger(__name__)
 # Absolute, so the console scripts find the config tree as `python -m` does.
@@ -61,42 +49,11 @@ def is_multirun() -> bool:
 
 
 def run_cell(cfg_node: DictConfig | RootConfig, command: str | None = None) -> dict[str, Any]:
-    """Run one cell unless it is done. Returns ``{"run_id", "state", "reason", "run_dir"}``."""
-    cfg = validate(cfg_node)
-    rid, directory = run_id(cfg), run_dir(cfg)
-    directory.mkdir(parents=True, exist_ok=True)
-    # One process per cell at a time: a second launch of the same cell waits here, then skips.
-    with hold_run_lock(directory, cfg.run.lock_timeout_s):
-        skipped = skip_or_prepare(cfg, rid, directory)
-        if skipped is not None:
-            return skipped
-        return _execute(cfg, rid, directory, command or reproduce_command())
-
-
-def _execute(cfg: RootConfig, rid: str, directory: Path, command: str) -> dict[str, Any]:
-    tracker = begin_run(cfg, rid, directory, command)
-    stopped: Interrupted | None = None
-    with stop_signals() as stop:
-        try:
-            metrics = train_and_evaluate(cfg, directory, tracker, command, stop)
-        except Interrupted as exc:
-            stopped = exc
-        except ExtractionStopped as exc:  # the cache's shards are kept: a requeue resumes them
-            stopped = Interrupted(exc.signum, 0, "extraction")
-        except Exception as exc:
-            outcome = fail_run(rid, directory, tracker, f"{type(exc).__name__}: {exc}", command)
-            if is_multirun():  # let the sweep go on; the sweeper reports the failure
-                return outcome
-            raise
-        if stopped is None:
-            outcome = finish_run(rid, directory, tracker, metrics, command)
-    if stopped is not None:
-        record_stop(rid, directory, tracker, command, stopped)
-        redeliver(stopped.signum)  # exits: submitit requeues on USR2, SIGTERM ends the process
-    if stop.signum is not None:  # arrived while the outputs were written: the run is done
-        log.warning("run %s done; stopping on %s received meanwhile", rid,
-                    signal_name(stop.signum))
-        redeliver(stop.signum)
+    """Run one cell unless it is done: a job of one (``sae.training.job``). Returns
+    ``{"run_id", "state", "reason", "run_dir"}``. Outside a sweep a failure raises (after it is
+    recorded); in a sweep it is returned, so the other cells complete."""
+    outcome, = run_cells([(cfg_node, command or reproduce_command())],
+                         raise_failure=not is_multirun())
     return outcome
 
 
@@ -106,8 +63,6 @@ def main(cfg: DictConfig) -> dict[str, Any]:
     # every submitit line was printed twice. Its own handler stays.
     logging.getLogger("submitit").propagate = False
     if cfg.get("pack_members"):  # a job of the sweeper's that trains several cells together
-        from sae.packed_run import run_packed_job
-
         return run_packed_job(list(cfg.pack_members))
     return run_cell(cfg)
 

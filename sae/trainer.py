@@ -1,8 +1,8 @@
-"""Stage 2: train a Top-k SAE on embeddings that live on the device.
+"""Stage 2: the pieces of one run's training, which ``sae.training.loop`` drives.
 
-The loop is kept apart in small pieces: the batch order (:func:`batch_indices`), one optimizer
-step (:func:`train_step`), the periodic host read-out (:meth:`Trainer._log`), and checkpointing
-(:func:`save_checkpoint` / :func:`load_checkpoint`).
+The batch order (:func:`batch_indices`), the lone step (:func:`train_step`), the periodic host
+read-out (:meth:`Trainer._log`), and checkpointing (:func:`save_checkpoint` /
+:func:`load_checkpoint`) are kept apart in small pieces.
 
 Two properties matter for a grid on preemptible nodes:
 
@@ -207,8 +207,11 @@ def progress_line(progress: Progress, step: int, metrics: dict[str, float]) -> s
             f"dead {metrics['dead']:.0f} | {progress.rate():.1f} steps/s, {progress.timing()}")
 
 
-# -- the loop -----------------------------------------------------------------------------------
+# -- one member of the training loop (sae.training.loop) ------------------------------------
 class Trainer:
+    """Everything of one run that the loop drives: its model and optimizer, schedule,
+    initial state or resume, host read-out and divergence check, and checkpoint policy."""
+
     def __init__(self, cfg: RootConfig, model: TopKSAE, x_train: torch.Tensor,
                  checkpoint_path: Path, logger: StepLogger, config_for_checkpoint: dict,
                  stop: StopRequest | None = None) -> None:
@@ -262,48 +265,6 @@ class Trainer:
             log.info("resumed from checkpoint %s at step %d", path, state.step)
             return state
         return None
-
-    def run(self) -> TrainState:
-        if self.device.type == "cpu":
-            # Adam's second moments of rarely-selected latents decay into denormal floats
-            # (< 1.2e-38), which x86 CPUs process far slower than normal floats
-            # (docs/performance.md); flushing them to zero changes no value above 1e-38.
-            torch.set_flush_denormal(True)
-        state = self.initial_state()
-        total = self.schedule.total_steps
-        progress = Progress(total, "", "step", initial=state.step,
-                            enabled=self.cfg.train.progress, final_line=False)
-        perm_cache: dict[int, torch.Tensor] = {}
-        window = self.schedule.dead_window
-        accumulated = state.pending  # the step losses since the last logged point
-        self.last_checkpoint = time.monotonic()
-        try:
-            while state.step < total:
-                idx = batch_indices(state.step, self.schedule, self.cfg.seed, self.device,
-                                    perm_cache)
-                accumulated.append(train_step(self.model, self.optimizer, self.x[idx], state,
-                                              self.loss_fn, self.step_kwargs(state, window),
-                                              window, self.cfg.train.autocast_bf16))
-                at_end = state.step == total
-                log_step = state.step % self.cfg.train.log_every == 0 or at_end
-                if log_step:
-                    metrics = self._log(state, accumulated, window)
-                    progress.goto(state.step, loss=f"{metrics['loss']:.4f}", dead=metrics["dead"])
-                    progress.note(progress_line(progress, state.step, metrics))
-                    self.dead_bound = None  # read afresh by the next step's step_kwargs
-                    accumulated.clear()
-                elif progress.tty:
-                    progress.goto(state.step)
-                stopping = self.stop.signum is not None and not at_end
-                if at_end or stopping or self._checkpoint_due(state.step, log_step):
-                    save_checkpoint(self.checkpoint_path, self.model, self.optimizer, state,
-                                    self.config_for_checkpoint)
-                    self.last_checkpoint = time.monotonic()
-                if stopping:
-                    self.stop.check(state.step)
-        finally:
-            progress.close()
-        return state
 
     def _checkpoint_due(self, step: int, log_step: bool) -> bool:
         """Every ``checkpoint_every`` steps, and every ``checkpoint_every_s`` seconds of

@@ -277,6 +277,7 @@ def test_a_stop_between_log_steps_resumes_the_same_curve(tmp_path):
     from sae.preemption import Interrupted, StopRequest
     from sae.tracking import NullTracker
     from sae.trainer import Trainer
+    from sae.training.loop import train_alone
 
     cfg = synthetic_cfg(max_steps=20, log_every=10, **{**CKPT_CELL, "checkpoint_every": 0})
     x = load_synthetic(cfg.dataset)[0].x
@@ -286,10 +287,10 @@ def test_a_stop_between_log_steps_resumes_the_same_curve(tmp_path):
         return Trainer(cfg, TopKSAE(x.shape[1], cfg.sae.n_latents, cfg.k), x, ckpt,
                        NullTracker(), {}, stop)
 
-    straight = trainer(tmp_path / "a.safetensors").run()
+    straight = train_alone(trainer(tmp_path / "a.safetensors"))
     with pytest.raises(Interrupted):
-        trainer(tmp_path / "b.safetensors", StopRequest(signum=signal.SIGTERM)).run()
+        train_alone(trainer(tmp_path / "b.safetensors", StopRequest(signum=signal.SIGTERM)))
     resumed_trainer = trainer(tmp_path / "b.safetensors")
-    resumed = resumed_trainer.run()
+    resumed = train_alone(resumed_trainer)
     assert resumed_trainer.resumed_from == 1
     assert resumed.history == straight.history

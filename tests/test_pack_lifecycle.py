@@ -91,7 +91,7 @@ def test_sigterm_on_a_pack_checkpoints_every_member_and_a_relaunch_finishes(tmp_
     ``interrupted`` (signal and step recorded), the process exits 143; the re-launch resumes
     both and ends with the weights of an undisturbed packed sweep."""
     root, reference = tmp_path / "signalled", tmp_path / "reference"
-    stopped = run_train(root, ["-m", *PACK], "sae.packed_trainer:PackedTrainer.step", 50,
+    stopped = run_train(root, ["-m", *PACK], "sae.training.loop:PackedStep.step", 50,
                         check=False)
     assert ended_by_sigterm(stopped), (stopped.returncode, stopped.stderr[-3000:])
     dirs = run_dirs(root)
@@ -139,13 +139,13 @@ def test_force_on_a_done_pack_sets_its_outputs_aside_and_retrains(tmp_path, monk
     """force=true on a packed slice that is done: each member's previous outputs go to
     ``previous-*/`` and it trains from step 0 (as a lone run does), ending with the same
     weights as the first time."""
-    from sae.packed_run import run_pack
+    from sae.training.job import run_cells
 
     monkeypatch.setenv("WANDB_MODE", "disabled")
-    first = run_pack([(compose_cell(tmp_path, axes), "cmd") for axes in PACK_CELLS[:2]])
+    first = run_cells([(compose_cell(tmp_path, axes), "cmd") for axes in PACK_CELLS[:2]])
     assert [o["state"] for o in first] == ["done"] * 2
     before = {o["run_id"]: load_file(Path(o["run_dir"]) / "model.safetensors") for o in first}
-    again = run_pack([(compose_cell(tmp_path, [*axes, "force=true"]), "cmd")
+    again = run_cells([(compose_cell(tmp_path, [*axes, "force=true"]), "cmd")
                       for axes in PACK_CELLS[:2]])
     assert [o["state"] for o in again] == ["done"] * 2
     for outcome in again:
@@ -165,8 +165,8 @@ def test_a_pack_waits_on_a_locked_member_at_most_lock_timeout_and_names_the_hold
     from sae.config import validate
     from sae.identity import run_id
     from sae.locking import RunLocked
-    from sae.packed_run import run_pack
     from sae.runs import run_dir, run_lock, write_status
+    from sae.training.job import run_cells
 
     monkeypatch.setenv("WANDB_MODE", "disabled")
     cfgs = [compose_cell(tmp_path, [*axes, "run.lock_timeout_s=0.5"]) for axes in PACK_CELLS[:2]]
@@ -177,7 +177,7 @@ def test_a_pack_waits_on_a_locked_member_at_most_lock_timeout_and_names_the_hold
     lock.acquire()
     try:
         with pytest.raises(RunLocked, match="still locked by host .* pid .*run.lock_timeout_s"):
-            run_pack([(cfg, "cmd") for cfg in cfgs])
+            run_cells([(cfg, "cmd") for cfg in cfgs])
     finally:
         lock.release()
     assert "waiting at most 0.5 s" in caplog.text

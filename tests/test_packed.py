@@ -22,9 +22,10 @@ import torch
 from sae.data.synthetic import load_synthetic
 from sae.model import TopKSAE
 from sae.packed import MemberSpec, PackCoefficients, PackedSAE, packed_training_loss
-from sae.packed_trainer import PackedTrainer
 from sae.tracking import NullTracker
 from sae.trainer import Trainer
+from sae.training.loop import TrainingLoop
+from sae.training.loop import train_alone as train_one
 from tests.helpers import synthetic_cfg
 
 WEIGHT_ATOL = 3e-4
@@ -64,14 +65,14 @@ def train_alone(cfgs, x, tmp_path):
     out = []
     for index, cfg in enumerate(cfgs):
         trainer = make_trainer(cfg, x, tmp_path / f"alone{index}.safetensors")
-        out.append((trainer.model, trainer.run()))
+        out.append((trainer.model, train_one(trainer)))
     return out
 
 
 def train_packed(cfgs, x, tmp_path, name="pack"):
     trainers = [make_trainer(cfg, x, tmp_path / f"{name}{i}.safetensors")
                 for i, cfg in enumerate(cfgs)]
-    results = PackedTrainer(trainers).run()
+    results = TrainingLoop(trainers).run()
     return [(t.model, results[i].state) for i, t in enumerate(trainers)]
 
 
@@ -194,7 +195,7 @@ def test_member_checkpoint_resumes_unpacked(x, tmp_path):
     half = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, max_steps=20))
     train_packed([cell_cfg(CELLS[0], max_steps=20), half], x, tmp_path, "mixed")
     trainer = make_trainer(cfg, x, tmp_path / "mixed1.safetensors")
-    state = trainer.run()
+    state = train_one(trainer)
     alone = train_alone([cfg], x, tmp_path)[0][0]
     assert trainer.resumed_from == 20 and state.step == 40
     assert max_weight_difference(alone, trainer.model) <= WEIGHT_ATOL
@@ -208,8 +209,8 @@ def test_diverging_member_fails_and_the_others_go_on(x, tmp_path):
         cfgs[1].regularizer, strength=3e38))
     trainers = [make_trainer(cfg, x, tmp_path / f"d{i}.safetensors")
                 for i, cfg in enumerate(cfgs)]
-    results = PackedTrainer(trainers).run()
-    assert results[1].state is None and "regularizer.strength" in results[1].failure
+    results = TrainingLoop(trainers).run()
+    assert results[1].state is None and "regularizer.strength" in results[1].reason
     assert not (tmp_path / "d1.safetensors").exists()
     assert (tmp_path / "d0.safetensors").exists() and (tmp_path / "d2.safetensors").exists()
     alone = train_alone([cfgs[0], cfgs[2]], x, tmp_path)
@@ -246,13 +247,13 @@ def test_run_pack_writes_each_members_lone_run(tmp_path, monkeypatch):
     import json
 
     from sae.io import load_tensors
-    from sae.packed_run import run_pack
     from sae.train import run_cell
+    from sae.training.job import run_cells
 
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
     lone = [run_cell(compose_cell(tmp_path / "lone", axes), "cmd") for axes in PACK_CELLS]
-    packed = run_pack([(compose_cell(tmp_path / "pack", axes, "wandb"), f"cmd{i}")
+    packed = run_cells([(compose_cell(tmp_path / "pack", axes, "wandb"), f"cmd{i}")
                        for i, axes in enumerate(PACK_CELLS)])
     assert [o["state"] for o in packed] == ["done"] * 3
     assert [o["run_id"] for o in packed] == [o["run_id"] for o in lone]
@@ -278,7 +279,7 @@ def test_run_pack_writes_each_members_lone_run(tmp_path, monkeypatch):
         card = json.loads((directory / "method_card.json").read_text())
         assert sorted(card) == sorted(json.loads(
             (Path(outcome_lone["run_dir"]) / "method_card.json").read_text()))
-    again = run_pack([(compose_cell(tmp_path / "pack", axes), "cmd") for axes in PACK_CELLS])
+    again = run_cells([(compose_cell(tmp_path / "pack", axes), "cmd") for axes in PACK_CELLS])
     assert [o["state"] for o in again] == ["skipped"] * 3
 
 
@@ -290,14 +291,14 @@ def test_pack_checkpoints_when_a_lone_run_would(x, tmp_path, monkeypatch):
     import types
 
     saved_at = []
-    monkeypatch.setattr("sae.packed_trainer.save_checkpoint",
+    monkeypatch.setattr("sae.training.loop.save_checkpoint",
                         lambda path, model, opt, state, config: saved_at.append(state.step))
     # A clock far from 0 that advances 1 ms a reading: a timer left at 0 would fire at once.
     ticks = itertools.count()
     clock = types.SimpleNamespace(monotonic=lambda: 1e6 + 1e-3 * next(ticks),
                                   perf_counter=time.perf_counter)
     monkeypatch.setattr("sae.trainer.time", clock)
-    monkeypatch.setattr("sae.packed_trainer.time", clock)
+    monkeypatch.setattr("sae.training.loop.time", clock)
     for every, every_s, expected in ((0, 0.0, [12]), (4, 0.0, [4, 8, 12]),
                                      (0, 1e-9, [5, 10, 12]), (0, 3600.0, [12])):
         saved_at.clear()
@@ -415,7 +416,7 @@ def test_cuda_graph_pack_trains_as_the_eager_pack(x, tmp_path, bf16):
             model = TopKSAE(x.shape[1], cfg.sae.n_latents, cfg.k).cuda()
             trainers.append(Trainer(cfg, model, xc, tmp_path / f"g{graph}{index}.safetensors",
                                     NullTracker(), {}))
-        packed = PackedTrainer(trainers, cuda_graph=graph)
+        packed = TrainingLoop(trainers, cuda_graph=graph)
         results = packed.run()
         runs[graph] = [(t.model, results[i].state) for i, t in enumerate(trainers)]
         if graph:

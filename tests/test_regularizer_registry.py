@@ -26,6 +26,7 @@ from sae.model import TopKSAE
 from sae.regularizers import Regularizer, batch_active
 from sae.tracking import NullTracker
 from sae.trainer import Trainer
+from sae.training.loop import train_alone
 from tests.helpers import synthetic_cfg
 from tests.test_fast import (
     FORMULATIONS,
@@ -164,7 +165,7 @@ def test_a_fused_penalty_with_an_incoming_gradient_of_pre(regularizer):
 def _train(cfg, x, path) -> tuple[TopKSAE, list[dict]]:
     torch.manual_seed(0)
     model = TopKSAE(x.shape[1], cfg.sae.n_latents, cfg.k)
-    state = Trainer(cfg, model, x, path, NullTracker(), {}).run()
+    state = train_alone(Trainer(cfg, model, x, path, NullTracker(), {}))
     return model, state.history
 
 

@@ -9,6 +9,7 @@ from sae.losses import training_loss
 from sae.model import TopKSAE
 from sae.tracking import NullTracker
 from sae.trainer import DivergedError, Schedule, Trainer, loss_function
+from sae.training.loop import train_alone
 from tests.helpers import synthetic_cfg
 
 
@@ -16,7 +17,7 @@ def train(cfg, x, ckpt, seed=0):
     torch.manual_seed(seed)
     model = TopKSAE(x.shape[1], cfg.sae.n_latents, cfg.k)
     trainer = Trainer(cfg, model, x, ckpt, NullTracker(), {})
-    state = trainer.run()
+    state = train_alone(trainer)
     return model, state, trainer
 
 
@@ -125,7 +126,7 @@ def test_dead_bound_covers_the_dead_count_until_the_next_log(tmp_path):
         return fast.fast_training_loss(model, x, dead=dead, dead_bound=dead_bound, **kwargs)
 
     trainer.loss_fn = checked_loss
-    trainer.run()
+    train_alone(trainer)
     assert len(seen) == 40
     assert all(count <= bound for count, bound in seen)
     assert max(count for count, _ in seen) > 0  # latents did die: the bound was tested
@@ -139,7 +140,7 @@ def test_checkpoints_by_steps_and_by_training_time(tmp_path, monkeypatch):
     base = dict(n_train=2000, batch=256, n_latents=64, k=4, max_steps=12, log_every=5)
     x = load_synthetic(synthetic_cfg(**base).dataset)[0].x
     saved_at = []
-    monkeypatch.setattr("sae.trainer.save_checkpoint",
+    monkeypatch.setattr("sae.training.loop.save_checkpoint",
                         lambda path, model, opt, state, config: saved_at.append(state.step))
     for every, every_s, expected in ((0, 0.0, [12]), (4, 0.0, [4, 8, 12]),
                                      (0, 1e-9, [5, 10, 12]), (0, 3600.0, [12])):
