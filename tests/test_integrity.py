@@ -267,9 +267,13 @@ def test_an_image_run_changes_whenever_its_embedding_cache_key_does(tmp_path):
                 assert run_id(one) != run_id(other), (one.dataset, other.dataset)
 
 
-def test_a_stop_between_log_steps_resumes_the_same_curve(tmp_path):
+@pytest.mark.parametrize("members", [1, 2])
+def test_a_stop_between_log_steps_resumes_the_same_curve(tmp_path, members):
     """A stop signal checkpoints mid-window: the losses since the last logged point are kept,
-    so the resumed run logs the curve of an uninterrupted one (the chaos test compares it)."""
+    so the resumed run logs the curve of an uninterrupted one (the chaos test compares it);
+    for a lone run and for every member of a pack (whose checkpoints dropped them before the
+    one loop)."""
+    import dataclasses
     import signal
 
     from sae.data.synthetic import load_synthetic
@@ -277,20 +281,28 @@ def test_a_stop_between_log_steps_resumes_the_same_curve(tmp_path):
     from sae.preemption import Interrupted, StopRequest
     from sae.tracking import NullTracker
     from sae.trainer import Trainer
-    from sae.training.loop import train_alone
+    from sae.training.loop import TrainingLoop
 
-    cfg = synthetic_cfg(max_steps=20, log_every=10, **{**CKPT_CELL, "checkpoint_every": 0})
-    x = load_synthetic(cfg.dataset)[0].x
+    base = synthetic_cfg(max_steps=20, log_every=10, **{**CKPT_CELL, "checkpoint_every": 0})
+    cfgs = [dataclasses.replace(base, seed=seed) for seed in range(members)]
+    x = load_synthetic(base.dataset)[0].x
 
-    def trainer(ckpt: Path, stop: StopRequest | None = None) -> Trainer:
-        torch.manual_seed(0)
-        return Trainer(cfg, TopKSAE(x.shape[1], cfg.sae.n_latents, cfg.k), x, ckpt,
-                       NullTracker(), {}, stop)
+    def trainers(folder: str, stop: StopRequest | None = None) -> list[Trainer]:
+        made = []
+        for cfg in cfgs:
+            torch.manual_seed(cfg.seed)
+            made.append(Trainer(cfg, TopKSAE(x.shape[1], cfg.sae.n_latents, cfg.k), x,
+                                tmp_path / folder / f"{cfg.seed}.safetensors", NullTracker(),
+                                {}))
+        return made
 
-    straight = train_alone(trainer(tmp_path / "a.safetensors"))
+    def histories(loop: TrainingLoop) -> list[list[dict]]:
+        return [result.state.history for _, result in sorted(loop.run().items())]
+
+    straight = histories(TrainingLoop(trainers("a")))
     with pytest.raises(Interrupted):
-        train_alone(trainer(tmp_path / "b.safetensors", StopRequest(signum=signal.SIGTERM)))
-    resumed_trainer = trainer(tmp_path / "b.safetensors")
-    resumed = train_alone(resumed_trainer)
-    assert resumed_trainer.resumed_from == 1
-    assert resumed.history == straight.history
+        TrainingLoop(trainers("b"), stop=StopRequest(signum=signal.SIGTERM)).run()
+    resumed_trainers = trainers("b")
+    resumed = histories(TrainingLoop(resumed_trainers))
+    assert [t.resumed_from for t in resumed_trainers] == [1] * members
+    assert resumed == straight
