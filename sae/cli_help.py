@@ -361,7 +361,7 @@ def register_help(config_name: str, schema: type, conf_dir: Path = CONF_DIR,
     """Store the page as the ``hydra/help`` option ``sae_<config_name>``. The page is rendered
     only when the help is asked for (``render`` None: :func:`help_asked` reads the command
     line); every other start, each SLURM task's included, stores an empty page that nothing
-    prints (docs/performance.md has the start-up time saved)."""
+    prints (docs/performance.md, "Start-up of a task")."""
     from hydra.core.config_store import ConfigStore
 
     render = help_asked() if render is None else render
