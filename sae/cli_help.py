@@ -331,20 +331,37 @@ def escape_for_hydra(text: str) -> str:
     return text.replace("$", "$$").replace("${", "\\${")
 
 
-HELP_FLAGS = ("--help", "-h")
-
-
 def help_asked(argv: list[str] | None = None) -> bool:
-    import sys
+    """Whether Hydra will print the app's help for this command line (``sys.argv[1:]`` when
+    None). Read with Hydra's own argument parser, so that ``-h``, ``-mh`` and an abbreviation
+    such as ``--hel`` count exactly as they count for Hydra; a matching of flag strings here
+    would print an empty page for those. A command line the parser refuses is no help request:
+    Hydra reports it itself when it parses it."""
+    import argparse
 
-    return any(a in HELP_FLAGS for a in (sys.argv[1:] if argv is None else argv))
+    from hydra._internal.utils import get_args_parser
+
+    parser = get_args_parser()
+    parser.error = _refuse  # type: ignore[method-assign]  # no usage printed, no exit
+    try:
+        known, _ = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
+    except argparse.ArgumentError:
+        return False
+    return bool(known.help)
+
+
+def _refuse(message: str) -> None:
+    import argparse
+
+    raise argparse.ArgumentError(None, message)
 
 
 def register_help(config_name: str, schema: type, conf_dir: Path = CONF_DIR,
                   render: bool | None = None) -> None:
     """Store the page as the ``hydra/help`` option ``sae_<config_name>``. The page is rendered
-    only when ``--help`` is asked for (``render`` None: read the command line): every other
-    start, a SLURM task's included, stores an empty page and skips the ~0.09 s of rendering."""
+    only when the help is asked for (``render`` None: :func:`help_asked` reads the command
+    line); every other start, each SLURM task's included, stores an empty page that nothing
+    prints (docs/performance.md, "Start-up of a task")."""
     from hydra.core.config_store import ConfigStore
 
     render = help_asked() if render is None else render

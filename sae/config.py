@@ -323,7 +323,9 @@ class RootConfig:
 def register_configs() -> None:
     """Register the root schemas, one ``dataset/<kind>_schema`` per dataset kind (which the
     conf/dataset YAML files extend), and then the ``--help`` pages generated from them (last, so
-    that they see every registered schema), with Hydra; called on import of the entry points."""
+    that they see every registered schema), with Hydra; called on import of the entry points.
+    The pages are rendered only when the command line asks for help (every task start imports
+    an entry point; :func:`sae.cli_help.register_help`)."""
     from hydra.core.config_store import ConfigStore
 
     from sae.cli_help import register_help

@@ -27,6 +27,7 @@ from sae.cli_help import (
     fields_section,
     group_options,
     group_schemas,
+    help_asked,
     leaf_fields,
     registered_schemas,
     yaml_value,
@@ -70,6 +71,45 @@ def test_help_marks_the_default_option_of_each_group():
     result = run_cli(["-m", "sae.train", "--help"], timeout=120)
     for default in ("none*", "synthetic*", "topk*", "wandb*", "local*"):
         assert default in result.stdout.split()
+
+
+# ---------------------------------------------------------------- rendered only when asked
+
+# Imports an entry point as a start would, with ``argv``, counting the pages rendered.
+_COUNT_RENDERS = """
+import sys
+import sae.cli_help as cli_help
+rendered = []
+render = cli_help.render_help
+cli_help.render_help = lambda name, *args: rendered.append(name) or render(name, *args)
+sys.argv = {argv!r}
+import sae.train
+print("rendered:", ",".join(rendered))
+"""
+
+
+@pytest.mark.parametrize(("argv", "pages"), [
+    (["sae-train", "dataset=synthetic", "logger=none", "train.max_steps=2"], ""),
+    (["sae-train", "-m", "+sweep=demo"], ""),
+    (["sae-train", "--help"], "train,extract"),
+    (["sae-train", "-mh"], "train,extract"),
+])
+def test_an_entry_point_renders_the_help_page_only_when_asked(argv, pages):
+    """Every start of a task imports the entry point; only a help request pays for the page."""
+    result = run_cli(["-c", _COUNT_RENDERS.format(argv=argv)], timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[-1] == f"rendered: {pages}"
+
+
+@pytest.mark.parametrize(("argv", "asked"), [
+    ([], False), (["dataset=synthetic", "k=32"], False), (["help=true"], False),
+    (["--hydra-help"], False), (["--cfg", "job"], False), (["--", "--help"], False),
+    (["--help"], True), (["-h"], True), (["-m", "k=8", "--help"], True),
+    (["-mh"], True), (["-hm"], True), (["--hel"], True),
+    (["--h"], False), (["--cfg", "nothing"], False),  # refused by Hydra's parser
+])
+def test_help_asked_reads_the_command_line_as_hydra_does(argv, asked):
+    assert help_asked(argv) is asked
 
 
 # ---------------------------------------------------------------- the generator itself
