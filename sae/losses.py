@@ -23,10 +23,21 @@ class LossParts(NamedTuple):
     penalty: torch.Tensor  # the regularizer R before multiplying by lambda
 
 
+# A batch of identical rows has no variance: NMSE is then the squared error over this floor.
+VARIANCE_FLOOR = 1e-12
+
+
+def batch_variance(x: torch.Tensor) -> torch.Tensor:
+    """The total variance sum_i ||x_i - mean(x)||^2 of a (B, d) batch, or of each member's batch
+    of a (G, B, d) stack, floored."""
+    centred = x - x.mean(dim=-2, keepdim=True)
+    return centred.square().sum(dim=(-2, -1)).clamp_min(VARIANCE_FLOOR)
+
+
 def nmse(x_hat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """Squared error over the batch's total variance (1.0 = predicting the batch mean)."""
-    variance = (x - x.mean(dim=0, keepdim=True)).square().sum()
-    return (x_hat - x).square().sum() / variance.clamp_min(1e-12)
+    """Squared error over the batch's total variance (1.0 = predicting the batch mean); per
+    member for a (G, B, d) stack."""
+    return (x_hat - x).square().sum(dim=(-2, -1)) / batch_variance(x)
 
 
 def auxk_loss(

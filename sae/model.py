@@ -25,6 +25,7 @@ from torch import nn
 from sae.io import load_tensors, save_tensors
 
 LAYERNORM_EPS = 1e-5
+NORM_FLOOR = 1e-12  # a decoder atom of norm 0 stays 0 when normalised, never NaN
 
 
 class SparseCode(NamedTuple):
@@ -167,7 +168,7 @@ class TopKSAE(nn.Module):
 
     @torch.no_grad()
     def normalize_decoder_(self) -> None:
-        self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12))
+        self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True).clamp_min(NORM_FLOOR))
 
 
 # -- a saved SAE --------------------------------------------------------------------------------

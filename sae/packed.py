@@ -40,12 +40,10 @@ from torch import nn
 from sae import regularizers
 from sae.fast import AUTO, topk_by_chunks
 from sae.fast.plan import autocast_dtype
-from sae.losses import LossParts
-from sae.model import TopKSAE
+from sae.losses import LossParts, nmse
+from sae.model import NORM_FLOOR, TopKSAE
+from sae.regularizers.common import SQUARED_L2_FLOOR
 from sae.trainer import autocast
-
-VARIANCE_FLOOR = 1e-12  # sae.losses.nmse's floor
-L2_SQUARED_FLOOR = 1e-30  # sae.regularizers.l1_l2_ratio's floor
 
 
 @dataclass(frozen=True)
@@ -162,7 +160,7 @@ class PackedSAE(nn.Module):
 
     @torch.no_grad()
     def normalize_decoder_(self) -> None:
-        self.W_dec.div_(self.W_dec.norm(dim=2, keepdim=True).clamp_min(1e-12))
+        self.W_dec.div_(self.W_dec.norm(dim=2, keepdim=True).clamp_min(NORM_FLOOR))
 
     # -- the batched objective ----------------------------------------------------------------
     def encode_pre(self, x_gbd: torch.Tensor) -> torch.Tensor:
@@ -204,12 +202,6 @@ class PackedStepOutput(NamedTuple):
     fired: torch.Tensor  # (G, n) bool: the batch-active units of each member
 
 
-def member_nmse(x_hat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """(G,) sae.losses.nmse of each member's (B, d) block."""
-    variance = (x - x.mean(dim=1, keepdim=True)).square().sum(dim=(1, 2))
-    return (x_hat - x).square().sum(dim=(1, 2)) / variance.clamp_min(VARIANCE_FLOOR)
-
-
 def packed_training_loss(pack: PackedSAE, x_gbd: torch.Tensor, coeffs: PackCoefficients, *,
                          dead_gn: torch.Tensor, aux_alpha: float, aux_k: int,
                          aux_members: Sequence[int] | None = None) -> PackedStepOutput:
@@ -224,7 +216,7 @@ def packed_training_loss(pack: PackedSAE, x_gbd: torch.Tensor, coeffs: PackCoeff
     with_penalty = coeffs.any_off or coeffs.any_ratio
     values, top_indices, fired, masked_sum, ratio = _SparseHead.apply(pre, coeffs, with_penalty)
     x_hat = pack.decode(values, top_indices, dense=dense) + pack.b_pre.unsqueeze(1)
-    reconstruction = member_nmse(x_hat, x_gbd)
+    reconstruction = nmse(x_hat, x_gbd)
     zero = reconstruction.new_zeros(reconstruction.shape)
     auxk = zero
     groups = pre.shape[0]
@@ -315,12 +307,12 @@ class _SparseHead(torch.autograd.Function):
             masked_sum = l1.sum(dim=1)
             if coeffs.any_ratio:
                 squared = torch.linalg.vecdot(z, z)  # (G, B), no (G, B, n) temporary
-                l2 = squared.clamp_min(L2_SQUARED_FLOOR).sqrt()
+                l2 = squared.clamp_min(SQUARED_L2_FLOOR).sqrt()
                 denominator = l2 + coeffs.eps.unsqueeze(1)
                 ratio = (l1 / denominator).mean(dim=1)
                 # d/dz_j of l1 / (l2 + eps) = 1 / (l2 + eps) - l1 z_j / (l2 (l2 + eps)^2); the
                 # floor's derivative is 0 below it (as the reference's clamp_min).
-                slope = (l1 / (denominator.square() * l2)) * (squared >= L2_SQUARED_FLOOR)
+                slope = (l1 / (denominator.square() * l2)) * (squared >= SQUARED_L2_FLOOR)
                 coefficients = (1 / denominator, slope)
         ctx.save_for_backward(indices, slope_mask, z)
         ctx.coefficients = coefficients
@@ -369,7 +361,7 @@ def _auxk(pack: PackedSAE, pre: torch.Tensor, residual: torch.Tensor, dead_gn: t
     top = dead_pre.topk(min(aux_k, pre.shape[2]), dim=2, sorted=False)
     residual_hat = pack.decode(F.relu(top.values).float(), top.indices, members=index,
                                dense=dense)
-    loss = member_nmse(residual_hat, residual) * dead_gn.any(dim=1).to(pre.dtype)
+    loss = nmse(residual_hat, residual) * dead_gn.any(dim=1).to(pre.dtype)
     if index is None:
         return loss
     return loss.new_zeros(groups).index_add(0, index, loss)

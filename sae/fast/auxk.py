@@ -9,8 +9,7 @@ import torch.nn.functional as F
 
 from sae.fast.plan import StepPlan
 from sae.fast.sparse import dense_product
-
-VARIANCE_FLOOR = 1e-12  # the reference's (sae.losses.nmse)
+from sae.losses import batch_variance
 
 
 class AuxState(NamedTuple):
@@ -39,11 +38,6 @@ def auxk_forward(plan: StepPlan, pre_bn: torch.Tensor, dead: torch.Tensor, W_dec
     any_dead = dead.any().to(pre_bn.dtype)
     loss = error_bd.square().sum() / variance * any_dead
     return loss, AuxState(cols, weight_cd, code_bc, error_bd, 2 * any_dead / variance)
-
-
-def batch_variance(x_bd: torch.Tensor) -> torch.Tensor:
-    """The batch's total variance, floored as the reference's NMSE."""
-    return (x_bd - x_bd.mean(dim=0, keepdim=True)).square().sum().clamp_min(VARIANCE_FLOOR)
 
 
 def aux_gradients(plan: StepPlan, aux: AuxState, w_aux: torch.Tensor, g_W_dec: torch.Tensor

@@ -7,13 +7,14 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from sae.fast.auxk import aux_gradients, auxk_forward, batch_variance
+from sae.fast.auxk import aux_gradients, auxk_forward
 from sae.fast.encoder_grad import encoder_grad_dense, encoder_grad_sparse
 from sae.fast.penalties import penalty_forward
 from sae.fast.plan import StepPlan
 from sae.fast.saved import Saved
 from sae.fast.sparse import LatentBags, dense_product, support_dots
 from sae.fast.topk import topk_by_chunks
+from sae.losses import batch_variance
 from sae.model import InputStats, SparseCode
 
 
