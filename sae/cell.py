@@ -23,6 +23,13 @@ from sae.method_card import render_markdown, run_card
 from sae.model import TopKSAE, save_model
 from sae.preemption import Interrupted, StopRequest
 from sae.runs import (
+    CONFIG_FILE,
+    IDENTITY_FILE,
+    METHOD_CARD_JSON,
+    METHOD_CARD_MD,
+    METRICS_FILE,
+    MODEL_FILE,
+    NOTES_FILE,
     is_own_requeue,
     link_task_log,
     run_state,
@@ -40,8 +47,8 @@ def begin_run(cfg: RootConfig, rid: str, directory: Path, command: str, *,
               concurrent: bool = False):
     """Write the run's config, identity and ``running`` status; start its tracker
     (``concurrent``: beside other runs of this process, as in a pack)."""
-    atomic_write_text(directory / "config.yaml", OmegaConf.to_yaml(OmegaConf.structured(cfg)))
-    atomic_write_json(directory / "identity.json", semantic_config(cfg))
+    atomic_write_text(directory / CONFIG_FILE, OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+    atomic_write_json(directory / IDENTITY_FILE, semantic_config(cfg))
     write_status(directory, "running", command=command)
     link_task_log(directory)
     return start_tracking(cfg, rid, directory, concurrent=concurrent)
@@ -97,8 +104,6 @@ def build_model(cfg: RootConfig, dim: int, device: torch.device) -> TopKSAE:
                    layernorm=cfg.sae.layernorm).to(device)
 
 
-def checkpoint_path(directory: Path) -> Path:
-    return directory / "checkpoints" / "last.safetensors"
 
 
 def evaluation_config(cfg: RootConfig):
@@ -123,7 +128,7 @@ def evaluate_and_write(cfg: RootConfig, directory: Path, command: str, trainer: 
 
     check_stop()
     model, config = trainer.model, trainer.config_for_checkpoint
-    save_model(model, directory / "model.safetensors", config, step=state.step)
+    save_model(model, directory / MODEL_FILE, config, step=state.step)
     metrics = evaluate(model, train_set, eval_set, eval_cfg, cfg.k, directory, trainer.device,
                        seed=cfg.seed, probe_store=Path(cfg.paths.cache) / PROBE_STORE_DIR,
                        check_stop=check_stop)
@@ -143,9 +148,9 @@ def evaluate_and_write(cfg: RootConfig, directory: Path, command: str, trainer: 
     for line in metrics["warnings"]:
         log.warning("run %s: %s", directory.name, line)
     if metrics["warnings"]:
-        atomic_write_text(directory / "notes.md", "# Notes\n\n" + "".join(
+        atomic_write_text(directory / NOTES_FILE, "# Notes\n\n" + "".join(
             f"- {line}\n" for line in metrics["warnings"]))
-    atomic_write_json(directory / "metrics.json", metrics)
+    atomic_write_json(directory / METRICS_FILE, metrics)
     log.info("run %s final metrics: %s", directory.name, final_metrics_line(metrics))
     write_card(cfg, metrics, train_set, eval_set, directory, command)
     return metrics
@@ -212,5 +217,5 @@ def write_card(cfg: RootConfig, metrics: dict, train_set: EmbeddingSet, eval_set
               (("train", train_set), ("eval", eval_set)) if "cache_key_inputs" in data.info}
     card = run_card(cfg, metrics, split_sizes(train_set, eval_set), code_version(), command,
                     caches or None)
-    atomic_write_json(directory / "method_card.json", card)
-    atomic_write_text(directory / "method_card.md", render_markdown(card, directory.name))
+    atomic_write_json(directory / METHOD_CARD_JSON, card)
+    atomic_write_text(directory / METHOD_CARD_MD, render_markdown(card, directory.name))

@@ -14,19 +14,19 @@ import shutil
 from pathlib import Path
 
 from sae.io import CORRUPT_MARK
-from sae.runs import PREVIOUS_PREFIX
+from sae.runs import CHECKPOINTS_DIR, PREVIOUS_PREFIX, RUNS_DIR
 
 
 def runs_root(root: Path) -> Path:
     """``root``'s ``runs/`` directory when it is an output root, else ``root`` itself."""
-    return root / "runs" if (root / "runs").is_dir() else root
+    return root / RUNS_DIR if (root / RUNS_DIR).is_dir() else root
 
 
 def set_aside(root: Path) -> list[Path]:
     """Every set-aside directory and file under the runs of ``root``, sorted."""
     runs = runs_root(root)
     found = [p for p in runs.glob(f"*/{PREVIOUS_PREFIX}*") if p.is_dir()]
-    found += [p for p in runs.glob(f"*/checkpoints/*{CORRUPT_MARK}*") if p.is_file()]
+    found += [p for p in runs.glob(f"*/{CHECKPOINTS_DIR}/*{CORRUPT_MARK}*") if p.is_file()]
     return sorted(found)
 
 

@@ -48,6 +48,7 @@ from sae.metrics import (
 )
 from sae.model import SparseCode, TopKSAE
 from sae.probe_store import stored_linear_probe
+from sae.runs import PER_LATENT_FILE
 
 log = logging.getLogger(__name__)
 
@@ -337,9 +338,6 @@ def _inspection(stream: _Stream, eval_set: EmbeddingSet, mono_n: torch.Tensor, c
                            eval_set.image_getter, out_dir, cfg.inspect_latents, seed=seed,
                            labels=eval_set.labels, class_names=eval_set.class_names,
                            n_samples=eval_set.n)
-
-
-PER_LATENT_FILE = "latent_metrics.safetensors"
 
 
 def _write_per_latent(out_dir: Path, arrays: dict[str, torch.Tensor]) -> str:

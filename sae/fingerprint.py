@@ -1,5 +1,9 @@
-"""What an extraction reads, as identities for the embedding cache key (no torch).
+"""What a run or an extraction reads, as identities for the run id and the embedding cache key
+(no torch).
 
+- :func:`content_identity`: a user's data file or folder (a ``files`` dataset), by its bytes;
+- :func:`directory_sha256`: the one digest of a folder's files, used for weights snapshots and
+  data folders alike (file digests cached in the one sidecar format of :mod:`sae.io`);
 - :func:`weights_id`: the backbone's weights, by the files its loader reads (a checkpoint file,
   a snapshot directory, or the one repository's snapshot in a hub cache), whatever else lies in
   the folder and whatever path leads there; weights named by the library and not stored
@@ -19,10 +23,11 @@ import os
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 from sae.checks import ConfigError
 from sae.config import BackboneConfig
-from sae.io import DIGEST_SUFFIX, sidecar_digest
+from sae.io import DIGEST_SUFFIX, file_digest, sidecar_digest
 
 log = logging.getLogger(__name__)
 
@@ -92,26 +97,52 @@ def library_weights(cfg: BackboneConfig) -> str | None:
     return f"{cfg.library}:{tag}"
 
 
-def file_sha256(path: Path) -> str:
+def file_sha256(path: Path, digest_dir: str | None = None) -> str:
     """sha256 of a file's bytes (through symlinks), read from its digest record when size and
-    mtime still match. The record lives in the user's digest folder (``$SAE_DIGEST_CACHE`` or
-    ``~/.cache/sae-grid``), keyed by the resolved path, so a 1 GB checkpoint is hashed once and
-    nothing is written beside the weights."""
+    mtime still match. The record lives under ``digest_dir`` (default: the user's digest folder,
+    ``$SAE_DIGEST_CACHE`` or ``~/.cache/sae-grid``), keyed by the resolved path, so a 1 GB
+    checkpoint is hashed once and nothing is written beside the weights."""
     real = Path(path).resolve()  # hub snapshots are symlinks to blobs: key the blob
     stat = real.stat()
-    return sidecar_digest(real, stat.st_size, stat.st_mtime_ns, _user_digest_dir(), beside=False)
+    return sidecar_digest(real, stat.st_size, stat.st_mtime_ns, digest_dir or _user_digest_dir(),
+                          beside=False)
 
 
-def directory_sha256(folder: Path) -> str:
-    """sha256 over the relative names and contents of the files of a snapshot directory (dot
-    files and folders, and digest sidecars, excluded)."""
-    digest = hashlib.sha256()
-    for file in sorted(p for p in Path(folder).rglob("*") if p.is_file()):
+def directory_sha256(folder: Path, digest_dir: str | None = None) -> str:
+    """sha256 over the relative names (POSIX) and contents of the files of a folder, dot files
+    and folders (``.locks/``, ``.git/``, ``.DS_Store``) and digest records excluded: the one
+    folder digest, of a weights snapshot (:func:`weights_id`) and of a data folder
+    (:func:`content_identity`) alike. File digests are cached as :func:`file_sha256` says."""
+    return _directory_digest(Path(folder), digest_dir)[1]
+
+
+def _directory_digest(folder: Path, digest_dir: str | None) -> tuple[int, str]:
+    """(the number of files counted, :func:`directory_sha256`)."""
+    digest, count = hashlib.sha256(), 0
+    for file in sorted(p for p in folder.rglob("*") if p.is_file()):
         rel = file.relative_to(folder).as_posix()
         if rel.endswith(DIGEST_SUFFIX) or any(part.startswith(".") for part in Path(rel).parts):
             continue
-        digest.update(f"{rel}\t{file_sha256(file)}\n".encode())
-    return digest.hexdigest()
+        digest.update(f"{rel}\t{file_sha256(file, digest_dir)}\n".encode())
+        count += 1
+    return count, digest.hexdigest()
+
+
+def content_identity(path: str | Path, cache_dir: str | None) -> dict[str, Any]:
+    """What identifies the bytes at ``path`` (a file or a directory): its size and sha256 (a
+    directory: its file count and :func:`directory_sha256`, its files' digests cached under
+    ``cache_dir``, else the user's digest folder). The mtime only keys the digest cache: a copy
+    or a ``touch`` of the same bytes names the same run. A missing path is
+    ``{"missing": true}`` (reading it fails later, naming it)."""
+    path = Path(path)
+    if path.is_file():
+        stat = path.stat()
+        return {"size": stat.st_size,
+                "sha256": file_digest(path, stat.st_size, stat.st_mtime_ns, cache_dir)}
+    if path.is_dir():
+        count, sha256 = _directory_digest(path, cache_dir)
+        return {"files": count, "sha256": sha256}
+    return {"missing": True}
 
 
 def hub_snapshot(cache_dir: Path, repo: str) -> Path | None:

@@ -23,8 +23,7 @@ from typing import Any
 
 from sae import regularizers
 from sae.config import RootConfig, to_dict
-from sae.fingerprint import weights_id
-from sae.io import content_identity
+from sae.fingerprint import content_identity, weights_id
 
 # Keys that never change a run's numbers: how and where it runs, and how it is logged.
 NON_SEMANTIC_KEYS = {

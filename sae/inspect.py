@@ -25,8 +25,8 @@ import torch
 from PIL import Image, ImageDraw, ImageOps
 
 from sae.metrics import TopActivations
+from sae.runs import INSPECT_DIR, INSPECT_PAGE
 
-INSPECT_DIR = "inspect"
 THUMB_PX = 96
 CAPTION_PX = 14
 GAP_PX = 4
@@ -160,7 +160,7 @@ def inspect_latents(
             name = f"latent_{latent:05d}.png"
             sheet.save(directory / name)
             sections[rule].append({"file": name, "caption": title})
-    index = f"{INSPECT_DIR}/index.html"
+    index = f"{INSPECT_DIR}/{INSPECT_PAGE}"
     protocol = PROTOCOL.format(n=n_per_rule, m=n_images, seed=seed, index=index)
     (Path(out_dir) / index).write_text(_index_html(sections, protocol), encoding="utf-8")
     return {"index": index, "protocol": protocol, "selection": selection,

@@ -156,28 +156,6 @@ def sidecar_digest(path: Path, size: int, mtime_ns: int, cache_dir: str | None,
     return sha256
 
 
-def content_identity(path: str | Path, cache_dir: str | None) -> dict[str, Any]:
-    """What identifies the bytes at ``path`` (a file or a directory): its size and sha256 (a
-    directory: its file count and the sha256 of its files' relative paths and digests).
-    The mtime only keys the digest cache: a copy or a ``touch`` of the same bytes names the
-    same run. A missing path is ``{"missing": true}`` (reading it fails later, naming it)."""
-    path = Path(path)
-    if path.is_file():
-        stat = path.stat()
-        return {"size": stat.st_size,
-                "sha256": file_digest(path, stat.st_size, stat.st_mtime_ns, cache_dir)}
-    if path.is_dir():
-        combined = hashlib.sha256()
-        files = sorted(p for p in path.rglob("*")
-                       if p.is_file() and not p.name.endswith(DIGEST_SUFFIX))
-        for member in files:
-            stat = member.stat()
-            digest = file_digest(member, stat.st_size, stat.st_mtime_ns, cache_dir, False)
-            combined.update(f"{member.relative_to(path)}\0{digest}\n".encode())
-        return {"files": len(files), "sha256": combined.hexdigest()}
-    return {"missing": True}
-
-
 # -- code version ---------------------------------------------------------------------------
 @functools.cache
 def code_version() -> str:

@@ -25,9 +25,16 @@ import torch.nn.functional as F
 
 from sae.io import load_tensors
 from sae.model import InputStats, TopKSAE
+from sae.runs import (
+    CHECKPOINTS_DIR,
+    IDENTITY_FILE,
+    LAST_CHECKPOINT,
+    METRICS_FILE,
+    MODEL_FILE,
+    RUNS_DIR,
+)
 
-MODEL_FILE = "model.safetensors"
-CHECKPOINT_FILE = Path("checkpoints") / "last.safetensors"
+CHECKPOINT_FILE = Path(CHECKPOINTS_DIR) / LAST_CHECKPOINT
 EXPECTED = ("a run directory, its model.safetensors, a training checkpoint "
             "(checkpoints/last.safetensors), or a run id under ROOT/runs")
 
@@ -77,9 +84,9 @@ def load(path_or_run_id: str | os.PathLike, root: str | os.PathLike | None = Non
     model.normalize_inputs = bool((config.get("dataset") or {}).get("normalize", False))
     model.config = config
     model.source = file
-    run_dir = file.parent.parent if file.parent.name == "checkpoints" else file.parent
-    model.run_id = run_dir.name if (run_dir / "identity.json").exists() else None
-    model.metrics = _flat_metrics(run_dir / "metrics.json")
+    run_dir = file.parent.parent if file.parent.name == CHECKPOINTS_DIR else file.parent
+    model.run_id = run_dir.name if (run_dir / IDENTITY_FILE).exists() else None
+    model.metrics = _flat_metrics(run_dir / METRICS_FILE)
     # For analysis: no autograd graph behind the codes (requires_grad_(True) to fine-tune).
     return model.requires_grad_(False).to(device).eval()
 
@@ -96,7 +103,7 @@ def _resolve(given: str | os.PathLike, root: str | os.PathLike | None) -> Path:
         return path
     if path.suffix or os.sep in str(given):
         raise FileNotFoundError(f"{given}: no such file or directory; expected {EXPECTED}")
-    runs = Path(root or os.environ.get("SAE_OUTPUT_ROOT") or "outputs") / "runs"
+    runs = Path(root or os.environ.get("SAE_OUTPUT_ROOT") or "outputs") / RUNS_DIR
     matches = sorted(runs.glob(f"{given}*")) if runs.is_dir() else []
     exact = [m for m in matches if m.name == str(given)]
     if len(exact) == 1 or len(matches) == 1:

@@ -7,7 +7,7 @@
 
 Writes into ``SWEEP_DIR/report/``::
 
-    runs.parquet, runs.csv     one row per cell (failed and missing ones too)
+    runs.parquet, runs.csv     one row per cell (failed and never started ones too)
     tables.md, tables.tex      the paper's tables; tables.csv: every metric's mean/std per setting
     plots/*.png                metrics vs k, R^2 vs inference k', probe vs m, dead latents by mask
     claims.md                  the five claims of METHOD.md s5 (seed-paired intervals, verdicts),

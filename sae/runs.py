@@ -1,13 +1,19 @@
-"""The run directory: where a run lives, its status file and its lock.
+"""The run directory: its layout, its status vocabulary, its status file and its lock.
+
+This module is the one place that names what a run directory holds; tracking, the report, the
+method card, sync, clean, ``sae.load`` and ``sae-status`` read the names from here.
 
 Run directory (``<paths.runs>/<run_id>/``, the id from :func:`sae.identity.run_id`)::
 
     config.yaml           resolved config           identity.json   what run_id hashed
-    status.json           {"state": running|done|failed, "reason", "updated", "slurm", ...}
+    status.json           {"state": running|done|failed|preempted|interrupted, "reason",
+                           "updated", "slurm", ...}  (none yet: the run is ``new``)
     checkpoints/last.safetensors (+ last.json)     model.safetensors (+ model.json)
     checkpoints/prev.safetensors (+ prev.json)     the checkpoint before last (a fallback)
     previous-<UTC time>/  the outputs a force=true launch set aside (sae-clean removes them)
-    metrics.json          method_card.md / .json    inspect/ (contact sheets)   wandb/
+    metrics.json          latent_metrics.safetensors (per-latent arrays)    notes.md
+    method_card.md / .json    inspect/ (contact sheets, index.html)    wandb/ (offline runs)
+    .lock                 held while a process executes the run        slurm.out (task log)
 
 Every file is written atomically (:mod:`sae.io`), so a killed job never leaves a half-written
 file under a final name. ``done`` is written last. This module imports no torch.
@@ -28,8 +34,60 @@ from sae.config import RootConfig
 from sae.identity import run_id
 from sae.io import atomic_write_json, unused_name, utc_stamp
 
-# preempted / interrupted: stopped by a signal after a checkpoint (sae.preemption), resumable.
+# -- the layout -------------------------------------------------------------------------------
+RUNS_DIR = "runs"  # the run directories under an output root (paths.runs's default)
+CONFIG_FILE = "config.yaml"
+IDENTITY_FILE = "identity.json"
+STATUS_FILE = "status.json"
+METRICS_FILE = "metrics.json"
+NOTES_FILE = "notes.md"  # the input warnings of metrics.json, for people
+MODEL_FILE = "model.safetensors"  # the trained SAE (sae.load); its sidecar is MODEL_SIDECAR
+MODEL_SIDECAR = "model.json"
+CHECKPOINTS_DIR = "checkpoints"
+LAST_CHECKPOINT = "last.safetensors"  # the training checkpoint a restart resumes from
+PREV_CHECKPOINT = "prev.safetensors"  # the one before it, kept until the next is whole
+PER_LATENT_FILE = "latent_metrics.safetensors"  # the evaluation's per-latent arrays
+METHOD_CARD_JSON = "method_card.json"
+METHOD_CARD_MD = "method_card.md"
+INSPECT_DIR = "inspect"  # contact sheets, and INSPECT_PAGE over them
+INSPECT_PAGE = "index.html"
+WANDB_DIR = "wandb"  # W&B's own folder (offline runs: wandb/offline-run-*)
+LOCK_FILE = ".lock"
+TASK_LOG_LINK = "slurm.out"  # the latest task log of the job that ran it
+PREVIOUS_PREFIX = "previous-"  # outputs set aside by force=true, never trained from
+
+
+def checkpoint_path(directory: Path) -> Path:
+    """The training checkpoint of the run in ``directory``."""
+    return directory / CHECKPOINTS_DIR / LAST_CHECKPOINT
+
+
+def inspect_page(directory: Path) -> Path:
+    """The feature browser of a run (written when its dataset has images)."""
+    return directory / INSPECT_DIR / INSPECT_PAGE
+
+
+def wandb_offline_runs(directory: Path) -> list[Path]:
+    """The W&B offline runs of ``directory`` (a run's, or the report's), oldest first."""
+    return sorted((directory / WANDB_DIR).glob("offline-run-*"))
+
+
+def is_synced(offline_run: Path) -> bool:
+    """Whether ``wandb sync`` uploaded the offline run (it leaves ``<run>.wandb.synced``)."""
+    return any(offline_run.glob("*.wandb.synced"))
+
+
+# -- the status vocabulary ------------------------------------------------------------------------
+# What a status file says. preempted / interrupted: stopped by a signal after a checkpoint
+# (sae.preemption), resumable.
 STATES = ("running", "done", "failed", "preempted", "interrupted")
+NEW = "new"  # no status file: the run never started
+# What run_state reads a run directory as: a preempted run, or a running one whose process is
+# gone, is interrupted; a done one without metrics failed. The report and sae-status show these.
+RUN_STATES = (NEW, "running", "interrupted", "done", "failed")
+# What sae-status adds from the scheduler's view of a run's job (sae.grid.status): waiting in
+# the queue, or how the scheduler ended a task that wrote no final status (sae.sweep).
+SCHEDULER_STATES = ("pending", "cancelled", "timeout", "node_fail")
 
 
 def run_dir(cfg: RootConfig, rid: str | None = None) -> Path:
@@ -42,9 +100,6 @@ def slurm_facts() -> dict[str, str]:
     """The SLURM job this process runs in (empty outside SLURM); recorded in the status."""
     keys = ("SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID", "SLURM_RESTART_COUNT")
     return {k.lower(): os.environ[k] for k in keys if k in os.environ}
-
-
-TASK_LOG_LINK = "slurm.out"  # in a run folder: the latest task log of the job that ran it
 
 
 def task_logs() -> dict[str, str]:
@@ -90,40 +145,48 @@ def write_status(directory: Path, state: str, reason: str | None = None, **extra
               "host": socket.gethostname(), "pid": os.getpid(), "slurm": slurm_facts(), **extra}
     if logs := task_logs():
         status["logs"] = logs
-    atomic_write_json(directory / "status.json", status)
+    atomic_write_json(directory / STATUS_FILE, status)
 
 
 def read_status(directory: Path) -> dict[str, Any] | None:
     """The run's status, or None when it never started (or its status file is unreadable)."""
     try:
-        return json.loads((directory / "status.json").read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
+        status = json.loads((directory / STATUS_FILE).read_text())
+    except (OSError, json.JSONDecodeError):
         return None
+    return status if isinstance(status, dict) else None
 
 
 def run_state(directory: Path) -> str:
-    """``new``, ``running``, ``interrupted``, ``done`` or ``failed``.
+    """One of :data:`RUN_STATES` (:func:`state_and_reason`)."""
+    return state_and_reason(directory)[0]
+
+
+def state_and_reason(directory: Path) -> tuple[str, str | None]:
+    """The run's state, one of :data:`RUN_STATES`, and why (the status file's reason, or what
+    the state was read from).
 
     A ``done`` without metrics is not done. A ``running`` status whose lock nobody holds
     belongs to a process that was killed (``scancel``, SIGKILL, node failure): interrupted,
-    to be resumed from its checkpoint.
+    to be resumed from its checkpoint, as a preempted one is.
     """
     status = read_status(directory)
     if status is None:
-        return "new"
-    state = status.get("state", "new")
-    if state == "done" and not (directory / "metrics.json").exists():
-        return "failed"
+        return NEW, f"the run never started (no {STATUS_FILE})"
+    state, reason = str(status.get("state", NEW)), status.get("reason")
+    if state == "done" and not (directory / METRICS_FILE).exists():
+        return "failed", f"status says done but {METRICS_FILE} is missing"
     if state == "running" and not run_lock_held(directory):
-        return "interrupted"
+        return "interrupted", reason or ("its process ended without writing a final status "
+                                         "(killed?); a re-launch resumes from its checkpoint")
     if state == "preempted":
-        return "interrupted"
-    return state
+        return "interrupted", reason
+    return state, reason
 
 
 def run_lock(directory: Path, timeout: float = -1) -> FileLock:
     """The lock a process holds while it executes the run in ``directory``."""
-    return FileLock(str(directory / ".lock"), timeout=timeout)
+    return FileLock(str(directory / LOCK_FILE), timeout=timeout)
 
 
 def run_lock_held(directory: Path) -> bool:
@@ -137,15 +200,12 @@ def run_lock_held(directory: Path) -> bool:
 
 
 # -- force=true --------------------------------------------------------------------------------
-PREVIOUS_PREFIX = "previous-"  # outputs set aside by force=true, never trained from
-
-
 def set_aside_outputs(directory: Path) -> Path | None:
     """Move everything of the run (checkpoints, model, metrics, status, ...) except its lock into
     ``previous-<UTC time>/``, so a forced run starts from nothing. Returns that directory, or
     None when there was nothing to move."""
     entries = [p for p in directory.iterdir()
-               if p.name != ".lock" and not p.name.startswith(PREVIOUS_PREFIX)]
+               if p.name != LOCK_FILE and not p.name.startswith(PREVIOUS_PREFIX)]
     if not entries:
         return None
     target = unused_name(directory / f"{PREVIOUS_PREFIX}{utc_stamp()}")

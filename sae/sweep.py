@@ -25,7 +25,7 @@ from sae.config import ConfigError, RootConfig, validate
 from sae.data.errors import CacheError
 from sae.data.similarity import resolve_similarity
 from sae.identity import run_id
-from sae.runs import run_dir, run_state
+from sae.runs import NEW, run_dir, run_state
 
 PROGRESS_EVERY = 50  # cells between progress lines while planning
 
@@ -160,7 +160,7 @@ def plan_cells(cells: Sequence[Sequence[str]], compose: Callable[[list[str]], Di
         problem = _preflight_problem(where, cfg, raise_it=not dry_run)
         rid = run_id(cfg)
         directory = run_dir(cfg, rid)
-        state = "new" if force else run_state(directory)
+        state = NEW if force else run_state(directory)
         checkpoint = (f"{cfg.backbone.name}: {cfg.backbone.checkpoint}"
                       if cfg.backbone.library != "none" else "")
         planned.append(Cell(index, list(overrides), rid, str(directory), state,

@@ -22,6 +22,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from sae.runs import is_synced, wandb_offline_runs
 from sae.tracking import DEFAULT_BASE_URL, reachable
 
 PROBE_TIMEOUT_S = 5.0  # before uploading: is the server there at all?
@@ -48,11 +49,7 @@ def run_dirs(sweep_dir: Path) -> list[Path]:
 def offline_runs(sweep_dir: Path) -> list[Path]:
     """Every ``offline-run-*`` directory of the sweep, oldest first within a run."""
     return [run for directory in run_dirs(Path(sweep_dir))
-            for run in sorted((directory / "wandb").glob("offline-run-*"))]
-
-
-def synced(run: Path) -> bool:
-    return any(run.glob("*.wandb.synced"))
+            for run in wandb_offline_runs(directory)]
 
 
 def sync_command(run: Path, project: str | None = None, entity: str | None = None
@@ -74,14 +71,14 @@ def upload(run: Path, timeout_s: float, project: str | None = None,
     except subprocess.TimeoutExpired:
         return Sent(run, False, f"timed out after {timeout_s:g} s")
     lines = (done.stdout + done.stderr).strip().splitlines()
-    if done.returncode == 0 and synced(run):
+    if done.returncode == 0 and is_synced(run):
         return Sent(run, True, "sent")
     return Sent(run, False, lines[-1] if lines else f"wandb sync exited {done.returncode}")
 
 
 def sync_sweep(sweep_dir: Path, again: bool = False, timeout_s: float = 600.0,
                project: str | None = None, entity: str | None = None) -> list[Sent]:
-    return [Sent(run, True, "already synced") if synced(run) and not again
+    return [Sent(run, True, "already synced") if is_synced(run) and not again
             else upload(run, timeout_s, project, entity) for run in offline_runs(sweep_dir)]
 
 
@@ -124,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     runs = offline_runs(args.sweep_dir)
     print(f"{len(runs)} offline W&B runs in {args.sweep_dir}")
     if args.dry_run:
-        print("\n".join(f"- {run}{' (synced)' if synced(run) else ''}" for run in runs))
+        print("\n".join(f"- {run}{' (synced)' if is_synced(run) else ''}" for run in runs))
         return 0
     url = os.environ.get("WANDB_BASE_URL", DEFAULT_BASE_URL)
     if (runs or args.dashboard) and not reachable(url, PROBE_TIMEOUT_S):

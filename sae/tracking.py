@@ -42,6 +42,7 @@ from typing import Any
 
 from sae.config import RootConfig, to_dict
 from sae.plain import numeric_leaves
+from sae.runs import CONFIG_FILE, INSPECT_DIR, METRICS_FILE, MODEL_FILE, MODEL_SIDECAR
 
 log = logging.getLogger(__name__)
 
@@ -189,7 +190,7 @@ def log_weights(run: Any, run_dir: Path, metrics: dict[str, Any], offline: bool)
 
     artifact = wandb.Artifact(f"sae-{run.id}", type="model",
                               metadata={"run_dir": str(run_dir.resolve())})
-    for name in ("model.safetensors", "model.json", "config.yaml", "metrics.json"):
+    for name in (MODEL_FILE, MODEL_SIDECAR, CONFIG_FILE, METRICS_FILE):
         path = run_dir / name
         if not path.exists():
             continue
@@ -233,7 +234,7 @@ def log_latents(run: Any, run_dir: Path, metrics: dict[str, Any], offline: bool)
 def log_contact_sheets(run: Any, run_dir: Path, metrics: dict[str, Any], offline: bool) -> None:
     import wandb
 
-    sheets = sorted((run_dir / "inspect").glob("latent_*.png"))[:MAX_IMAGES]
+    sheets = sorted((run_dir / INSPECT_DIR).glob("latent_*.png"))[:MAX_IMAGES]
     if sheets:
         run.log({"eval/contact_sheets": [wandb.Image(str(p), caption=p.stem) for p in sheets]},
                 step=final_step(metrics))

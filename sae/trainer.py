@@ -156,8 +156,10 @@ def train_step(model: TopKSAE, optimizer: torch.optim.Optimizer, x: torch.Tensor
 def older_checkpoint(path: Path) -> Path:
     """Where the checkpoint before ``path`` is kept: ``prev.safetensors`` beside
     ``last.safetensors`` (``<stem>-prev<suffix>`` for any other name)."""
-    if path.name == "last.safetensors":
-        return path.with_name("prev.safetensors")
+    from sae.runs import LAST_CHECKPOINT, PREV_CHECKPOINT
+
+    if path.name == LAST_CHECKPOINT:
+        return path.with_name(PREV_CHECKPOINT)
     return path.with_name(f"{path.stem}-prev{path.suffix}")
 
 

@@ -306,3 +306,32 @@ def test_a_stop_between_log_steps_resumes_the_same_curve(tmp_path, members):
     resumed = histories(TrainingLoop(resumed_trainers))
     assert [t.resumed_from for t in resumed_trainers] == [1] * members
     assert resumed == straight
+
+
+def test_a_folder_of_embeddings_is_named_by_the_one_folder_digest(tmp_path, monkeypatch):
+    """A files dataset given as a folder is named by ``sae.fingerprint.directory_sha256``, the
+    digest of a weights snapshot too: its files' relative names and bytes, not its dot files,
+    nor where the folder lies."""
+    import shutil
+
+    from sae.fingerprint import content_identity, directory_sha256, weights_id
+    from sae.identity import run_id, semantic_config
+
+    monkeypatch.setenv("SAE_DIGEST_CACHE", str(tmp_path / "digests"))
+    folder = tmp_path / "emb"
+    (folder / "part").mkdir(parents=True)
+    write_embeddings(folder / "part" / "0.npy", 60, 8, seed=0)
+    (folder / "config.json").write_text("{}")
+    cell = files_cell(tmp_path / "out", folder)
+    sha256 = directory_sha256(folder)
+    assert semantic_config(cell)["data"]["train_path"] == {"files": 2, "sha256": sha256}
+    backbone = dataclasses.replace(image_cell(tmp_path / "out").backbone,
+                                   checkpoint_path=str(folder))
+    assert weights_id(backbone) == f"sha256:{sha256}"  # one folder digest for both
+    before = run_id(cell)
+    (folder / ".DS_Store").write_bytes(b"finder")
+    assert run_id(cell) == before
+    shutil.copytree(folder, tmp_path / "copy")
+    assert content_identity(tmp_path / "copy", None) == {"files": 2, "sha256": sha256}
+    write_embeddings(folder / "part" / "0.npy", 60, 8, seed=1)
+    assert run_id(cell) != before

@@ -135,8 +135,8 @@ def test_members_resuming_from_different_steps_train_as_separate_packs(tmp_path)
 
     import torch
 
-    from sae.cell import checkpoint_path
     from sae.io import save_tensors
+    from sae.runs import checkpoint_path
     from sae.training.job import groups_by_resume_step
 
     members = [types.SimpleNamespace(directory=tmp_path / f"m{i}") for i in range(4)]

@@ -29,6 +29,7 @@ import pytest
 import torch
 import yaml
 
+from sae.grid.status import sweep_status
 from sae.io import atomic_write_json
 from sae.method_card import CARD_FIELDS, render_markdown, run_card
 from sae.metrics import seed_stability
@@ -36,7 +37,8 @@ from sae.model import TopKSAE, load_model, save_model
 from sae.report import ReportOptions, build_report, main
 from sae.reporting.aggregate import TABLE_METRICS
 from sae.reporting.claims import HELD, NOT_HELD, NOT_TESTED, UNDECIDED, Tolerances, check_claims
-from sae.runs import write_status
+from sae.reporting.collect import collect
+from sae.runs import METRICS_FILE, NEW, RUN_STATES, STATES, run_lock, run_state, write_status
 from tests.helpers import run_cli
 
 VERDICTS = (HELD, NOT_HELD, UNDECIDED, NOT_TESTED)
@@ -338,7 +340,7 @@ def fake_run(run_dir: Path, reg: str, mask: bool, seed: int, k: int, state: str,
               "mask": mask, "seed": seed, "sae": {"n_latents": 64}}
     run_dir.mkdir(parents=True)
     (run_dir / "config.yaml").write_text(yaml.safe_dump(config))
-    if state == "missing":
+    if state == NEW:  # never started: no config, no status
         (run_dir / "config.yaml").unlink()
         return
     write_status(run_dir, state, None if state == "done" else "RuntimeError: boom")
@@ -354,7 +356,8 @@ def fake_run(run_dir: Path, reg: str, mask: bool, seed: int, k: int, state: str,
 def fake_sweep(root: Path, grid: list[tuple[str, bool, int]], effects: dict | None = None,
                states: dict[int, str] | None = None, k: int = 8) -> Path:
     """A sweep directory with one run per (regularizer, mask, seed); ``states`` sets a cell's
-    end state (done by default, failed, missing)."""
+    end state (done by default, or what its status file says: failed, running, ...; ``new``:
+    none)."""
     sweep_dir, cells = root / "sweeps" / "fake", []
     for index, (reg, mask, seed) in enumerate(grid):
         run_id = f"synthetic-k{k}-{reg}-{'mask' if mask else 'nomask'}-s{seed}"
@@ -408,12 +411,12 @@ def test_claims_not_held_and_tolerance_is_a_parameter(tmp_path):
 def test_missing_pieces_are_reported_not_fatal(tmp_path, capsys):
     # One seed, no mask ablation (mask on only), one failed cell, one cell that never ran.
     grid = [("none", True, 0), ("offsupport_l1", True, 0), ("l1l2", True, 0), ("l1l2", True, 1)]
-    sweep_dir = fake_sweep(tmp_path, grid, GOOD, states={2: "failed", 3: "missing"})
+    sweep_dir = fake_sweep(tmp_path, grid, GOOD, states={2: "failed", 3: "new"})
     assert main([str(sweep_dir)]) == 0
     printed = capsys.readouterr().out
     out = sweep_dir / "report"
     runs = pd.read_csv(out / "runs.csv")
-    assert list(runs["status"]) == ["done", "done", "failed", "missing"]
+    assert list(runs["status"]) == ["done", "done", "failed", "new"]
     assert runs.loc[2, "reason"] == "RuntimeError: boom" and math.isnan(runs.loc[2, "r2"])
     table_rows = [ln for ln in (out / "tables.md").read_text().splitlines()
                   if ln.startswith(("| none", "| offsupport_l1"))]
@@ -428,10 +431,43 @@ def test_missing_pieces_are_reported_not_fatal(tmp_path, capsys):
     assert "**Caution: some settings have a single seed." in claims_md
     notes = (out / "notes.md").read_text()
     assert "cell 2 (regularizer=l1l2" in notes and "failed -- RuntimeError: boom" in notes
-    assert "cell 3" in notes and "missing" in notes and "one finished seed" in notes
+    assert "cell 3" in notes and ": new -- the run never started" in notes
+    assert "one finished seed" in notes
     assert "cell 2 (regularizer=l1l2" in printed and printed.strip().endswith("index.html")
     card = json.loads((out / "method_card.json").read_text())
     assert "not measurable" in card["seed_stability"]["value"]
+
+
+def test_the_report_reads_run_states_as_sae_runs_and_sae_status_do(tmp_path):
+    """One vocabulary: a cell that never started is ``new`` in the report as in ``sae.runs`` and
+    ``sae-status``; a preempted run, or a running one whose process is gone (nobody holds its
+    lock), is ``interrupted``; a done one without metrics ``failed``."""
+    grid = [("none", True, 0), ("offsupport_l1", True, 0), ("l1l2", True, 0), ("l1l2", True, 1),
+            ("l1l2", False, 0)]
+    sweep_dir = fake_sweep(tmp_path, grid, GOOD, states={1: NEW, 2: "preempted", 3: "running"})
+    runs = collect(sweep_dir).runs
+    (Path(runs.loc[4, "run_dir"]) / METRICS_FILE).unlink()
+    runs = collect(sweep_dir).runs
+    assert list(runs["status"]) == ["done", NEW, "interrupted", "interrupted", "failed"]
+    assert list(runs["status"]) == [run_state(Path(d)) for d in runs["run_dir"]]
+    status = {r.run_id: r.state for r in sweep_status(sweep_dir).runs}
+    assert dict(zip(runs["run_id"], runs["status"], strict=True)) == status
+    assert runs.loc[1, "reason"] == "the run never started (no status.json)"
+
+
+def test_every_state_the_report_shows_is_in_the_runs_vocabulary(tmp_path):
+    """Whatever a status file says (or none at all, or done without metrics), the report's
+    status is one of ``sae.runs.RUN_STATES``."""
+    written = [NEW, *STATES, "done without metrics"]
+    grid = [("none", True, seed) for seed in range(len(written))]
+    states = {i: "done" if w == "done without metrics" else w for i, w in enumerate(written)}
+    sweep_dir = fake_sweep(tmp_path, grid, GOOD, states=states)
+    run_dirs = [tmp_path / "runs" / f"synthetic-k8-none-mask-s{i}" for i in range(len(written))]
+    (run_dirs[-1] / METRICS_FILE).unlink()
+    with run_lock(run_dirs[written.index("running")]):  # its process is alive: running
+        shown = collect(sweep_dir).runs["status"]
+    assert set(shown) <= set(RUN_STATES), set(shown) - set(RUN_STATES)
+    assert set(shown) == set(RUN_STATES)  # and every one of them can be shown
 
 
 def test_a_directory_that_is_not_a_sweep_is_a_clear_error(tmp_path, capsys):

@@ -236,3 +236,14 @@ def test_a_submitit_local_sweep_leaves_findable_logs_printed_once(tmp_path):
         assert (run / "slurm.out").resolve() == Path(logs["stdout"]).resolve()
         assert log_text.count("Job completed successfully") == 1, log_text
         assert f"run {run.name} done" in log_text
+
+
+def test_sae_status_counts_every_state_of_the_runs_vocabulary():
+    """sae-status's states are sae.runs' own (new, running, interrupted, done, failed) and the
+    scheduler's (pending, and how it ended a task); its summary line orders every one."""
+    from sae.grid.status import ORDER
+    from sae.runs import RUN_STATES, SCHEDULER_STATES
+    from sae.sweep import SCHEDULER_ENDS
+
+    assert set(ORDER) == {*RUN_STATES, *SCHEDULER_STATES} and len(ORDER) == len(set(ORDER))
+    assert set(SCHEDULER_ENDS.values()) <= set(SCHEDULER_STATES)

@@ -27,6 +27,7 @@ from sae.method_card import CARD_FIELDS
 from sae.plain import plain
 from sae.reporting.aggregate import SETTING_KEYS, finished_runs
 from sae.reporting.collect import read_json
+from sae.runs import METHOD_CARD_JSON, MODEL_FILE
 
 MAX_LISTED = 12  # distinct values listed before "... and N more"
 BY_AXIS = {"source_model": "backbone", "dataset": "dataset",
@@ -38,7 +39,7 @@ def decoder_atoms(run_dir: Path):
     """The decoder atoms (rows of ``W_dec``) of a run, or None when its model is missing."""
     from sae.model import load_model  # torch is imported only when there is a model to read
 
-    path = Path(run_dir) / "model.safetensors"
+    path = Path(run_dir) / MODEL_FILE
     if not path.exists():
         return None
     return load_model(path).W_dec.detach()
@@ -156,7 +157,7 @@ def run_cards(runs: pd.DataFrame) -> tuple[list[dict[str, Any]], pd.DataFrame]:
     done = finished_runs(runs)
     cards, kept = [], []
     for index, row in done.iterrows():
-        card = read_json(Path(row["run_dir"]) / "method_card.json")
+        card = read_json(Path(row["run_dir"]) / METHOD_CARD_JSON)
         if card is not None:
             cards.append(card)
             kept.append(index)

@@ -2,9 +2,10 @@
 
 Inputs (see ``sae.sweep`` and ``sae.runs``): ``<sweep_dir>/cells.json`` lists every cell with its
 run id and run directory; each run directory holds ``config.yaml``, ``status.json``,
-``metrics.json`` and the method card. Nothing here fails on a missing piece: a cell whose run
-never started is a row with status ``missing``, a failed run a row with its reason, a run
-without metrics a row with empty metric columns.
+``metrics.json`` and the method card (names from ``sae.runs``). Nothing here fails on a missing
+piece: a cell whose run never started is a row with status ``new``, a failed run a row with its
+reason, a run without metrics a row with empty metric columns. The status column is
+``sae.runs.state_and_reason``'s, the vocabulary of ``sae-status``.
 
 Columns of the runs table: the cell (``cell``, ``overrides``, ``duplicate_of``), the run
 (``run_id``, ``run_dir``, ``status``, ``reason``), the axes (``backbone``, ``dataset``, ``k``,
@@ -26,6 +27,7 @@ import pandas as pd
 import yaml
 
 from sae.plain import flatten, multiple_name, numeric_leaves
+from sae.runs import CONFIG_FILE, METRICS_FILE, state_and_reason
 
 AXES = ("backbone", "dataset", "k", "regularizer", "strength", "mask", "seed", "n_latents")
 CELL_COLUMNS = ("cell", "overrides", "duplicate_of", "run_id", "run_dir", "status", "reason")
@@ -128,16 +130,10 @@ def cell_axes(config: dict[str, Any] | None, overrides: dict[str, str]) -> dict[
 
 
 def run_status(run_dir: Path) -> tuple[str, str | None]:
-    """``done`` | ``failed`` | ``running`` (interrupted) | ``missing`` (never started)."""
-    status = read_json(run_dir / "status.json")
-    if status is None:
-        return "missing", "the run never started (no status.json)"
-    state = str(status.get("state", "missing"))
-    if state == "done" and not (run_dir / "metrics.json").exists():
-        return "failed", "status says done but metrics.json is missing"
-    reason = status.get("reason")
+    """The run's state in ``sae.runs``' vocabulary (``new`` when it never started), and why."""
+    state, reason = state_and_reason(run_dir)
     if state == "running":
-        reason = reason or "interrupted or still running when the report was built"
+        reason = reason or "still running when the report was built"
     return state, reason
 
 
@@ -189,9 +185,9 @@ def flat_metrics(metrics: dict[str, Any] | None) -> dict[str, Any]:
 
 def cell_row(cell: dict[str, Any]) -> dict[str, Any]:
     run_dir = Path(cell["run_dir"])
-    config = read_yaml(run_dir / "config.yaml")
+    config = read_yaml(run_dir / CONFIG_FILE)
     status, reason = run_status(run_dir)
-    metrics = read_json(run_dir / "metrics.json") if status == "done" else None
+    metrics = read_json(run_dir / METRICS_FILE) if status == "done" else None
     overrides = list(cell.get("overrides", []))
     row = {
         "cell": cell.get("index"), "overrides": " ".join(overrides),
@@ -249,7 +245,8 @@ def curve_rows(run_id: str, metrics: dict[str, Any] | None) -> list[dict[str, An
 
 # -- the whole sweep ------------------------------------------------------------------------------
 def collect(sweep_dir: Path) -> SweepRuns:
-    """Every cell of the sweep as a row (failed and missing ones included), and the curves."""
+    """Every cell of the sweep as a row (failed and never started ones included), and the
+    curves."""
     sweep_dir = Path(sweep_dir)
     name, cells = load_cells(sweep_dir)
     rows = [cell_row(cell) for cell in cells]
@@ -263,7 +260,7 @@ def collect(sweep_dir: Path) -> SweepRuns:
     for run_id, run_dir, status in runs[["run_id", "run_dir", "status"]].drop_duplicates(
             "run_id").itertuples(index=False):
         if status == "done":
-            curve_list += curve_rows(run_id, read_json(Path(run_dir) / "metrics.json"))
+            curve_list += curve_rows(run_id, read_json(Path(run_dir) / METRICS_FILE))
     curves = pd.DataFrame(curve_list, columns=["run_id", "curve", "x", "y"])
     return SweepRuns(name, sweep_dir, runs, curves, read_yaml(sweep_dir / "multirun.yaml"))
 

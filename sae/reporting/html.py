@@ -19,6 +19,15 @@ from sae.reporting.aggregate import label_flags
 from sae.reporting.claims import Claim
 from sae.reporting.plots import Figure
 from sae.reporting.tables import HEADER, NOTE, block_cells, table_blocks, title
+from sae.runs import (
+    CONFIG_FILE,
+    METHOD_CARD_MD,
+    METRICS_FILE,
+    STATUS_FILE,
+    inspect_page,
+    is_synced,
+    wandb_offline_runs,
+)
 
 WANDB_APP = "https://wandb.ai"  # where a synced run is shown (WANDB_BASE_URL when set)
 
@@ -31,7 +40,7 @@ th { background: #f3f3f3; } td.best { font-weight: bold; background: #eef7ee; }
 .not-tested, .inconclusive { color: #777; font-weight: bold; }
 .headline { background: #fff8e1; border-left: 4px solid #f0b400; padding: 0.5em 1em; }
 table.card td { vertical-align: top; } table.card table { margin: 0; font-size: 1em; }
-.failed, .missing, .running { background: #fff1f0; }
+.failed, .new, .running, .interrupted { background: #fff1f0; }
 figure { display: inline-block; margin: 0.5em; vertical-align: top; }
 figure img { max-width: 100%; border: 1px solid #ddd; }
 figcaption { font-size: 0.85em; max-width: 60em; }
@@ -140,7 +149,7 @@ def html_table(header: list[str], body: list[list[tuple[str, bool]]],
 
 def wandb_url(run_dir: Path, run_id: str, entity: object, project: object) -> str | None:
     """The W&B page of a run that ``sae-sync`` / ``wandb sync`` uploaded (None otherwise)."""
-    if not any((run_dir / "wandb").glob("offline-run-*/*.wandb.synced")) or \
+    if not any(is_synced(run) for run in wandb_offline_runs(run_dir)) or \
             not isinstance(entity, str) or not isinstance(project, str):
         return None
     return f"{os.environ.get('WANDB_BASE_URL', WANDB_APP)}/{entity}/{project}/runs/{run_id}"
@@ -185,8 +194,8 @@ def figures_section(figures: list[Figure], report_dir: Path) -> str:
     return f"<h2 id='plots'>Plots</h2>{items or '<p>No plot: no finished run.</p>'}"
 
 
-def inspect_page(run_dir: Path) -> Path | None:
-    page = run_dir / "inspect" / "index.html"
+def feature_browser(run_dir: Path) -> Path | None:
+    page = inspect_page(run_dir)
     return page if page.exists() else None
 
 
@@ -195,7 +204,7 @@ def browser_section(runs: pd.DataFrame, report_dir: Path) -> str:
     done = runs[runs["status"] == "done"].drop_duplicates("run_id")
     links, previews, shown = [], [], set()
     for row in done.itertuples(index=False):
-        page = inspect_page(Path(row.run_dir))
+        page = feature_browser(Path(row.run_dir))
         if page is None:
             continue
         links.append(f"<li>{link(rel(page, report_dir), row.run_id)}</li>")
@@ -220,11 +229,11 @@ RUN_COLUMNS = ("cell", "backbone", "dataset", "k", "regularizer", "strength", "m
 
 def run_links(row: pd.Series, report_dir: Path) -> str:
     run_dir = Path(row["run_dir"])
-    found = [(name, run_dir / name) for name in ("method_card.md", "metrics.json",
-                                                 "status.json", "config.yaml")]
+    found = [(name, run_dir / name) for name in (METHOD_CARD_MD, METRICS_FILE, STATUS_FILE,
+                                                 CONFIG_FILE)]
     parts = [link(rel(path, report_dir), name.split(".")[0]) for name, path in found
              if path.exists()]
-    page = inspect_page(run_dir)
+    page = feature_browser(run_dir)
     if page is not None:
         parts.append(link(rel(page, report_dir), "features"))
     return " ".join(parts)

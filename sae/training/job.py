@@ -38,7 +38,6 @@ from sae.cell import (
     begin_run,
     build_model,
     check_dims,
-    checkpoint_path,
     evaluate_and_write,
     evaluation_config,
     fail_run,
@@ -55,7 +54,7 @@ from sae.io import load_meta
 from sae.locking import hold_run_lock
 from sae.packing import member_overrides, pack_conflict
 from sae.preemption import Interrupted, StopRequest, redeliver, signal_name, stop_signals
-from sae.runs import run_dir
+from sae.runs import checkpoint_path, run_dir
 from sae.threads import set_torch_threads
 from sae.trainer import Trainer
 from sae.training.loop import MemberResult, TrainingLoop
