@@ -13,8 +13,8 @@ import os
 import shutil
 from pathlib import Path
 
-from sae.io import CORRUPT_MARK
-from sae.runs import CHECKPOINTS_DIR, PREVIOUS_PREFIX, RUNS_DIR
+from sae.grid.runs import CHECKPOINTS_DIR, PREVIOUS_PREFIX, RUNS_DIR
+from sae.io.tensors import CORRUPT_MARK
 
 
 def runs_root(root: Path) -> Path:

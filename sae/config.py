@@ -8,7 +8,7 @@ composed config is turned into objects by :func:`validate` -- for a sweep, for e
 any job is submitted.
 
 Every field is documented once, by the comment beside it (one line: ``--help`` shows it,
-read from the source by ``sae.cli_help``): here, and for the dataset group in
+read from the source by ``sae.cli.help``): here, and for the dataset group in
 ``sae/dataset_schemas.py`` (re-exported here). This module imports no torch.
 """
 
@@ -45,7 +45,7 @@ class BackboneConfig:
     library: str = "none"  # open_clip | timm | transformers | none
     model: str = ""  # library model identifier, e.g. "ViT-L-14" (open_clip), "vit_large_patch16_224.augreg_in21k_ft_in1k" (timm), "google/vit-large-patch16-224" (transformers hub id)
     pretrained: str | None = None  # open_clip pretrained tag / "true" for timm and transformers; null = random weights (tests)
-    checkpoint_path: str | None = None  # for compute nodes without network: a weights file, a Hugging Face hub cache directory, or a transformers snapshot directory (sae/backbones.py)
+    checkpoint_path: str | None = None  # for compute nodes without network: a weights file, a Hugging Face hub cache directory, or a transformers snapshot directory (sae/backbones/__init__.py)
     embedding: str = "none"  # what is taken: image_projected (open_clip encode_image) | cls_pre_logits (timm) | image_features (transformers get_image_features) | cls_last_hidden_state (transformers CLS of last_hidden_state)
     model_kwargs: dict[str, Any] = field(default_factory=dict)  # extra factory kwargs (small test variants)
     batch_size: int = 128  # images per forward pass during extraction
@@ -128,7 +128,7 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     autocast_bf16: bool = False  # bf16 autocast with fp32 master weights (GPU)
     compile: bool = False  # torch.compile only the fast path's fused penalty kernels; the step stays eager
-    fast_path: bool = True  # fused sparse step (sae/fast/); false = the plain reference step
+    fast_path: bool = True  # fused sparse step (sae/training/fast/); false = the plain reference step
     progress: bool = True  # progress bar (plain lines when stderr is not a terminal)
 
     def __post_init__(self) -> None:
@@ -325,10 +325,10 @@ def register_configs() -> None:
     conf/dataset YAML files extend), and then the ``--help`` pages generated from them (last, so
     that they see every registered schema), with Hydra; called on import of the entry points.
     The pages are rendered only when the command line asks for help (every task start imports
-    an entry point; :func:`sae.cli_help.register_help`)."""
+    an entry point; :func:`sae.cli.help.register_help`)."""
     from hydra.core.config_store import ConfigStore
 
-    from sae.cli_help import register_help
+    from sae.cli.help import register_help
 
     store = ConfigStore.instance()
     store.store(name="train_schema", node=RootConfig)

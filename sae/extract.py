@@ -22,7 +22,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from sae.cli_overrides import main_with_checks
+from sae.cli.overrides import main_with_checks
 from sae.config import ConfigError, ExtractConfig, register_configs, validate
 from sae.data.cache import ensure_cache, open_cache
 
@@ -65,7 +65,7 @@ def main(node: DictConfig) -> None:
 
 def cli() -> None:
     """Console script ``sae-extract`` (same arguments as ``python -m sae.extract``); the
-    overrides are checked against the schema first (``sae.cli_overrides``)."""
+    overrides are checked against the schema first (``sae.cli.overrides``)."""
     main_with_checks(main, CONF_DIR, ExtractConfig)
 
 

@@ -8,7 +8,7 @@ run directory name and the "already done" check all use it.
 
 The identity of the data is part of it (:func:`data_identity`): the content digests of a files
 dataset's embedding, label and class-name files, of the weights ``backbone.checkpoint_path``
-leads to (``sae.fingerprint.weights_id``), and, for an
+leads to (``sae.io.fingerprint.weights_id``), and, for an
 image dataset, what its embedding cache key holds beyond the config. Generated data (synthetic,
 digits) is named by its config alone.
 
@@ -23,7 +23,7 @@ from typing import Any
 
 from sae import regularizers
 from sae.config import RootConfig, to_dict
-from sae.fingerprint import content_identity, weights_id
+from sae.io.fingerprint import content_identity, weights_id
 
 # Keys that never change a run's numbers: how and where it runs, and how it is logged.
 NON_SEMANTIC_KEYS = {

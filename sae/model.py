@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sae.io import load_tensors, save_tensors
+from sae.io.tensors import load_tensors, save_tensors
 
 LAYERNORM_EPS = 1e-5
 NORM_FLOOR = 1e-12  # a decoder atom of norm 0 stays 0 when normalised, never NaN
@@ -127,7 +127,7 @@ class TopKSAE(nn.Module):
         x_in, stats = self.standardize(x)
         pre = F.linear(x_in - self.b_pre, self.W_enc, self.b_enc)
         # Under autocast the product runs in bf16; everything after it (Top-k, ReLU, the
-        # penalties, decoding) goes on in the parameters' dtype, as in sae.fast.
+        # penalties, decoding) goes on in the parameters' dtype, as in sae.training.fast.
         return pre.to(self.W_enc.dtype), stats
 
     def select(self, pre: torch.Tensor, k: int | None = None) -> SparseCode:

@@ -23,9 +23,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from sae.io import load_tensors
-from sae.model import InputStats, TopKSAE
-from sae.runs import (
+from sae.grid.runs import (
     CHECKPOINTS_DIR,
     IDENTITY_FILE,
     LAST_CHECKPOINT,
@@ -33,6 +31,8 @@ from sae.runs import (
     MODEL_FILE,
     RUNS_DIR,
 )
+from sae.io.tensors import load_tensors
+from sae.model import InputStats, TopKSAE
 
 CHECKPOINT_FILE = Path(CHECKPOINTS_DIR) / LAST_CHECKPOINT
 EXPECTED = ("a run directory, its model.safetensors, a training checkpoint "

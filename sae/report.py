@@ -32,7 +32,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from sae.method_card import render_markdown
+from sae.evaluation.method_card import render_markdown
 from sae.reporting import (
     aggregate,
     card,
@@ -57,7 +57,7 @@ class ReportOptions:
 
 
 def write_text(path: Path, text: str) -> Path:
-    from sae.io import atomic_write_text
+    from sae.io.files import atomic_write_text
 
     atomic_write_text(path, text)
     return path
@@ -135,7 +135,7 @@ def log_report_run(sweep: collect.SweepRuns, runs: pd.DataFrame, summary: pd.Dat
 def write_dashboard_spec(sweep_name: str, runs: pd.DataFrame, out: Path) -> Path | None:
     """``report/wandb_dashboard.json`` when the sweep's runs were tracked with W&B (saved to
     the server by ``sae-sync SWEEP_DIR --dashboard``, or at once when the server answers)."""
-    from sae.io import atomic_write_json
+    from sae.io.files import atomic_write_json
 
     logger = wandb_logger(runs)
     if logger is None:
@@ -225,7 +225,8 @@ def publish(partial: Path, final: Path) -> Path:
 
 
 def _write_report(sweep_dir: Path, out: Path, options: ReportOptions | None) -> Report:
-    from sae.io import atomic_write_json, code_version
+    from sae.io.files import atomic_write_json
+    from sae.io.version import code_version
 
     options = options or ReportOptions()
     tol = options.tolerances

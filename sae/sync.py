@@ -22,7 +22,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from sae.runs import is_synced, wandb_offline_runs
+from sae.grid.runs import is_synced, wandb_offline_runs
 from sae.tracking import DEFAULT_BASE_URL, reachable
 
 PROBE_TIMEOUT_S = 5.0  # before uploading: is the server there at all?

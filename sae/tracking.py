@@ -41,8 +41,8 @@ from pathlib import Path
 from typing import Any
 
 from sae.config import RootConfig, to_dict
-from sae.plain import numeric_leaves
-from sae.runs import CONFIG_FILE, INSPECT_DIR, METRICS_FILE, MODEL_FILE, MODEL_SIDECAR
+from sae.grid.runs import CONFIG_FILE, INSPECT_DIR, METRICS_FILE, MODEL_FILE, MODEL_SIDECAR
+from sae.io.plain import numeric_leaves
 
 log = logging.getLogger(__name__)
 

@@ -22,7 +22,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from sae.cli_overrides import main_with_checks
+from sae.cli.overrides import main_with_checks
 from sae.config import RootConfig, register_configs
 from sae.training.job import run_cells, run_packed_job
 
@@ -69,7 +69,7 @@ def main(cfg: DictConfig) -> dict[str, Any]:
 
 def cli() -> None:
     """Console script ``sae-train`` (same arguments as ``python -m sae.train``); the overrides
-    are checked against the schema first (``sae.cli_overrides``)."""
+    are checked against the schema first (``sae.cli.overrides``)."""
     main_with_checks(main, CONF_DIR, RootConfig)
 
 

@@ -67,8 +67,8 @@ def pretrained_options() -> list[str]:
 def hub_source(cfg) -> tuple[str, str]:
     """(Hugging Face repository, files) that ``cfg``'s library downloads for its weights (the
     repository is the one whose snapshot names the weights in run ids and cache keys:
-    ``sae.fingerprint.hub_repository``)."""
-    from sae.fingerprint import hub_repository
+    ``sae.io.fingerprint.hub_repository``)."""
+    from sae.io.fingerprint import hub_repository
 
     repo = hub_repository(cfg)
     if repo is None:

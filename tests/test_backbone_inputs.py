@@ -1,4 +1,4 @@
-"""Workers send uint8, the device normalises (sae/backbone_inputs.py): the split equals each
+"""Workers send uint8, the device normalises (sae/backbones/inputs.py): the split equals each
 library's whole transform bit for bit, falls back to float32 where it cannot, and quarters the
 bytes a batch takes in shared memory. (tests/test_backbones_reference.py checks the embeddings
 of every backbone option through the split against the libraries' recipes.)"""
@@ -11,8 +11,8 @@ import torch
 from PIL import Image
 from torchvision import transforms
 
-from sae.backbone_inputs import torchvision_split, with_uint8_inputs
 from sae.backbones import Backbone, load_backbone
+from sae.backbones.inputs import torchvision_split, with_uint8_inputs
 from sae.data.images import ImageFileDataset, collate_skipping
 from tests.fixtures_images import make_imagenet
 from tests.test_extract import backbone_cfg, imagenet_cfg

@@ -200,7 +200,7 @@ def project_embeddings(option: str, hub: Path, split: ImageSplit, out: Path) -> 
                        num_workers=workers)
     result = embed_split(cfg, split, out, device="cpu", progress=False)
     assert result.kept == list(range(len(split)))
-    # the workers sent uint8 and the float part ran in embed (sae/backbone_inputs.py): the
+    # the workers sent uint8 and the float part ran in embed (sae/backbones/inputs.py): the
     # equality below then covers the split, not a fallback to the float path
     assert result.backbone_info["worker_dtype"] == "uint8", result.backbone_info
     return np.load(out)
@@ -299,7 +299,7 @@ def test_transformers_snapshot_directory_and_output_rules(hub):
     pixels = backbone.preprocess(Image.new("RGB", (50, 70)))
     assert pixels.shape == (3, 224, 224) and pixels.dtype == torch.uint8
     # pretrained: null builds the same architecture from config.json with random weights
-    from sae.backbones_hf import load_transformers
+    from sae.backbones.hf import load_transformers
 
     random = load_transformers(backbone_cfg("vit_l16", checkpoint_path=str(snapshot),
                                             pretrained=None), random_init=True)

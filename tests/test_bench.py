@@ -15,7 +15,7 @@ import torch
 from sae.benchmarks import common, train_run
 from sae.benchmarks import graph as graphs
 from sae.benchmarks import step as bench
-from sae.trainer import dead_count_bound
+from sae.training.trainer import dead_count_bound
 
 TINY = ["--batch", "64", "--dim", "32", "--latents", "512", "--k", "8", "--repeats", "2",
         "--no-tune-allocator"]

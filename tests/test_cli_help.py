@@ -17,7 +17,7 @@ import yaml
 from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 
-from sae.cli_help import (
+from sae.cli.help import (
     APPS,
     CONF_DIR,
     app_groups,
@@ -78,7 +78,7 @@ def test_help_marks_the_default_option_of_each_group():
 # Imports an entry point as a start would, with ``argv``, counting the pages rendered.
 _COUNT_RENDERS = """
 import sys
-import sae.cli_help as cli_help
+import sae.cli.help as cli_help
 rendered = []
 render = cli_help.render_help
 cli_help.render_help = lambda name, *args: rendered.append(name) or render(name, *args)

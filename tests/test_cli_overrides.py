@@ -26,7 +26,7 @@ CASES = [
 def test_a_config_mistake_is_refused_naming_the_closest_valid_name(args, message):
     """In-process: the check the command runs before Hydra (one process per case would cost
     two seconds each)."""
-    from sae.cli_overrides import OverrideError, check_overrides
+    from sae.cli.overrides import OverrideError, check_overrides
     from sae.config import RootConfig
     from sae.train import CONF_DIR
 

@@ -13,8 +13,8 @@ import torch
 from sae.config import ConfigError, ImagesDatasetConfig, validate
 from sae.data.errors import DataError
 from sae.data.images import ImageFileDataset, UnreadableImageError, cached_images, open_split
+from sae.evaluation.method_card import run_card
 from sae.identity import run_id
-from sae.method_card import run_card
 from tests.fixtures_images import (
     HF_LABELS,
     OI_EXPECTED,
@@ -163,7 +163,7 @@ def test_narratives_missing_or_malformed_files_name_the_fix(tmp_path):
 
 
 def test_preflight_wants_the_narratives_of_both_splits(tmp_path):
-    from sae.sweep import preflight
+    from sae.grid.sweep import preflight
 
     root = make_openimages(tmp_path, split="train")
     cfg = validate(compose_train(["dataset=openimages", "backbone=clip_tiny",

@@ -17,10 +17,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sae.fast import fast_training_loss
-from sae.losses import training_loss
 from sae.model import TopKSAE
-from sae.packed import MemberSpec, PackCoefficients, PackedSAE, packed_training_loss
+from sae.training.fast import fast_training_loss
+from sae.training.losses import training_loss
+from sae.training.packed import MemberSpec, PackCoefficients, PackedSAE, packed_training_loss
 
 D, N, K, AUX_K, B = 12, 48, 3, 5, 40
 
@@ -181,14 +181,14 @@ def test_firing_means_positive_in_the_metrics_against_a_dense_loop():
 def test_firing_means_positive_in_the_evaluation(tmp_path, caplog):
     from sae.config import EvalConfig
     from sae.data.types import EmbeddingSet
-    from sae.evaluate import evaluate
+    from sae.evaluation.evaluate import evaluate
 
     model = tiny_activation_model()
     x = F.normalize(torch.randn(64, D, generator=torch.Generator().manual_seed(0)), dim=1)
     labels = torch.arange(64) % 4
     split = EmbeddingSet("t", x, labels)
     cfg = EvalConfig(probe_max_train=64, probe_epochs=2, inspect_top_images=0)
-    with caplog.at_level("INFO", logger="sae.evaluate"):
+    with caplog.at_level("INFO", logger="sae.evaluation.evaluate"):
         metrics = evaluate(model, split, split, cfg, 3, tmp_path, torch.device("cpu"))
     families = [r.message for r in caplog.records if r.message.startswith("evaluation: ")]
     assert len(families) == 4 and all(" s" in line for line in families)  # one per family

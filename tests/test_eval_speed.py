@@ -10,11 +10,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sae import probe_store
 from sae.benchmarks import eval as eval_bench
 from sae.config import EvalConfig
 from sae.data.types import EmbeddingSet
-from sae.evaluate import evaluate
+from sae.evaluation import probe_store
+from sae.evaluation.evaluate import evaluate
 from sae.metrics import _probe_kernels as kernels
 from sae.metrics import probe
 from sae.model import SparseCode, TopKSAE

@@ -14,10 +14,10 @@ from sklearn.metrics import r2_score as sk_r2_score
 from sae import metrics as M
 from sae.config import EvalConfig
 from sae.data.types import EmbeddingSet
-from sae.evaluate import evaluate
-from sae.inspect import select_latents
+from sae.evaluation.evaluate import evaluate
+from sae.evaluation.inspect import select_latents
+from sae.io.plain import multiple_name
 from sae.model import TopKSAE
-from sae.plain import multiple_name
 
 D, N_LATENTS, K = 8, 32, 4
 

@@ -41,9 +41,9 @@ from sae.data.images import (
     open_split,
 )
 from sae.data.similarity import find_eval_cache, resolve_similarity
-from sae.evaluate import load_similarity
+from sae.evaluation.evaluate import load_similarity
 from sae.extract import validate_extract
-from sae.sweep import preflight
+from sae.grid.sweep import preflight
 from tests.fixtures_images import (
     OI_CLASSES,
     OI_EXPECTED,
@@ -493,7 +493,7 @@ def test_extract_help_needs_no_arguments():
     result = subprocess.run([sys.executable, "-m", "sae.extract", "--help"], capture_output=True,
                             text=True, timeout=120, cwd=REPO)
     assert result.returncode == 0, result.stderr
-    # the generated page (sae/cli_help.py): each group, then one option per line
+    # the generated page (sae/cli/help.py): each group, then one option per line
     groups = result.stdout.split("== Config groups", 1)[1].split("== Fields", 1)[0]
     assert "backbone  (backbone=OPTION)" in groups and "\n    clip_vitl14 " in groups
 

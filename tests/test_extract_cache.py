@@ -29,7 +29,7 @@ from sae.data.cache import CacheError, cache_path, ensure_cache, load_image_spli
 from sae.data.embedding import resolve_num_workers
 from sae.data.images import materialize_digits_images
 from sae.data.shards import PROGRESS_FILE, ShardLog, StopSignals, partial_dir
-from sae.fingerprint import file_sha256, version_drift, weights_id
+from sae.io.fingerprint import file_sha256, version_drift, weights_id
 from tests.fixtures_images import make_imagenet, write_jpeg
 from tests.test_extract import REPO, backbone_cfg, imagenet_cfg
 
@@ -297,7 +297,7 @@ def test_extract_bench_prints_the_three_rates(capsys):
 
 def test_method_card_names_the_sampling_and_the_cache_key_inputs(tmp_path):
     from sae.config import RootConfig
-    from sae.method_card import render_markdown, run_card
+    from sae.evaluation.method_card import render_markdown, run_card
 
     root = make_imagenet(tmp_path / "root", train_per_class=1)
     data = load(root, tmp_path / "cache")

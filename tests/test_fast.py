@@ -1,4 +1,4 @@
-"""The fast step (sae.fast) against the reference objective (sae.losses.training_loss).
+"""The fast step (sae.training.fast) against the reference objective (sae.training.losses.training_loss).
 
 Values and the gradient of every parameter must agree to float tolerance, for each regularizer
 x mask, tied and untied weights, LayerNorm on and off, with no dead latent, fewer dead latents
@@ -17,8 +17,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sae import fast, regularizers
-from sae.fast import (
+from sae import regularizers
+from sae.model import TopKSAE
+from sae.regularizers import batch_active
+from sae.training import fast
+from sae.training.fast import (
     Formulation,
     active_capacity,
     fast_training_loss,
@@ -26,12 +29,10 @@ from sae.fast import (
     penalties,
     topk_by_chunks,
 )
-from sae.fast.sparse import support_dots, support_dots_gathered
-from sae.fast.topk import group_size
-from sae.losses import training_loss
-from sae.model import TopKSAE
-from sae.regularizers import batch_active
-from sae.trainer import dead_count_bound
+from sae.training.fast.sparse import support_dots, support_dots_gathered
+from sae.training.fast.topk import group_size
+from sae.training.losses import training_loss
+from sae.training.trainer import dead_count_bound
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: one CPU thread is faster
 
@@ -47,7 +48,7 @@ D, N, K, AUX_K = 16, 256, 4, 6
 # "padded" forces the bound on the CPU too; on the CPU the exact |A| (~0.34 n at B = 48) is
 # read too ("counted"); "dense" forbids gathering.
 BATCH = {"gathered": 24, "padded": 24, "counted": 48, "dense": 96}
-# The two formulations of the k-sparse parts (sae.fast.Formulation), each on any device:
+# The two formulations of the k-sparse parts (sae.training.fast.Formulation), each on any device:
 # gathers / embedding-bags with Top-k by group maxima (the CPU's), and products with the dense
 # code with torch.topk (CUDA's under bf16).
 FORMULATIONS = {"sparse": Formulation("sparse", "chunks"), "dense": Formulation("dense", "plain")}
@@ -331,7 +332,7 @@ def test_autocast_bf16_close_to_float32(formulation):
 
 # -- a whole optimizer step ---------------------------------------------------------------------
 def trainer_step(model: TopKSAE, optimizer, x, loss_fn, kwargs) -> None:
-    """What sae.trainer.train_step does around the loss."""
+    """What sae.training.trainer.train_step does around the loss."""
     optimizer.zero_grad(set_to_none=True)
     parts, _ = loss_fn(model, x, **kwargs)
     parts.total.backward()

@@ -90,9 +90,9 @@ REFUSALS = [
 
 @pytest.mark.parametrize(("name", "keys", "message"), REFUSALS, ids=[r[0] for r in REFUSALS])
 def test_an_unreadable_file_is_refused_at_planning(data, name, keys, message):
-    """The planner's check (sae.sweep.check_files), which a single run and a sweep run first."""
+    """The planner's check (sae.grid.sweep.check_files), which a single run and a sweep run first."""
     from sae.config import ConfigError
-    from sae.sweep import check_files
+    from sae.grid.sweep import check_files
 
     root, _, _ = data
     (root / "data.h5").write_bytes(b"\x89HDF\r\n")

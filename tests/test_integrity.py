@@ -57,7 +57,7 @@ def test_force_retrains_from_scratch_and_sets_the_old_run_aside(tmp_path):
 def test_a_requeued_forced_job_resumes_its_own_checkpoint(tmp_path, monkeypatch):
     """SLURM re-runs a requeued job with the same command, force=true included: the job's own
     checkpoint is resumed, not set aside (that would restart it at every preemption)."""
-    from sae.runs import run_dir, write_status
+    from sae.grid.runs import run_dir, write_status
     from sae.train import run_cell
 
     monkeypatch.setenv("SLURM_JOB_ID", "77")
@@ -99,7 +99,7 @@ def flip_a_weight_byte(path: Path) -> None:
 
 
 def test_the_last_two_checkpoints_are_kept_with_a_digest(tmp_path):
-    from sae.trainer import older_checkpoint
+    from sae.training.trainer import older_checkpoint
 
     ckpt = tmp_path / "checkpoints" / "last.safetensors"
     train_to(ckpt, 12)
@@ -129,7 +129,7 @@ def test_a_corrupt_checkpoint_is_set_aside_and_the_older_one_resumes(tmp_path, d
 
 
 def test_with_both_checkpoints_corrupt_training_starts_afresh(tmp_path, caplog):
-    from sae.trainer import older_checkpoint
+    from sae.training.trainer import older_checkpoint
 
     ckpt = tmp_path / "last.safetensors"
     train_to(ckpt, 12)
@@ -196,7 +196,7 @@ def test_labels_and_class_names_files_are_part_of_the_id(tmp_path):
 
 
 def test_a_file_is_hashed_once_per_size_and_mtime(tmp_path, monkeypatch):
-    import sae.io
+    import sae.io.digests
     from sae.identity import run_id
 
     x_path = tmp_path / "emb.npy"
@@ -204,21 +204,21 @@ def test_a_file_is_hashed_once_per_size_and_mtime(tmp_path, monkeypatch):
     first = run_id(files_cell(tmp_path, x_path))
     sidecar = json.loads((tmp_path / "emb.npy.sha256.json").read_text())
     assert sidecar["size"] == x_path.stat().st_size and len(sidecar["sha256"]) == 64
-    sae.io.file_digest.cache_clear()
+    sae.io.digests.file_digest.cache_clear()
     monkeypatch.setattr(sae.io, "stream_sha256", lambda path: pytest.fail("hashed again"))
     assert run_id(files_cell(tmp_path, x_path)) == first  # read from the sidecar
 
 
 def test_the_digest_of_a_file_in_a_read_only_directory_is_cached_under_the_output_root(
         tmp_path, monkeypatch):
-    import sae.io
+    import sae.io.digests
     from sae.identity import run_id
 
     data = tmp_path / "readonly"
     data.mkdir()
     x_path = data / "emb.npy"
     write_embeddings(x_path, 60, 8, seed=0)
-    monkeypatch.setattr(sae.io, "writable_dir", lambda directory: directory != data)
+    monkeypatch.setattr(sae.io.digests, "writable_dir", lambda directory: directory != data)
     run_id(files_cell(tmp_path / "out", x_path))
     assert not list(data.glob("*.sha256.json"))
     assert len(list((tmp_path / "out" / "cache" / "digests").glob("*.sha256.json"))) == 1
@@ -278,10 +278,10 @@ def test_a_stop_between_log_steps_resumes_the_same_curve(tmp_path, members):
 
     from sae.data.synthetic import load_synthetic
     from sae.model import TopKSAE
-    from sae.preemption import Interrupted, StopRequest
+    from sae.runtime.preemption import Interrupted, StopRequest
     from sae.tracking import NullTracker
-    from sae.trainer import Trainer
     from sae.training.loop import TrainingLoop
+    from sae.training.trainer import Trainer
 
     base = synthetic_cfg(max_steps=20, log_every=10, **{**CKPT_CELL, "checkpoint_every": 0})
     cfgs = [dataclasses.replace(base, seed=seed) for seed in range(members)]
@@ -309,13 +309,13 @@ def test_a_stop_between_log_steps_resumes_the_same_curve(tmp_path, members):
 
 
 def test_a_folder_of_embeddings_is_named_by_the_one_folder_digest(tmp_path, monkeypatch):
-    """A files dataset given as a folder is named by ``sae.fingerprint.directory_sha256``, the
+    """A files dataset given as a folder is named by ``sae.io.fingerprint.directory_sha256``, the
     digest of a weights snapshot too: its files' relative names and bytes, not its dot files,
     nor where the folder lies."""
     import shutil
 
-    from sae.fingerprint import content_identity, directory_sha256, weights_id
     from sae.identity import run_id, semantic_config
+    from sae.io.fingerprint import content_identity, directory_sha256, weights_id
 
     monkeypatch.setenv("SAE_DIGEST_CACHE", str(tmp_path / "digests"))
     folder = tmp_path / "emb"

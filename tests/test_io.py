@@ -6,14 +6,8 @@ import os
 import pytest
 import torch
 
-from sae.io import (
-    CHECKPOINT_SCHEMA_VERSION,
-    atomic_write,
-    atomic_write_json,
-    load_tensors,
-    save_tensor_file,
-    save_tensors,
-)
+from sae.io.files import atomic_write, atomic_write_json
+from sae.io.tensors import CHECKPOINT_SCHEMA_VERSION, load_tensors, save_tensor_file, save_tensors
 
 
 def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path):

@@ -120,7 +120,7 @@ def test_sigterm_during_evaluation_stops_the_run_and_a_relaunch_evaluates(tmp_pa
     last step, exit 143. The re-launch trains no step and evaluates."""
     root = tmp_path / "runs"
     args = ["-m", *PACK] if packed else LONE
-    stopped = run_train(root, args, "sae.evaluate:evaluate", None, check=False)
+    stopped = run_train(root, args, "sae.evaluation.evaluate:evaluate", None, check=False)
     assert ended_by_sigterm(stopped), (stopped.returncode, stopped.stderr[-3000:])
     dirs = run_dirs(root)
     for directory in dirs.values():
@@ -163,9 +163,9 @@ def test_force_on_a_done_pack_sets_its_outputs_aside_and_retrains(tmp_path, monk
 def test_a_pack_waits_on_a_locked_member_at_most_lock_timeout_and_names_the_holder(
         tmp_path, monkeypatch, caplog):
     from sae.config import validate
+    from sae.grid.runs import run_dir, run_lock, write_status
     from sae.identity import run_id
-    from sae.locking import RunLocked
-    from sae.runs import run_dir, run_lock, write_status
+    from sae.runtime.locking import RunLocked
     from sae.training.job import run_cells
 
     monkeypatch.setenv("WANDB_MODE", "disabled")

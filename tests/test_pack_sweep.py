@@ -1,4 +1,4 @@
-"""Packed cells in the sweep: planning (``sae.packing.assign_packs``), the ``pack_members``
+"""Packed cells in the sweep: planning (``sae.grid.packing.assign_packs``), the ``pack_members``
 override's round trip, the memory refusal of ``pack=auto``, and a packed sweep against the same
 sweep unpacked (same run ids, every member ``done``, metrics within test_packed's tolerance)."""
 
@@ -6,21 +6,19 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 from hydra.core.override_parser.overrides_parser import OverridesParser
 
-from sae.packing import (
+from sae.grid.packing import (
     assign_packs,
     member_overrides,
     members_override,
     packs_table,
     unpacked_reason,
 )
-from sae.sweep import Cell
+from sae.grid.sweep import Cell
 from tests.helpers import synthetic_cfg
 from tests.test_packed import LOSS_RTOL
 from tests.test_sweep import sweep
@@ -57,10 +55,10 @@ def test_auto_packs_compatible_cells_and_leaves_done_and_unpackable_ones_out():
 
 
 def test_a_regularizer_without_fused_terms_packs_with_the_others():
-    """Before: a registered regularizer not in sae.packing's list trained alone. Now every
-    regularizer packs (sae.packed differentiates it by autograd,
+    """Before: a registered regularizer not in sae.grid.packing's list trained alone. Now every
+    regularizer packs (sae.training.packed differentiates it by autograd,
     tests/test_regularizer_registry.py); what cannot pack is decided by one function."""
-    from sae.packing import pack_conflict
+    from sae.grid.packing import pack_conflict
 
     other = cell_cfg(k=4, reg="l1l2", strength=0.01)
     other.regularizer.name = "my_penalty"  # as a registered regularizer without fused terms
@@ -135,9 +133,10 @@ def test_members_resuming_from_different_steps_train_as_separate_packs(tmp_path)
 
     import torch
 
-    from sae.io import save_tensors
-    from sae.runs import checkpoint_path
+    from sae.grid.runs import checkpoint_path
+    from sae.io.tensors import save_tensors
     from sae.training.job import groups_by_resume_step
+    from sae.training.trainer import older_checkpoint
 
     members = [types.SimpleNamespace(directory=tmp_path / f"m{i}") for i in range(4)]
     for member, step in zip(members, (50, None, 50, 100)):
@@ -146,53 +145,11 @@ def test_members_resuming_from_different_steps_train_as_separate_packs(tmp_path)
             path.parent.mkdir(parents=True)
             save_tensors(path, {"x": torch.zeros(1)}, {"step": step})
     assert groups_by_resume_step(members) == [[0, 2], [1], [3]]
-
-
-# ---------------------------------------------------------------- on the local SLURM cluster
-
-@pytest.mark.slurm
-def test_packed_sweep_on_slurm_ends_done_after_a_requeue_of_the_pack(slurm_cluster, run_cmd,
-                                                                       tmp_path):
-    """4 cells, pack=2 -> two packs -> a SLURM array of two tasks (a lone job would not be an
-    array). Once member (k 8, seed 0) has a checkpoint, its pack's task is requeued (`scontrol
-    requeue`, the process frozen and killed as SLURM would); the requeued task resumes its
-    members from their checkpoints and every member of both packs ends ``done``."""
-    from tests.test_slurm import (
-        CELL,
-        LONG,
-        LONG_STEPS,
-        REPO,
-        SWEEP_TIMEOUT_S,
-        interrupt_after_first_checkpoint,
-        run_dirs,
-        status,
-        sweep_env,
-        train_cmd,
-    )
-
-    command = train_cmd("launcher=slurm", "sweep_name=slurmpack", "k=4,8", "seed=0,1",
-                        "pack=2", *CELL, *LONG)
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        first = pool.submit(run_cmd, command, env=sweep_env(slurm_cluster, tmp_path),
-                            cwd=REPO,
-                            timeout=SWEEP_TIMEOUT_S, check=False)
-        requeued = interrupt_after_first_checkpoint(tmp_path, {"requeued": (8, 0)},
-                                                    timeout=SWEEP_TIMEOUT_S)["requeued"]
-        first.result()
-    runs = run_dirs(tmp_path)
-    assert sorted(runs) == [(4, 0), (4, 1), (8, 0), (8, 1)]
-    deadline = time.monotonic() + SWEEP_TIMEOUT_S
-    while any(status(d).get("state") not in ("done", "failed") for d in runs.values()):
-        assert time.monotonic() < deadline, {c: status(d) for c, d in runs.items()}
-        time.sleep(0.5)
-    statuses = {cell: status(d) for cell, d in runs.items()}
-    assert {c: s["state"] for c, s in statuses.items()} == dict.fromkeys(runs, "done"), statuses
-    # One array task a pack (the grid order pairs the seeds of one k); (8, 0)'s was requeued.
-    task = {cell: f"{s['slurm']['slurm_array_job_id']}_{s['slurm']['slurm_array_task_id']}"
-            for cell, s in statuses.items()}
-    assert task[(4, 0)] == task[(4, 1)] != task[(8, 0)] == task[(8, 1)] == requeued["job_id"]
-    trained = {c: json.loads((d / "metrics.json").read_text())["train"] for c, d in runs.items()}
-    assert {c: t["steps"] for c, t in trained.items()} == dict.fromkeys(runs, LONG_STEPS)
-    # The member whose checkpoint triggered the requeue resumed from it (the others from theirs,
-    # or from the start if the kill came before theirs was written).
-    assert trained[(8, 0)]["resumed_from_step"] == requeued["step"] > 0
+    # A truncated newest checkpoint (a kill while it was written over a damaged disk, as the
+    # chaos test does): the member resumes from the one before, as its Trainer will.
+    newest = checkpoint_path(members[3].directory)
+    save_tensors(newest, {"x": torch.zeros(1)}, {"step": 150}, previous=older_checkpoint(newest))
+    newest.write_bytes(newest.read_bytes()[:100])
+    assert groups_by_resume_step(members) == [[0, 2], [1], [3]]
+    save_tensors(checkpoint_path(members[1].directory), {"x": torch.zeros(1)}, {"step": 100})
+    assert groups_by_resume_step(members) == [[0, 2], [1, 3]]

@@ -21,11 +21,11 @@ import torch
 
 from sae.data.synthetic import load_synthetic
 from sae.model import TopKSAE
-from sae.packed import MemberSpec, PackCoefficients, PackedSAE, packed_training_loss
 from sae.tracking import NullTracker
-from sae.trainer import Trainer
 from sae.training.loop import TrainingLoop
 from sae.training.loop import train_alone as train_one
+from sae.training.packed import MemberSpec, PackCoefficients, PackedSAE, packed_training_loss
+from sae.training.trainer import Trainer
 from tests.helpers import synthetic_cfg
 
 WEIGHT_ATOL = 3e-4
@@ -56,7 +56,7 @@ def x():
 
 
 def make_trainer(cfg, x, path) -> Trainer:
-    torch.manual_seed(cfg.seed)  # as sae.cell.build_model
+    torch.manual_seed(cfg.seed)  # as sae.training.cell.build_model
     model = TopKSAE(x.shape[1], cfg.sae.n_latents, cfg.k)
     return Trainer(cfg, model, x, path, NullTracker(), {})
 
@@ -128,10 +128,10 @@ def test_a_changed_member_is_detected(x, tmp_path, change, cell1_alone):
 
 def assert_pack_matches_lone_objectives(models: list[TopKSAE], specs: list[MemberSpec],
                                         batch: torch.Tensor, dead: torch.Tensor):
-    """One packed step's objective against sae.losses.training_loss of each lone model: each
+    """One packed step's objective against sae.training.losses.training_loss of each lone model: each
     member's (total, nmse, auxk, penalty), its batch-active units, and the gradients of its
     total. Returns the packed output."""
-    from sae.losses import training_loss
+    from sae.training.losses import training_loss
 
     pack = PackedSAE(models)
     out = packed_training_loss(pack, batch, PackCoefficients.build(specs, batch.device),
@@ -161,7 +161,7 @@ def assert_pack_matches_lone_objectives(models: list[TopKSAE], specs: list[Membe
 
 def test_packed_loss_equals_reference_loss_per_member(x):
     """One step's objective, before any training: each member's (total, nmse, auxk, penalty)
-    and the gradients of its total equal sae.losses.training_loss of its lone model, with some
+    and the gradients of its total equal sae.training.losses.training_loss of its lone model, with some
     latents marked dead."""
     torch.manual_seed(3)
     models, specs = [], []
@@ -246,7 +246,7 @@ def compose_cell(root, axes, logger="none"):
 def test_run_pack_writes_each_members_lone_run(tmp_path, monkeypatch):
     import json
 
-    from sae.io import load_tensors
+    from sae.io.tensors import load_tensors
     from sae.train import run_cell
     from sae.training.job import run_cells
 
@@ -284,7 +284,7 @@ def test_run_pack_writes_each_members_lone_run(tmp_path, monkeypatch):
 
 
 def test_pack_checkpoints_when_a_lone_run_would(x, tmp_path, monkeypatch):
-    """The members' own policy (sae.trainer.Trainer._checkpoint_due): by steps, by training
+    """The members' own policy (sae.training.trainer.Trainer._checkpoint_due): by steps, by training
     time at log steps, and at the end; one file per member each time."""
     import itertools
     import time
@@ -297,7 +297,7 @@ def test_pack_checkpoints_when_a_lone_run_would(x, tmp_path, monkeypatch):
     ticks = itertools.count()
     clock = types.SimpleNamespace(monotonic=lambda: 1e6 + 1e-3 * next(ticks),
                                   perf_counter=time.perf_counter)
-    monkeypatch.setattr("sae.trainer.time", clock)
+    monkeypatch.setattr("sae.training.trainer.time", clock)
     monkeypatch.setattr("sae.training.loop.time", clock)
     for every, every_s, expected in ((0, 0.0, [12]), (4, 0.0, [4, 8, 12]),
                                      (0, 1e-9, [5, 10, 12]), (0, 3600.0, [12])):
@@ -375,8 +375,8 @@ def test_auxk_for_the_named_members_equals_auxk_for_all(x):
 def test_packed_loss_equals_reference_loss_per_member_on_cuda(x):
     """On CUDA in float32 (embedding-bag) and under bf16 autocast (the dense decoder): each
     member's losses equal its lone reference objective (bf16: to bf16 rounding)."""
-    from sae.losses import training_loss
-    from sae.trainer import autocast
+    from sae.training.losses import training_loss
+    from sae.training.trainer import autocast
 
     pack, coeffs, batch = _pack_and_batch(x, "cuda")
     models = []
@@ -402,7 +402,7 @@ def test_packed_loss_equals_reference_loss_per_member_on_cuda(x):
 @pytest.mark.gpu
 @pytest.mark.parametrize("bf16", [False, True])
 def test_cuda_graph_pack_trains_as_the_eager_pack(x, tmp_path, bf16):
-    """The packed trainer's CUDA graphs (sae.packed_graph) train every member as its eager
+    """The packed trainer's CUDA graphs (sae.training.packed_graph) train every member as its eager
     step does, through dead latents (AuxK member sets change, graphs are recaptured), logs and
     checkpoints; the captures themselves do not train."""
     overrides = dict(autocast_bf16=bf16, device="cuda")

@@ -4,8 +4,8 @@ import dataclasses
 
 import pytest
 
-from sae.packing import member_bytes, pack_capacity, pack_key, packs_table, plan_packs
-from sae.sweep import Cell
+from sae.grid.packing import member_bytes, pack_capacity, pack_key, packs_table, plan_packs
+from sae.grid.sweep import Cell
 from tests.helpers import synthetic_cfg
 
 

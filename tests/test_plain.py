@@ -1,12 +1,12 @@
-"""Plain data helpers (sae.plain) and the progress bar's log-file lines (sae.progress)."""
+"""Plain data helpers (sae.io.plain) and the progress bar's log-file lines (sae.runtime.progress)."""
 
 from io import StringIO
 
 import numpy as np
 from omegaconf import OmegaConf
 
-from sae.plain import flatten, plain
-from sae.progress import Progress
+from sae.io.plain import flatten, plain
+from sae.runtime.progress import Progress
 
 
 def test_plain_is_json_canonical():

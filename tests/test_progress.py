@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import io
 
-from sae.progress import Progress
+from sae.runtime.progress import Progress
 
 
 class Terminal(io.StringIO):

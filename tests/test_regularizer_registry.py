@@ -19,14 +19,14 @@ import torch.nn.functional as F
 from sae import regularizers
 from sae.config import ConfigError, RegularizerConfig
 from sae.data.synthetic import load_synthetic
-from sae.fast import Formulation, fast_training_loss, make_plan
-from sae.fast.function import FusedLoss
-from sae.losses import training_loss
 from sae.model import TopKSAE
 from sae.regularizers import Regularizer, batch_active
 from sae.tracking import NullTracker
-from sae.trainer import Trainer
+from sae.training.fast import Formulation, fast_training_loss, make_plan
+from sae.training.fast.function import FusedLoss
 from sae.training.loop import train_alone
+from sae.training.losses import training_loss
+from sae.training.trainer import Trainer
 from tests.helpers import synthetic_cfg
 from tests.test_fast import (
     FORMULATIONS,
@@ -212,11 +212,11 @@ def test_the_step_benchmark_has_a_case_per_registered_regularizer(toy):
 # -- a registered penalty trains packed (issue 19) -----------------------------------------------
 def test_toy_penalty_packs_and_equals_its_lone_objective(toy):
     """Before: a regularizer registered outside the package could not join a pack (its name
-    was not in sae.packing's list). Now it packs beside the built-in ones, its penalty
+    was not in sae.grid.packing's list). Now it packs beside the built-in ones, its penalty
     differentiated by autograd over its own member's block: each member's values and
-    gradients equal sae.losses.training_loss of its lone model."""
-    from sae.packed import MemberSpec
-    from sae.packing import unpacked_reason
+    gradients equal sae.training.losses.training_loss of its lone model."""
+    from sae.grid.packing import unpacked_reason
+    from sae.training.packed import MemberSpec
     from tests.test_packed import assert_pack_matches_lone_objectives
 
     torch.manual_seed(5)

@@ -95,7 +95,7 @@ def test_a_stop_signal_checkpoints_records_and_resumes_exactly(tmp_path, sig):
 
 def test_a_locked_run_says_whose_lock_and_gives_up_after_lock_timeout(tmp_path, monkeypatch):
     from sae.config import validate
-    from sae.runs import run_dir, run_lock, write_status
+    from sae.grid.runs import run_dir, run_lock, write_status
     from tests.test_config import compose_train
 
     monkeypatch.setenv("SAE_OUTPUT_ROOT", str(tmp_path))
@@ -121,7 +121,7 @@ def test_a_task_waiting_on_a_run_lock_hears_sigterm(tmp_path, monkeypatch):
     the holder's status is left as it was. The task starts with SIGTERM ignored, as under
     submitit (which acts on USR2 only): before, it slept on in the wait."""
     from sae.config import validate
-    from sae.runs import read_status, run_dir, run_lock, write_status
+    from sae.grid.runs import read_status, run_dir, run_lock, write_status
     from tests.test_config import compose_train
 
     monkeypatch.setenv("SAE_OUTPUT_ROOT", str(tmp_path))
@@ -195,7 +195,7 @@ def test_other_float_labels_are_refused_naming_the_row(tmp_path):
 def test_negative_ids_are_unlabelled_and_counted_in_the_card(tmp_path):
     import numpy as np
 
-    from sae.cell import split_sizes
+    from sae.training.cell import split_sizes
 
     train, held = labelled_files(tmp_path, np.array([0, 1, -1, -3] * 3))
     sizes = split_sizes(train, held)
@@ -332,7 +332,7 @@ def test_dry_run_of_a_sweep_ends_with_a_grouped_problem_summary(tmp_path):
     ({"OMP_NUM_THREADS": "1", "SLURM_CPUS_PER_TASK": "4"}, 8, (1, "OMP_NUM_THREADS")),
 ])
 def test_threads_follow_the_cpus_allocated_to_the_task(env, affinity, expected):
-    from sae.threads import allocated_threads
+    from sae.runtime.threads import allocated_threads
 
     assert allocated_threads(env, affinity) == expected
 
@@ -378,7 +378,7 @@ def test_make_install_refuses_another_python_before_creating_the_venv(tmp_path):
 
 # -- the launcher's summary (issue 13 item 3; the SLURM end to end is in test_slurm.py) -----------
 def test_scheduler_states_and_the_outcome_summary():
-    from sae.sweep import Cell, outcome_summary, scheduler_end
+    from sae.grid.sweep import Cell, outcome_summary, scheduler_end
 
     assert [scheduler_end(s) for s in ("CANCELLED by 1000", "TIMEOUT", "NODE_FAIL",
                                        "OUT_OF_MEMORY", "INTERRUPTED", "")] == [

@@ -29,16 +29,16 @@ import pytest
 import torch
 import yaml
 
+from sae.evaluation.method_card import CARD_FIELDS, render_markdown, run_card
+from sae.grid.runs import METRICS_FILE, NEW, RUN_STATES, STATES, run_lock, run_state, write_status
 from sae.grid.status import sweep_status
-from sae.io import atomic_write_json
-from sae.method_card import CARD_FIELDS, render_markdown, run_card
+from sae.io.files import atomic_write_json
 from sae.metrics import seed_stability
 from sae.model import TopKSAE, load_model, save_model
 from sae.report import ReportOptions, build_report, main
 from sae.reporting.aggregate import TABLE_METRICS
 from sae.reporting.claims import HELD, NOT_HELD, NOT_TESTED, UNDECIDED, Tolerances, check_claims
 from sae.reporting.collect import collect
-from sae.runs import METRICS_FILE, NEW, RUN_STATES, STATES, run_lock, run_state, write_status
 from tests.helpers import run_cli
 
 VERDICTS = (HELD, NOT_HELD, UNDECIDED, NOT_TESTED)
@@ -439,7 +439,7 @@ def test_missing_pieces_are_reported_not_fatal(tmp_path, capsys):
 
 
 def test_the_report_reads_run_states_as_sae_runs_and_sae_status_do(tmp_path):
-    """One vocabulary: a cell that never started is ``new`` in the report as in ``sae.runs`` and
+    """One vocabulary: a cell that never started is ``new`` in the report as in ``sae.grid.runs`` and
     ``sae-status``; a preempted run, or a running one whose process is gone (nobody holds its
     lock), is ``interrupted``; a done one without metrics ``failed``."""
     grid = [("none", True, 0), ("offsupport_l1", True, 0), ("l1l2", True, 0), ("l1l2", True, 1),
@@ -457,7 +457,7 @@ def test_the_report_reads_run_states_as_sae_runs_and_sae_status_do(tmp_path):
 
 def test_every_state_the_report_shows_is_in_the_runs_vocabulary(tmp_path):
     """Whatever a status file says (or none at all, or done without metrics), the report's
-    status is one of ``sae.runs.RUN_STATES``."""
+    status is one of ``sae.grid.runs.RUN_STATES``."""
     written = [NEW, *STATES, "done without metrics"]
     grid = [("none", True, seed) for seed in range(len(written))]
     states = {i: "done" if w == "done without metrics" else w for i, w in enumerate(written)}

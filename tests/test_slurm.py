@@ -22,8 +22,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from sae.runs import read_status, run_state
-from sae.slurm_checks import SlurmNotReady, check_slurm_ready
+from sae.grid.runs import read_status, run_state
+from sae.grid.slurm_checks import SlurmNotReady, check_slurm_ready
 
 pytestmark = pytest.mark.slurm
 SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "slurm_local.sh"
@@ -147,7 +147,7 @@ def test_submitit_slurm_array_returns_results(slurm_cluster, tmp_path):
         wait_for_state(job, "COMPLETED", timeout=30)
 
 
-# -- readiness checks (sae.slurm_checks) ---------------------------------------------------------
+# -- readiness checks (sae.grid.slurm_checks) ---------------------------------------------------------
 def test_check_slurm_ready_accepts_the_running_cluster(slurm_cluster):
     check_slurm_ready(slurm_cluster.partition)
     check_slurm_ready(None)  # the default partition

@@ -15,7 +15,7 @@ from sae.config import ExtractOptions, validate
 from sae.data.cache import training_cache
 from sae.data.errors import CacheError
 from sae.grid.stages import build_caches, plan_caches
-from sae.sweep import plan_cells
+from sae.grid.sweep import plan_cells
 from tests.test_config import compose_train
 
 GRID = [[f"backbone={b}", f"seed={s}", "dataset=digits_images", "dataset.max_per_split=48"]
@@ -93,7 +93,7 @@ def test_use_checks_sizes_and_checksums_on_request(planned):
 def test_a_generated_image_dataset_plans_on_a_fresh_root(tmp_path):
     """Before: `-m dataset=digits_images` on a fresh output root was refused at planning
     ("dataset.root ... is not a directory"), though a single run writes the folder."""
-    from sae.sweep import preflight
+    from sae.grid.sweep import preflight
 
     cfg = validate(compose_train(["dataset=digits_images", "backbone=clip_tiny",
                                   f"paths.root={tmp_path / 'fresh'}"]))
@@ -111,7 +111,7 @@ nfs:/home /home nfs4 rw,vers=4.2,local_lock=none 0 0
     ("/scratch/me/outputs/cache", "localflock"), ("/project/me/cache", None),
     ("/home/me/cache", None), ("/tmp/cache", None), ("/scratchy/cache", None)])
 def test_a_mount_without_cluster_wide_flock_is_refused(path, refused):
-    from sae.slurm_checks import flock_problem
+    from sae.grid.slurm_checks import flock_problem
 
     problem = flock_problem(path, "paths.cache", MOUNTS)
     if refused is None:
@@ -121,7 +121,7 @@ def test_a_mount_without_cluster_wide_flock_is_refused(path, refused):
 
 
 def test_flock_between_processes_is_checked_here(tmp_path):
-    from sae.slurm_checks import check_flock
+    from sae.grid.slurm_checks import check_flock
 
     check_flock(str(tmp_path / "cache"), "paths.cache")  # a local disk: taken and seen
     assert (tmp_path / "cache").is_dir() and not list((tmp_path / "cache").iterdir())

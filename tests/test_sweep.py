@@ -8,9 +8,9 @@ import pytest
 from omegaconf import OmegaConf
 
 from sae.config import ConfigError, register_configs
+from sae.grid.runs import write_status
+from sae.grid.sweep import Cell, SweepError, checkpoints_line, plan_cells
 from sae.identity import run_id
-from sae.runs import write_status
-from sae.sweep import Cell, SweepError, checkpoints_line, plan_cells
 from tests.helpers import REPO, run_cli, synthetic_cfg
 from tests.test_config import compose_train
 
@@ -194,7 +194,7 @@ def test_config_error_type_is_value_error():
 
 
 def test_running_status_without_a_live_process_is_interrupted(tmp_path):
-    from sae.runs import run_lock, run_state
+    from sae.grid.runs import run_lock, run_state
 
     write_status(tmp_path, "running")
     assert run_state(tmp_path) == "interrupted"  # nobody holds the lock: the job was killed
@@ -203,7 +203,7 @@ def test_running_status_without_a_live_process_is_interrupted(tmp_path):
 
 
 def test_the_progress_line_counts_and_estimates():
-    from sae.sweep import progress_line
+    from sae.grid.sweep import progress_line
 
     assert progress_line(12, 1, 2, 40, 300.0) == (
         "sweep progress: 12/40 jobs ended (11 done, 1 failed), 2 running, 26 waiting; "
@@ -239,11 +239,11 @@ def test_a_submitit_local_sweep_leaves_findable_logs_printed_once(tmp_path):
 
 
 def test_sae_status_counts_every_state_of_the_runs_vocabulary():
-    """sae-status's states are sae.runs' own (new, running, interrupted, done, failed) and the
+    """sae-status's states are sae.grid.runs' own (new, running, interrupted, done, failed) and the
     scheduler's (pending, and how it ended a task); its summary line orders every one."""
+    from sae.grid.runs import RUN_STATES, SCHEDULER_STATES
     from sae.grid.status import ORDER
-    from sae.runs import RUN_STATES, SCHEDULER_STATES
-    from sae.sweep import SCHEDULER_ENDS
+    from sae.grid.sweep import SCHEDULER_ENDS
 
     assert set(ORDER) == {*RUN_STATES, *SCHEDULER_STATES} and len(ORDER) == len(set(ORDER))
     assert set(SCHEDULER_ENDS.values()) <= set(SCHEDULER_STATES)

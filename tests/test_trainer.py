@@ -3,13 +3,14 @@
 import torch
 import torch.nn.functional as F
 
-from sae import fast, regularizers
+from sae import regularizers
 from sae.data.synthetic import load_synthetic
-from sae.losses import training_loss
 from sae.model import TopKSAE
 from sae.tracking import NullTracker
-from sae.trainer import DivergedError, Schedule, Trainer, loss_function
+from sae.training import fast
 from sae.training.loop import train_alone
+from sae.training.losses import training_loss
+from sae.training.trainer import DivergedError, Schedule, Trainer, loss_function
 from tests.helpers import synthetic_cfg
 
 

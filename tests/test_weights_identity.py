@@ -16,9 +16,9 @@ import pytest
 
 from sae.config import validate
 from sae.data.cache_key import config_fields
-from sae.fingerprint import hub_repository, weights_id
 from sae.identity import run_id
-from sae.io import DIGEST_SUFFIX
+from sae.io.digests import DIGEST_SUFFIX
+from sae.io.fingerprint import hub_repository, weights_id
 from tests.test_config import compose_train
 
 PAPER_BACKBONES = ("clip_vitl14", "siglip2", "vit_l16")

@@ -179,7 +179,7 @@ class _Tolerant:
         """Wait for every task; a task's end never stops the wait for the others. A failed
         extraction job cancels the training tasks that wait for it. A progress line goes to
         stderr at each end and every ``PROGRESS_S`` while waiting."""
-        from sae.sweep import progress_line
+        from sae.grid.sweep import progress_line
 
         results: dict[int, JobReturn] = {}
         for index, result in ended.items():
@@ -306,8 +306,8 @@ class SaeLocalLauncher(_Tolerant, LocalLauncher):
     def launch(self, job_overrides: Sequence[Sequence[str]],
                initial_job_idx: int) -> Sequence[JobReturn]:
         # Every cell starts at once on this machine: each takes its share of the cores
-        # (sae.threads; the LocalExecutor's processes inherit this environment).
-        from sae.threads import PARALLEL_TASKS_ENV
+        # (sae.runtime.threads; the LocalExecutor's processes inherit this environment).
+        from sae.runtime.threads import PARALLEL_TASKS_ENV
 
         os.environ[PARALLEL_TASKS_ENV] = str(len(job_overrides))
         return super().launch(job_overrides, initial_job_idx)

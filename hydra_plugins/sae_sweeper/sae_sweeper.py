@@ -5,10 +5,10 @@ launch, naming the cell and the field), cells with the same run id are collapsed
 ``done`` are skipped, and the plan is written to ``<sweep dir>/cells.json``. With
 ``dry_run=true`` it prints the plan and launches nothing. A lock in the sweep directory keeps
 two launches of the same sweep from interleaving. With ``pack`` > 1 or ``auto``, compatible
-cells to launch are grouped into packs (``sae.packing``) and each pack is one job (one SLURM
+cells to launch are grouped into packs (``sae.grid.packing``) and each pack is one job (one SLURM
 array task) that trains its members together; each member's result is recorded per cell.
 Selected in conf/train.yaml with ``override hydra/sweeper: sae``; the planning logic itself
-lives in ``sae.sweep`` and ``sae.packing``.
+lives in ``sae.grid.sweep`` and ``sae.grid.packing``.
 """
 
 # No `from __future__ import annotations`: Hydra's plugin scan executes this module outside
@@ -60,16 +60,16 @@ class SaeSweeper(BasicSweeper):
             master_config=self.config, sweep_overrides=overrides)
 
     def sweep(self, arguments: list[str]) -> Any:
-        from sae.cli_checks import one_line_errors
-        from sae.slurm_checks import SlurmNotReady
+        from sae.cli.checks import one_line_errors
+        from sae.grid.slurm_checks import SlurmNotReady
 
         # A bad cell, a locked sweep, an unreachable cluster: one line, no traceback.
         with one_line_errors(SlurmNotReady):
             return self._sweep(arguments)
 
     def _sweep(self, arguments: list[str]) -> Any:
-        from sae import sweep as planning
-        from sae.io import atomic_write_json
+        from sae.grid import sweep as planning
+        from sae.io.files import atomic_write_json
 
         name = self.config.sweep_name
         sweep_dir = Path(self.config.hydra.sweep.dir)
@@ -85,12 +85,12 @@ class SaeSweeper(BasicSweeper):
         if self.config.dry_run:
             print(planning.table(cells), flush=True)
             if any(len(p) > 1 for p in packs):
-                from sae.packing import packs_table
+                from sae.grid.packing import packs_table
 
                 print(packs_table(packs), flush=True)
             print(planning.problem_summary(cells), flush=True)
             if planning.has_problems(cells):  # scripts can tell a plan that would not run
-                from sae.cli_checks import CONFIG_ERROR_EXIT
+                from sae.cli.checks import CONFIG_ERROR_EXIT
 
                 sys.exit(CONFIG_ERROR_EXIT)
             return []
@@ -107,7 +107,7 @@ class SaeSweeper(BasicSweeper):
 
     def _packs(self, cells, planning) -> list:
         """One list of cells per job: the packs of ``pack`` (every cell alone for pack=1)."""
-        from sae.packing import assign_packs
+        from sae.grid.packing import assign_packs
 
         try:
             return assign_packs(cells, self.config.pack, float(self.config.launcher.gpu_mem_gb))
@@ -123,13 +123,13 @@ class SaeSweeper(BasicSweeper):
         output folders do not honour flock across processes (caches and run locks rely on it);
         and ``launcher.wait=false`` anywhere else than SLURM (local jobs end with the launcher)."""
         if not OmegaConf.select(self.config, "launcher.wait", default=True) and not self._on_slurm():
-            from sae.sweep import SweepError
+            from sae.grid.sweep import SweepError
 
             raise SweepError("launcher.wait=false: only a SLURM sweep can be left (local jobs end "
                              "with the launcher). Fix: add launcher=slurm, or drop "
                              "launcher.wait=false")
         if self._on_slurm():
-            from sae.slurm_checks import check_flock, check_slurm_ready
+            from sae.grid.slurm_checks import check_flock, check_slurm_ready
 
             check_slurm_ready(OmegaConf.select(self.config, "hydra.launcher.partition",
                                                default=None))
@@ -270,7 +270,7 @@ def _job_overrides(members, build=None) -> list:
     lead = members[0]
     if len(members) == 1:
         return [*lead.overrides, *stage, f"hydra.sweep.subdir={lead.run_id}"]
-    from sae.packing import members_override
+    from sae.grid.packing import members_override
 
     return [*lead.overrides, *stage, members_override(members, stage),
             f"hydra.sweep.subdir=pack-{lead.pack}-{lead.run_id}"]
@@ -290,7 +290,7 @@ def _failure(error) -> tuple[str, str]:
     """The exception a job raised, or how the scheduler ended a task that returned nothing
     (see launchers.TaskEnded)."""
     from hydra_plugins.sae_sweeper.launchers import TaskEnded
-    from sae.sweep import scheduler_end
+    from sae.grid.sweep import scheduler_end
 
     if isinstance(error, TaskEnded):
         return scheduler_end(error.state), str(error)

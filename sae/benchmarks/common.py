@@ -17,9 +17,9 @@ from dataclasses import dataclass
 import torch
 
 from sae import regularizers
-from sae.fast import Formulation, resolved_formulation
 from sae.model import TopKSAE
-from sae.trainer import TrainState, train_step
+from sae.training.fast import Formulation, resolved_formulation
+from sae.training.trainer import TrainState, train_step
 
 
 @dataclass(frozen=True)
@@ -83,7 +83,7 @@ def tune_cpu_allocator() -> bool:
 @dataclass
 class Trainee:
     """A model, its optimizer and its training state (dead-latent counters), as the trainer
-    holds them; each step is the trainer's own (sae.trainer.train_step)."""
+    holds them; each step is the trainer's own (sae.training.trainer.train_step)."""
 
     model: TopKSAE
     optimizer: torch.optim.Optimizer

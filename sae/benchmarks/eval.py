@@ -2,7 +2,7 @@
 
 A random Top-k SAE (untrained: evaluation cost does not depend on training) encodes synthetic
 clustered unit embeddings (class prototypes plus noise, so the probes have something to learn).
-The evaluation split streams through the same accumulators as ``sae.evaluate``, each family
+The evaluation split streams through the same accumulators as ``sae.evaluation.evaluate``, each family
 timed apart; then the probes: the truncated-code probes (``eval.probe_m`` plus k) and the
 raw-embedding probe, computed into an empty store and then read back, as every later cell
 that shares the embeddings does. One JSON line per family, then a ``total`` line.
@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from sae.evaluation.probe_store import stored_linear_probe
 from sae.metrics import (
     FiringCounter,
     MonoAccumulator,
@@ -44,7 +45,6 @@ from sae.metrics import (
     truncated_probe,
 )
 from sae.model import SparseCode, TopKSAE
-from sae.probe_store import stored_linear_probe
 
 SIZES = {
     "demo": {"n_train": 5_000, "n_eval": 2_048, "dim": 64, "n_latents": 512, "k": 16,
@@ -55,7 +55,7 @@ SIZES = {
 K_MULTIPLES = (0.25, 0.5, 1.0, 2.0, 4.0)  # EvalConfig's defaults
 PROBE_M = (1, 2, 4, 8, 16, 32)
 CHUNK_SIZE = 8192
-PROBE_CHUNK_ROWS = 65_536  # sae.evaluate's
+PROBE_CHUNK_ROWS = 65_536  # sae.evaluation.evaluate's
 
 
 def parse(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -70,7 +70,7 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
                              "raw-embedding probe recomputed per cell)")
     parser.add_argument("--device", default="cpu",
                         help="cpu (default) or cuda: where the SAE, the data and the probes live, "
-                             "as sae.evaluate on the training device")
+                             "as sae.evaluation.evaluate on the training device")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None,
                         help="torch intra-op threads (default: torch's, one per core)")
@@ -122,7 +122,7 @@ class Timer:
 @torch.no_grad()
 def stream_families(sae: TopKSAE, x_nd: torch.Tensor, labels_n: torch.Tensor, shape: dict,
                     timer: Timer) -> None:
-    """The evaluation split's single pass (as ``sae.evaluate``), each family timed apart."""
+    """The evaluation split's single pass (as ``sae.evaluation.evaluate``), each family timed apart."""
     k, n = shape["k"], shape["n_latents"]
     device = x_nd.device
     ks = inference_ks(k, K_MULTIPLES, n)

@@ -35,7 +35,7 @@ from PIL import Image
 from sae.config import BackboneConfig
 from sae.data.embedding import _embed_batch, _loader, embed_split, resolve_num_workers
 from sae.data.images import ImageFileDataset, ImageSplit
-from sae.device import resolve_device
+from sae.runtime.device import resolve_device
 
 CONF = Path(__file__).resolve().parent.parent.parent / "conf"
 CPU_BACKBONES = ("clip_tiny", "vit_tiny")

@@ -10,8 +10,8 @@ from __future__ import annotations
 import torch
 
 from sae.benchmarks.common import Trainee
-from sae.cuda_graphs import capture_step, optimizer_tensors
-from sae.fast import fast_training_loss
+from sae.training.cuda_graphs import capture_step, optimizer_tensors
+from sae.training.fast import fast_training_loss
 
 
 class EagerStep:
@@ -31,7 +31,7 @@ class GraphStep(EagerStep):
     step never synchronises and its shapes depend only on host integers. The AuxK column
     count is baked in, so the graph is captured again when the dead-count bound outgrows it
     (capacities are powers of two). A capture leaves the training state as it found it
-    (``sae.cuda_graphs.capture_step``)."""
+    (``sae.training.cuda_graphs.capture_step``)."""
 
     def __init__(self, trainee: Trainee, kwargs: dict, window: int, autocast: bool,
                  batch: int, dim: int) -> None:

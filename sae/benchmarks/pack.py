@@ -3,8 +3,8 @@
     python -m sae.bench pack [--sizes demo,mid] [--device cuda] [--bf16] [--packs 1,2,4,8,16]
 
 One JSON line per (size, G). The unpacked step is the trainer's own
-(``sae.trainer.train_step`` with the fused loss of ``sae.fast``, as a lone run with the default
-``train.fast_path``); the packed step is ``sae.packed.packed_train_step``. Both gather their
+(``sae.training.trainer.train_step`` with the fused loss of ``sae.training.fast``, as a lone run with the default
+``train.fast_path``); the packed step is ``sae.training.packed.packed_train_step``. Both gather their
 batches from embeddings held on the device (the unpacked one batch, the pack one per member) and
 run L1/L2 with the mask; the pack's members differ in seed (initialisation and batch order).
 The unpacked step is timed in the same process, interleaved with the packs, so load from other
@@ -13,7 +13,7 @@ processes hits both alike; each time is the best of the repeats of ``--steps`` s
 batch 2048, k 64) is added with G = 1, 15 and 45; its records carry the extrapolated time of 50
 epochs of ImageNet-1k (1,281,167 samples) for the pack, and of the paper grid's 270 runs
 trained in packs of that size. On CUDA each G is timed twice: ``eager`` (op by op) and
-``graph`` (replayed as the packed trainer's CUDA graphs, ``sae.packed_graph``).
+``graph`` (replayed as the packed trainer's CUDA graphs, ``sae.training.packed_graph``).
 """
 
 from __future__ import annotations
@@ -29,11 +29,11 @@ import torch
 import torch.nn.functional as F
 
 from sae.benchmarks.common import profile_table, tune_cpu_allocator
-from sae.fast import fast_training_loss
 from sae.model import TopKSAE
-from sae.packed import MemberSpec, PackCoefficients, PackedSAE, packed_train_step
-from sae.packed_graph import PackedGraphStep
-from sae.trainer import TrainState, train_step
+from sae.training.fast import fast_training_loss
+from sae.training.packed import MemberSpec, PackCoefficients, PackedSAE, packed_train_step
+from sae.training.packed_graph import PackedGraphStep
+from sae.training.trainer import TrainState, train_step
 
 SIZES = {
     "demo": {"batch": 256, "dim": 64, "latents": 512, "k": 8},  # sweeps/demo.yaml, sae=tiny

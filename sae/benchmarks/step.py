@@ -5,7 +5,7 @@
 
 One JSON line per case. A step is what the trainer does: zero_grad, loss, backward, decoder
 gradient projection, Adam, decoder normalisation, dead-latent counters; the fast step uses
-``sae.fast.fast_training_loss``, the reference step ``sae.losses.training_loss``. The encoder
+``sae.training.fast.fast_training_loss``, the reference step ``sae.training.losses.training_loss``. The encoder
 product ``F.linear(x, W_enc, b_enc)`` (B x d x n, the cost floor of any step) is timed in the
 same process, interleaved with the steps, so load from other processes hits all three alike;
 each time is the best of the repeats and each ratio a ratio of best times. On CUDA a record
@@ -47,9 +47,9 @@ from sae.benchmarks.common import (
     with_dead_mask,
 )
 from sae.benchmarks.train_run import bench_train
-from sae.fast import DECODER_MODES, TOPK_MODES, fast_training_loss
-from sae.losses import training_loss
-from sae.trainer import autocast
+from sae.training.fast import DECODER_MODES, TOPK_MODES, fast_training_loss
+from sae.training.losses import training_loss
+from sae.training.trainer import autocast
 
 DEFAULT = {"batch": 1024, "dim": 768, "latents": 12288, "k": 32}
 QUICK = {"batch": 512, "dim": 384, "latents": 6144, "k": 32}
@@ -80,7 +80,7 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
                         "compiled option, as train.compile)")
     p.add_argument("--decoder", choices=DECODER_MODES, default="auto",
                    help="formulation of the k-sparse parts: gathers (sparse) or products with "
-                        "the dense code (dense); auto = by device (sae.fast.Formulation)")
+                        "the dense code (dense); auto = by device (sae.training.fast.Formulation)")
     p.add_argument("--topk", choices=TOPK_MODES, default="auto",
                    help="Top-k by group maxima (chunks) or torch.topk (plain); auto = by device")
     p.add_argument("--no-dead-bound", action="store_true",
@@ -142,7 +142,7 @@ def bench_case(args: argparse.Namespace, case: Case) -> dict:
     batches = unit_batches(args, 4)
     dead = dead_mask(args, case.dead_fraction)
     kwargs = loss_kwargs(args, case)
-    # Host-known, as at a trainer's log step (sae.trainer.dead_count_bound).
+    # Host-known, as at a trainer's log step (sae.training.trainer.dead_count_bound).
     n_dead = None if args.no_dead_bound else round(case.dead_fraction * args.latents)
     fast = make_trainee(args, args.seed)
     # With --bf16 the reference still runs in float32: the speedup is what a user gains by

@@ -19,7 +19,7 @@ from sae.benchmarks.common import (
     sync,
 )
 from sae.benchmarks.graph import EagerStep, GraphStep
-from sae.trainer import dead_count_bound
+from sae.training.trainer import dead_count_bound
 
 
 def unit_embeddings(n: int, d: int, device: str, seed: int) -> torch.Tensor:

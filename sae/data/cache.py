@@ -22,7 +22,7 @@ and renames it into place when every file and the manifest are written, so a rea
 complete cache or none. The lock is a ``filelock`` flock(2) lock file beside the directory: put
 ``paths.cache`` on a file system that honours flock across nodes (Lustre mounted with
 ``-o flock``, GPFS, local disk; not every NFS mount does; a SLURM sweep checks before it
-submits, ``sae.slurm_checks.check_flock``). Every checksum is verified once, when the cache is
+submits, ``sae.grid.slurm_checks.check_flock``). Every checksum is verified once, when the cache is
 built; every use checks the files against the manifest (shape, dtype, size; every checksum
 again with ``extract.verify=checksums``) and the library versions against the installed ones,
 and fails naming the directory and the fix rather than return wrong embeddings. In a SLURM
@@ -72,8 +72,9 @@ from sae.data.layout import (
 )
 from sae.data.shards import ShardLog, partial_dir
 from sae.data.types import EmbeddingSet
-from sae.fingerprint import key_versions, library_versions, version_drift
-from sae.io import atomic_write_json, stream_sha256
+from sae.io.digests import stream_sha256
+from sae.io.files import atomic_write_json
+from sae.io.fingerprint import key_versions, library_versions, version_drift
 
 log = logging.getLogger(__name__)
 
@@ -165,7 +166,7 @@ def _wait_for(lock, name: str) -> None:
     on a lock."""
     import signal
 
-    from sae.locking import WaitStopped, acquire_listening
+    from sae.runtime.locking import WaitStopped, acquire_listening
 
     try:
         acquire_listening(lock)

@@ -2,13 +2,13 @@
 
 ``key16`` is the first 16 hex digits of the sha256 of the canonical JSON of :func:`key_fields`:
 
-- the backbone: library, model identifier, pretrained tag, weights (:func:`sae.fingerprint.
+- the backbone: library, model identifier, pretrained tag, weights (:func:`sae.io.fingerprint.
   weights_id`: the content digest of a local checkpoint file or snapshot directory), embedding,
   model kwargs -- which with the library's version fix the preprocessing (recorded in the
   manifest);
 - the dataset: name, layout, split, sampling protocol, subset (size and seed), and what was
   read: the number of images, a digest of their ordered (name, size) list and the names and
-  sizes of the metadata files (:func:`sae.fingerprint.listing_id`);
+  sizes of the metadata files (:func:`sae.io.fingerprint.listing_id`);
 - the storage dtype.
 
 Paths, batch size, workers and device are not in it: a copy of a dataset at another path reuses
@@ -38,8 +38,8 @@ from sae.data.layout import (
     complete_caches,
     split_dir_name,
 )
-from sae.fingerprint import listing_id, pretrained_flag, weights_id
-from sae.plain import plain
+from sae.io.fingerprint import listing_id, pretrained_flag, weights_id
+from sae.io.plain import plain
 
 log = logging.getLogger(__name__)
 

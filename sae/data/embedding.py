@@ -24,8 +24,8 @@ import torch
 from sae.config import BackboneConfig, ExtractOptions
 from sae.data.images import ImageFileDataset, ImageSplit, collate_skipping
 from sae.data.shards import ShardLog, StopSignals, ignore_stop_signals
-from sae.device import resolve_device
-from sae.progress import Progress
+from sae.runtime.device import resolve_device
+from sae.runtime.progress import Progress
 
 log = logging.getLogger(__name__)
 

@@ -6,7 +6,7 @@ under the cache's lock)::
     progress.json        the complete shards in order: image range, rows, skipped images, bytes
     shard-000000.npy     (rows, d) embeddings of the kept images of one image range
 
-A shard file is written, fsynced and renamed (:func:`sae.io.atomic_write`) before
+A shard file is written, fsynced and renamed (:func:`sae.io.files.atomic_write`) before
 ``progress.json`` names it, so after a kill the progress file lists only whole shards, and the
 next extraction of the key resumes after the last one. Shard boundaries are multiples of the
 batch size, so a resumed extraction runs the same batches as an uninterrupted one and the
@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from sae.io import atomic_write, atomic_write_json
+from sae.io.files import atomic_write, atomic_write_json
 
 log = logging.getLogger(__name__)
 

@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from sae.data.layout import is_complete
+from sae.grid.runs import read_status, run_state
 from sae.grid.scheduler import NEVER_STARTS, SchedulerUnavailable, is_live, job_states
-from sae.runs import read_status, run_state
 
 # The order of the summary line.
 ORDER = ("done", "running", "pending", "failed", "cancelled", "timeout", "node_fail",
@@ -103,7 +103,7 @@ def _run_status(cell: dict[str, Any], slurm: str | None) -> RunStatus:
         if is_live(slurm):
             return RunStatus(cell["run_id"], "running", job, "")
         if word != "COMPLETED":
-            from sae.sweep import scheduler_end
+            from sae.grid.sweep import scheduler_end
 
             return RunStatus(cell["run_id"], scheduler_end(slurm), job, slurm)
     status = read_status(directory) or {}
@@ -118,7 +118,7 @@ def _cache_status(build: dict[str, Any], slurm: str | None) -> tuple[str, str, s
     elif is_live(slurm):
         state = "running"
     elif slurm:
-        from sae.sweep import scheduler_end
+        from sae.grid.sweep import scheduler_end
 
         state = scheduler_end(slurm)
     else:

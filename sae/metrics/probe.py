@@ -46,7 +46,7 @@ from sae.model import SparseCode
 
 DEFAULT_M_VALUES = (1, 2, 4, 8, 16, 32)
 # The solver's fixed settings (the iteration count is the caller's ``max_iter``); part of the
-# key of a stored raw-embedding probe (sae.probe_store).
+# key of a stored raw-embedding probe (sae.evaluation.probe_store).
 LBFGS_SETTINGS = {"lr": 1.0, "history_size": 20, "line_search_fn": "strong_wolfe",
                   "tolerance_grad": 1e-7, "tolerance_change": 1e-10}
 

@@ -2,7 +2,7 @@
 
     k'        = clamp(round(multiple * k_train), 1, n)      for each multiple (deduplicated)
     curve     = {k' : R^2(k')}        ratio = {k' : R^2(k') / R^2(k_train)}
-    flat keys = r2_at_<m>, r2_ratio_at_<m>  (by the multiple m, named by sae.plain.multiple_name:
+    flat keys = r2_at_<m>, r2_ratio_at_<m>  (by the multiple m, named by sae.io.plain.multiple_name:
                 k_div4, k_div2, k, k_x2, k_x4; comparable across training k, unlike the absolute
                 k'; names a W&B dashboard can sort by)
 
@@ -20,9 +20,9 @@ from typing import NamedTuple
 
 import torch
 
+from sae.io.plain import multiple_name
 from sae.metrics.reconstruction import R2Accumulator
 from sae.model import TopKSAE
-from sae.plain import multiple_name
 
 DEFAULT_MULTIPLES = (0.25, 0.5, 1.0, 2.0, 4.0)
 

@@ -12,7 +12,7 @@ from functools import partial
 from typing import Any
 
 Tensor = Any  # torch.Tensor; not imported here so that this module stays torch-free
-# The terms sae.packed fuses by hand for a whole pack (Regularizer.pack_term); None = autograd.
+# The terms sae.training.packed fuses by hand for a whole pack (Regularizer.pack_term); None = autograd.
 PACK_TERMS = (None, "zero", "off_support", "ratio")
 
 
@@ -20,7 +20,7 @@ PACK_TERMS = (None, "zero", "off_support", "ratio")
 class FusedKernels:
     """Hand-written forward and backward of a penalty on the penalised (B, m) columns.
 
-    The fast path (``sae.fast``) hands them the pre-activations of the columns the penalty
+    The fast path (``sae.training.fast``) hands them the pre-activations of the columns the penalty
     sees (all n, or the gathered batch-active ones) and the clamp bound that applies the mask
     (``upper_m``: +inf on the mask, 0 off it; None without mask). Both must agree with the
     reference ``Regularizer.penalty`` to float tolerance (tests/test_fast.py checks the built-in
@@ -51,7 +51,7 @@ class Regularizer:
     restricts it to the batch-active units. ``fields`` names the ``regularizer.*`` config
     fields passed to it as ``params`` (e.g. ``("eps",)``). ``kernels``: optional fused
     kernels for the fast path; without them the fast path differentiates ``penalty``.
-    ``pack_term``: which term of the packed objective's hand-fused head (``sae.packed``)
+    ``pack_term``: which term of the packed objective's hand-fused head (``sae.training.packed``)
     computes this penalty for a whole pack at once: ``"zero"`` (no penalty), ``"off_support"``
     (the off-support L1: the masked sum of z less the support's), ``"ratio"`` (the mean L1/L2
     ratio), or None: a pack differentiates ``penalty`` by autograd, member by member.

@@ -23,11 +23,11 @@ from typing import Any
 
 import pandas as pd
 
-from sae.method_card import CARD_FIELDS
-from sae.plain import plain
+from sae.evaluation.method_card import CARD_FIELDS
+from sae.grid.runs import METHOD_CARD_JSON, MODEL_FILE
+from sae.io.plain import plain
 from sae.reporting.aggregate import SETTING_KEYS, finished_runs
 from sae.reporting.collect import read_json
-from sae.runs import METHOD_CARD_JSON, MODEL_FILE
 
 MAX_LISTED = 12  # distinct values listed before "... and N more"
 BY_AXIS = {"source_model": "backbone", "dataset": "dataset",

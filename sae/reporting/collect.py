@@ -1,11 +1,11 @@
 """Read a sweep directory into tables: one row per grid cell, and the runs' curves.
 
-Inputs (see ``sae.sweep`` and ``sae.runs``): ``<sweep_dir>/cells.json`` lists every cell with its
+Inputs (see ``sae.grid.sweep`` and ``sae.grid.runs``): ``<sweep_dir>/cells.json`` lists every cell with its
 run id and run directory; each run directory holds ``config.yaml``, ``status.json``,
-``metrics.json`` and the method card (names from ``sae.runs``). Nothing here fails on a missing
+``metrics.json`` and the method card (names from ``sae.grid.runs``). Nothing here fails on a missing
 piece: a cell whose run never started is a row with status ``new``, a failed run a row with its
 reason, a run without metrics a row with empty metric columns. The status column is
-``sae.runs.state_and_reason``'s, the vocabulary of ``sae-status``.
+``sae.grid.runs.state_and_reason``'s, the vocabulary of ``sae-status``.
 
 Columns of the runs table: the cell (``cell``, ``overrides``, ``duplicate_of``), the run
 (``run_id``, ``run_dir``, ``status``, ``reason``), the axes (``backbone``, ``dataset``, ``k``,
@@ -26,8 +26,8 @@ from typing import Any
 import pandas as pd
 import yaml
 
-from sae.plain import flatten, multiple_name, numeric_leaves
-from sae.runs import CONFIG_FILE, METRICS_FILE, state_and_reason
+from sae.grid.runs import CONFIG_FILE, METRICS_FILE, state_and_reason
+from sae.io.plain import flatten, multiple_name, numeric_leaves
 
 AXES = ("backbone", "dataset", "k", "regularizer", "strength", "mask", "seed", "n_latents")
 CELL_COLUMNS = ("cell", "overrides", "duplicate_of", "run_id", "run_dir", "status", "reason")
@@ -130,7 +130,7 @@ def cell_axes(config: dict[str, Any] | None, overrides: dict[str, str]) -> dict[
 
 
 def run_status(run_dir: Path) -> tuple[str, str | None]:
-    """The run's state in ``sae.runs``' vocabulary (``new`` when it never started), and why."""
+    """The run's state in ``sae.grid.runs``' vocabulary (``new`` when it never started), and why."""
     state, reason = state_and_reason(run_dir)
     if state == "running":
         reason = reason or "still running when the report was built"

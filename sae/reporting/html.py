@@ -15,11 +15,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from sae.reporting.aggregate import label_flags
-from sae.reporting.claims import Claim
-from sae.reporting.plots import Figure
-from sae.reporting.tables import HEADER, NOTE, block_cells, table_blocks, title
-from sae.runs import (
+from sae.grid.runs import (
     CONFIG_FILE,
     METHOD_CARD_MD,
     METRICS_FILE,
@@ -28,6 +24,10 @@ from sae.runs import (
     is_synced,
     wandb_offline_runs,
 )
+from sae.reporting.aggregate import label_flags
+from sae.reporting.claims import Claim
+from sae.reporting.plots import Figure
+from sae.reporting.tables import HEADER, NOTE, block_cells, table_blocks, title
 
 WANDB_APP = "https://wandb.ai"  # where a synced run is shown (WANDB_BASE_URL when set)
 

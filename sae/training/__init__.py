@@ -1,2 +1,4 @@
-"""Stage 2, training: one loop (``loop``) over a step engine with a member axis, for a lone
-run (a pack of one) and for a pack of cells alike, and the job that runs it (``job``)."""
+"""Stage 2, training: one loop over a step engine with a member axis (``loop``) for a lone
+run (a pack of one) and a pack of cells alike, the job that runs cells (``job``), each run's
+life (``cell``), the member's pieces and checkpoints (``trainer``), the objective (``losses``,
+the reference; ``fast``, the fused step; ``packed``, the stacked members) and CUDA graphs."""

@@ -17,7 +17,7 @@ Every cell goes through the same steps, whatever the number:
 
 A stop signal (SIGTERM, USR2) at any phase -- extraction, training, evaluation -- keeps every
 finished cell ``done`` and records the others ``interrupted`` / ``preempted`` with the signal
-and step, at their last checkpoint; then the signal acts (``sae.preemption``: USR2 requeues
+and step, at their last checkpoint; then the signal acts (``sae.runtime.preemption``: USR2 requeues
 under submitit, SIGTERM ends the process) and a relaunch finishes the work.
 ``metrics.json``'s ``train.seconds`` is the job's training wall time.
 """
@@ -34,7 +34,18 @@ from typing import Any
 import torch
 from omegaconf import DictConfig
 
-from sae.cell import (
+from sae.config import RootConfig, to_dict, validate
+from sae.data import EmbeddingSet, load_splits
+from sae.data.embedding import ExtractionStopped
+from sae.grid.packing import member_overrides, pack_conflict
+from sae.grid.runs import checkpoint_path, run_dir
+from sae.identity import run_id
+from sae.io.tensors import CorruptCheckpointError, load_meta
+from sae.runtime.device import resolve_device
+from sae.runtime.locking import hold_run_lock
+from sae.runtime.preemption import Interrupted, StopRequest, redeliver, signal_name, stop_signals
+from sae.runtime.threads import set_torch_threads
+from sae.training.cell import (
     begin_run,
     build_model,
     check_dims,
@@ -45,19 +56,8 @@ from sae.cell import (
     record_stop,
     skip_or_prepare,
 )
-from sae.config import RootConfig, to_dict, validate
-from sae.data import EmbeddingSet, load_splits
-from sae.data.embedding import ExtractionStopped
-from sae.device import resolve_device
-from sae.identity import run_id
-from sae.io import load_meta
-from sae.locking import hold_run_lock
-from sae.packing import member_overrides, pack_conflict
-from sae.preemption import Interrupted, StopRequest, redeliver, signal_name, stop_signals
-from sae.runs import checkpoint_path, run_dir
-from sae.threads import set_torch_threads
-from sae.trainer import Trainer
 from sae.training.loop import MemberResult, TrainingLoop
+from sae.training.trainer import Trainer, older_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -226,9 +226,15 @@ def _log_start(cells: list[Cell], device: torch.device, train_set: EmbeddingSet,
 
 
 def resume_step(cell: Cell) -> int:
-    """The step the cell's checkpoint resumes from (0 without one)."""
-    path = checkpoint_path(cell.directory)
-    return int(load_meta(path).get("step", 0)) if path.exists() else 0
+    """The step the cell resumes from: of its newest checkpoint whose header reads (the
+    Trainer sets a corrupt one aside and takes the one before, as here), else 0."""
+    newest = checkpoint_path(cell.directory)
+    for path in (newest, older_checkpoint(newest)):
+        try:
+            return int(load_meta(path).get("step", 0))
+        except (FileNotFoundError, CorruptCheckpointError):
+            continue
+    return 0
 
 
 def groups_by_resume_step(cells: Sequence[Cell]) -> list[list[int]]:

@@ -3,7 +3,7 @@
     states = TrainingLoop([trainer_a, trainer_b, ...], stop=stop).run()
     state = train_alone(trainer)
 
-Each member is a ``sae.trainer.Trainer``: its model, config, checkpoint path and logger. The
+Each member is a ``sae.training.trainer.Trainer``: its model, config, checkpoint path and logger. The
 Trainer does everything that is per run -- the initialisation (``initial_state``: b_pre, the
 least-squares encoder scale, or the resume from its own checkpoint), the host read-out and
 divergence check (``_log``), the checkpoint policy (``_checkpoint_due``) -- and
@@ -15,12 +15,12 @@ others go on).
 
 The step itself is an engine (:class:`StepEngine`):
 
-* :class:`LoneStep` for one member: ``sae.trainer.train_step`` on the member's own model
+* :class:`LoneStep` for one member: ``sae.training.trainer.train_step`` on the member's own model
   and optimizer, with the reference or the fused objective (``train.fast_path``); any model
   (tied, LayerNorm) trains here;
-* :class:`PackedStep` for several: the stacked parameters of ``sae.packed``, each member on its
+* :class:`PackedStep` for several: the stacked parameters of ``sae.training.packed``, each member on its
   own batch order, one Adam over the stack (elementwise, so each member's own Adam), CUDA
-  graphs on CUDA (``sae.packed_graph``).
+  graphs on CUDA (``sae.training.packed_graph``).
 """
 
 from __future__ import annotations
@@ -32,12 +32,12 @@ from typing import Protocol
 
 import torch
 
-from sae.packed import MemberSpec, PackCoefficients, PackedSAE, packed_train_step
-from sae.packed_graph import PackedGraphStep
-from sae.packing import pack_conflict
-from sae.preemption import StopRequest
-from sae.progress import Progress
-from sae.trainer import (
+from sae.grid.packing import pack_conflict
+from sae.runtime.preemption import StopRequest
+from sae.runtime.progress import Progress
+from sae.training.packed import MemberSpec, PackCoefficients, PackedSAE, packed_train_step
+from sae.training.packed_graph import PackedGraphStep
+from sae.training.trainer import (
     DivergedError,
     Trainer,
     TrainState,
@@ -82,7 +82,7 @@ class StepEngine(Protocol):
 
 
 class LoneStep:
-    """One member trained on its own model and optimizer (``sae.trainer.train_step``)."""
+    """One member trained on its own model and optimizer (``sae.training.trainer.train_step``)."""
 
     def __init__(self, trainer: Trainer, state: TrainState) -> None:
         self.trainer, self.state = trainer, state
@@ -110,7 +110,7 @@ class LoneStep:
 
 
 class PackedStep:
-    """G members on stacked parameters (``sae.packed``)."""
+    """G members on stacked parameters (``sae.training.packed``)."""
 
     def __init__(self, trainers: list[Trainer], states: list[TrainState], cuda_graph: bool
                  ) -> None:
@@ -151,7 +151,7 @@ class PackedStep:
             state.samples_since_fired = self.counters[row]
 
     def batch(self, step: int) -> torch.Tensor:
-        """(G, B, d): each member's batch at ``step``, as ``sae.trainer.batch_indices``."""
+        """(G, B, d): each member's batch at ``step``, as ``sae.training.trainer.batch_indices``."""
         epoch, position = divmod(step, self.schedule.steps_per_epoch)
         if self.perm_epoch != epoch:
             self.perms = torch.stack([
@@ -188,7 +188,7 @@ class PackedStep:
         return self.graph_step
 
     def _dead_possible(self) -> list[int]:
-        """On an accelerator, as the lone step's dead bound (sae.trainer.dead_count_bound):
+        """On an accelerator, as the lone step's dead bound (sae.training.trainer.dead_count_bound):
         read once per log interval, where the host synchronises anyway; counters grow by at
         most log_every batches meanwhile. The members (rows) that may have a dead latent before
         the next read; AuxK is skipped for the others."""
@@ -240,7 +240,7 @@ def member_spec(trainer: Trainer) -> MemberSpec:
 
 
 def check_compatible(trainers: list[Trainer]) -> None:
-    """Raise naming why the members cannot train together (``sae.packing.pack_conflict``), or
+    """Raise naming why the members cannot train together (``sae.grid.packing.pack_conflict``), or
     that one was given other data than member 0."""
     if (conflict := pack_conflict([t.cfg for t in trainers])) is not None:
         raise ValueError(conflict)
