@@ -266,6 +266,7 @@ class LauncherConfig:
     gpu_mem_gb: float = 8.0  # device memory one job may use, in GB: the bound of pack=auto
     wait: bool = True  # SLURM: wait for every job and print progress; false: return right after submission (follow with sae-status SWEEP_DIR; a re-launch re-attaches)
     extract: ExtractJobConfig = field(default_factory=ExtractJobConfig)  # resources of the stage-1 extraction jobs (launcher=slurm)
+    result_grace_s: float = 15.0  # how long a task that ended without its result file may take to show one (a shared filesystem slow to show another node's file), waited once for all such tasks together
 
 
 PACK_AUTO = "auto"

@@ -276,7 +276,8 @@ def break_packs(root: Path, launch) -> list[dict]:
         assert time.monotonic() < deadline, f"faults injected into {len(injected)} packs only"
         assert not launch.done(), launch.result().stdout[-3000:]
         for pid, members in packs_training(root).items():
-            if frozenset(members) in seen or len(members) < 2:
+            if frozenset(members) in seen or len(members) < 2 or None in checkpoint_steps(
+                    members):  # freeze a pack only once every member has a checkpoint
                 continue
             record = inject_into_pack(PACK_FAULTS[len(injected)], pid, members)
             if record is not None:

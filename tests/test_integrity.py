@@ -205,7 +205,7 @@ def test_a_file_is_hashed_once_per_size_and_mtime(tmp_path, monkeypatch):
     sidecar = json.loads((tmp_path / "emb.npy.sha256.json").read_text())
     assert sidecar["size"] == x_path.stat().st_size and len(sidecar["sha256"]) == 64
     sae.io.digests.file_digest.cache_clear()
-    monkeypatch.setattr(sae.io, "stream_sha256", lambda path: pytest.fail("hashed again"))
+    monkeypatch.setattr(sae.io.digests, "stream_sha256", lambda path: pytest.fail("hashed again"))
     assert run_id(files_cell(tmp_path, x_path)) == first  # read from the sidecar
 
 

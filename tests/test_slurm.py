@@ -206,7 +206,10 @@ REPO = Path(__file__).resolve().parent.parent
 CELL = ["dataset=synthetic", "sae=tiny", "sae.n_latents=64", "logger=none",
         "train.progress=false", "train.batch_size=256", "train.epochs=1000",
         "dataset.n_train=2048", "dataset.n_eval=512", "eval.probe_max_train=512",
-        "eval.probe_epochs=2"]
+        "eval.probe_epochs=2",
+        # The local cluster shares one disk: a task's result file shows at once, so a task that
+        # ended without one has none (the default waits 15 s for a slow shared filesystem).
+        "launcher.result_grace_s=1"]
 QUICK = ["train.max_steps=20"]
 # Long enough to be interrupted between its first checkpoint (step 50) and its end (the test
 # reacts within ~0.1 s; ~70 steps/s on a loaded 2-core machine, a few hundred when idle).

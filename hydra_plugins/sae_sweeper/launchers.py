@@ -90,6 +90,10 @@ class _Tolerant:
     stage1: Sequence[Any] = ()
     job_builds: Sequence[Any] = ()
     wait: bool = True
+    # How long a task that ended without its result file may take to show one (a filesystem
+    # slow to show another node's file): waited once for all such tasks together, where
+    # submitit alone waits 15 s for each, one after the other (launcher.result_grace_s).
+    result_grace_s: float = 15.0
 
     def _executor(self, **changes: Any) -> Any:
         """The plugin's executor, built from the same launcher parameters the plugin reads
@@ -187,6 +191,7 @@ class _Tolerant:
         builds = list(self.job_builds) or [None] * len(jobs)
         failed_builds: dict[int, str] = {}
         started = last_shown = last_refresh = time.monotonic()
+        ended_without_result: dict[int, float] = {}  # index -> when it was first seen ended
         while len(results) < len(jobs):
             any_ended = False
             if self._SCHEDULER and time.monotonic() - last_refresh >= STATE_REFRESH_S:
@@ -200,11 +205,13 @@ class _Tolerant:
                         if build is not None and id(build) == key and jobs[index] is not None:
                             jobs[index].cancel(check=False)
             for index, job in enumerate(jobs):
-                if index not in results and job is not None and job.done():
-                    build = builds[index]
-                    cause = failed_builds.get(id(build)) if build is not None else None
-                    self._record(results, index, task_return(job, cause))
-                    any_ended = True
+                if index in results or job is None or not self._ended(
+                        index, job, ended_without_result):
+                    continue
+                build = builds[index]
+                cause = failed_builds.get(id(build)) if build is not None else None
+                self._record(results, index, task_return(job, cause))
+                any_ended = True
             now = time.monotonic()
             if any_ended or now - last_shown >= PROGRESS_S:
                 failed = sum(r.status != JobStatus.COMPLETED for r in results.values())
@@ -216,6 +223,17 @@ class _Tolerant:
             if len(results) < len(jobs):
                 time.sleep(POLL_S)
         return [results[i] for i in range(len(jobs))]
+
+    def _ended(self, index: int, job: Any, ended_without_result: dict[int, float]) -> bool:
+        """The task ended and its result (or how it ended) can be read now: its result file
+        is there, or it has been missing for ``result_grace_s`` since the task was seen ended."""
+        if job.paths.result_pickle.exists():
+            return True
+        if index not in ended_without_result:
+            if not job.done():
+                return False
+            ended_without_result[index] = time.monotonic()
+        return time.monotonic() - ended_without_result[index] >= self.result_grace_s
 
     def _record(self, results: dict[int, JobReturn], index: int, result: JobReturn) -> None:
         results[index] = result
@@ -288,13 +306,14 @@ def task_return(job: Any, cause: Optional[str] = None) -> JobReturn:  # noqa: UP
     from submitit.core.utils import UncompletedJobError
 
     try:
-        return job.results()[0]
+        if job.paths.result_pickle.exists():  # else submitit would wait for it once more
+            return job.results()[0]
     except UncompletedJobError:  # FailedJobError included
-        ended = JobReturn()
-        ended.status = JobStatus.FAILED
-        ended._return_value = TaskEnded(str(job.state), str(job.job_id), str(job.paths.stderr),
-                                        cause)
-        return ended
+        pass
+    ended = JobReturn()
+    ended.status = JobStatus.FAILED
+    ended._return_value = TaskEnded(str(job.state), str(job.job_id), str(job.paths.stderr), cause)
+    return ended
 
 
 class SaeSlurmLauncher(_Tolerant, SlurmLauncher):

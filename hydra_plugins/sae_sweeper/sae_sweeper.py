@@ -224,6 +224,8 @@ class SaeSweeper(BasicSweeper):
             self.launcher.on_submit = record_submission
             self.launcher.stage1, self.launcher.job_builds = stage1, job_builds
             self.launcher.wait = wait
+            self.launcher.result_grace_s = float(OmegaConf.select(
+                self.config, "launcher.result_grace_s", default=self.launcher.result_grace_s))
         results = self.launcher.launch(batch, initial_job_idx=0) if batch else []
         if not wait and batch:
             return self._submitted(name, sweep_dir, todo, stage1, save)

@@ -72,8 +72,8 @@ class PackCoefficients(NamedTuple):
     """Per-member settings as (G,) device tensors, plus the host facts that shape the step."""
 
     k: torch.Tensor  # (G,) int64
-    off_strength: torch.Tensor  # (G,) lambda of members with offsupport_l1, else 0
-    ratio_strength: torch.Tensor  # (G,) lambda of members with l1l2, else 0
+    off_strength: torch.Tensor  # (G,) lambda of members whose pack_term is off_support, else 0
+    ratio_strength: torch.Tensor  # (G,) lambda of members whose pack_term is ratio, else 0
     is_off: torch.Tensor  # (G,) bool
     is_ratio: torch.Tensor  # (G,) bool
     mask: torch.Tensor  # (G,) bool
