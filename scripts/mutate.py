@@ -97,6 +97,14 @@ MUTATIONS = (
              "dead = state.samples_since_fired >= dead_window",
              "dead = state.samples_since_fired > dead_window + 256",
              ("tests/test_packed.py", "-k", "mixed_cells")),
+    Mutation("loop: a checkpoint without the losses since the last log point",
+             "sae/training/loop.py",
+             "state.pending = [losses[row] for losses in pending]", "state.pending = []",
+             ("tests/test_integrity.py", "-k", "same_curve")),
+    Mutation("job: a corrupt newest checkpoint counted for the resume step",
+             "sae/training/job.py",
+             "for path in (newest, older_checkpoint(newest)):", "for path in (newest,):",
+             ("tests/test_pack_sweep.py", "-k", "different_steps")),
 )
 
 
