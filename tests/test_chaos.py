@@ -179,27 +179,36 @@ def assert_same_runs(root: Path, reference_root: Path, count: int) -> float:
     return worst
 
 
-def test_a_sweep_under_faults_ends_done_with_the_undisturbed_weights(
-        slurm_cluster, run_cmd, tmp_path):
+def sweep_under_faults(cluster, run_cmd, tmp_path: Path, name: str, grid: list[str],
+                       break_them) -> tuple[Path, Path, object, int]:
+    """The sweep on SLURM while ``break_them(root, launch)`` breaks it, the same sweep
+    undisturbed (launcher=local) beside it, then relaunches until every cell is done. Returns
+    (root, reference root, what was broken, relaunches)."""
     root, reference_root = tmp_path / "chaos", tmp_path / "reference"
-    sweep = train_cmd("launcher=slurm", "sweep_name=chaos", *CELL, *GRID)
-    env = {**sweep_env(slurm_cluster, root), "HYDRA_FULL_ERROR": "0"}
-    started = time.perf_counter()
+    sweep = train_cmd("launcher=slurm", f"sweep_name={name}", *CELL, *grid)
+    env = {**sweep_env(cluster, root), "HYDRA_FULL_ERROR": "0"}
     with ThreadPoolExecutor(max_workers=2) as pool:
         reference = pool.submit(run_cmd, train_cmd("launcher=local", "sweep_name=reference",
-                                                   *CELL, *GRID),
-                                env=sweep_env(slurm_cluster, reference_root), cwd=REPO,
+                                                   *CELL, *grid),
+                                env=sweep_env(cluster, reference_root), cwd=REPO,
                                 timeout=SWEEP_TIMEOUT_S)
         first = pool.submit(run_cmd, sweep, env=env, cwd=REPO, timeout=SWEEP_TIMEOUT_S,
                             check=False)
-        injected = break_cells(root, first)
+        injected = break_them(root, first)
         launches = [first.result()]
         reference.result()
     more, relaunches = relaunch_until_done(root, sweep, env, run_cmd)
-    launches += more
-    elapsed = time.perf_counter() - started
-    output = "\n".join(r.stdout + r.stderr for r in launches)
+    output = "\n".join(r.stdout + r.stderr for r in [*launches, *more])
     assert "Traceback" not in output, output[-5000:]
+    return root, reference_root, injected, relaunches
+
+
+def test_a_sweep_under_faults_ends_done_with_the_undisturbed_weights(
+        slurm_cluster, run_cmd, tmp_path):
+    started = time.perf_counter()
+    root, reference_root, injected, relaunches = sweep_under_faults(
+        slurm_cluster, run_cmd, tmp_path, "chaos", GRID, break_cells)
+    elapsed = time.perf_counter() - started
     worst = assert_same_runs(root, reference_root, 6)
     runs = run_dirs(root)
     for cell, run_dir in runs.items():
@@ -288,35 +297,17 @@ def break_packs(root: Path, launch) -> list[dict]:
     return injected
 
 
-def tasks_of(run_dir: Path) -> str:
-    return task_id(status(run_dir))
-
-
 def test_a_packed_sweep_under_faults_ends_done_with_the_undisturbed_weights(
         slurm_cluster, run_cmd, tmp_path):
-    root, reference_root = tmp_path / "chaos", tmp_path / "reference"
-    sweep = train_cmd("launcher=slurm", "sweep_name=packchaos", *CELL, *PACK_GRID)
-    env = {**sweep_env(slurm_cluster, root), "HYDRA_FULL_ERROR": "0"}
     started = time.perf_counter()
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        reference = pool.submit(run_cmd, train_cmd("launcher=local", "sweep_name=reference",
-                                                   *CELL, *PACK_GRID),
-                                env=sweep_env(slurm_cluster, reference_root), cwd=REPO,
-                                timeout=SWEEP_TIMEOUT_S)
-        first = pool.submit(run_cmd, sweep, env=env, cwd=REPO, timeout=SWEEP_TIMEOUT_S,
-                            check=False)
-        injected = break_packs(root, first)
-        launches = [first.result()]
-        reference.result()
-    more, relaunches = relaunch_until_done(root, sweep, env, run_cmd)
-    output = "\n".join(r.stdout + r.stderr for r in [*launches, *more])
-    assert "Traceback" not in output, output[-5000:]
+    root, reference_root, injected, relaunches = sweep_under_faults(
+        slurm_cluster, run_cmd, tmp_path, "packchaos", PACK_GRID, break_packs)
     worst = assert_same_runs(root, reference_root, 8)
     tasks = {cell: task_id(status(d)) for cell, d in run_dirs(root).items()}
     assert len(set(tasks.values())) == 4, tasks  # one array task a pack of two: the grid
     assert all(tasks[(k, s)] == tasks[(k, s + 1)] for k in (4, 8) for s in (0, 2)), tasks
     for record in injected:  # every member of a broken pack resumed from its checkpoint
-        assert len({tasks_of(d) for d in record["members"]}) == 1, record
+        assert len({task_id(status(d)) for d in record["members"]}) == 1, record
         for run_dir in record["members"]:
             train = json.loads((run_dir / "metrics.json").read_text())["train"]
             assert train["resumed_from_step"] is not None, (record["fault"], train)
