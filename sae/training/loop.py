@@ -281,7 +281,10 @@ class TrainingLoop:
                              "only cells resumed from the same step (or train them unpacked)")
         return states
 
-    def engine(self, states: list[TrainState]) -> StepEngine:
+    def make_stepper(self, states: list[TrainState]) -> StepEngine:
+        """One member steps alone: the lone fused step trains any model (tied, LayerNorm),
+        is faster than the packed step of one, and keeps a lone run's numbers
+        (docs/performance.md, "the packed step of one")."""
         if len(self.members) == 1:
             return LoneStep(self.members[0], states[0])
         return PackedStep(self.members, states, self.cuda_graph)
@@ -294,7 +297,7 @@ class TrainingLoop:
             # (docs/performance.md); flushing them to zero changes no value above 1e-38.
             torch.set_flush_denormal(True)
         self.states = self.initial_states()
-        self.engine_ = self.engine(self.states)
+        self.stepper = self.make_stepper(self.states)
         total = self.schedule.total_steps
         step = self.states[0].step
         progress = Progress(total, "", "step", initial=step, enabled=self.cfg.train.progress,
@@ -303,14 +306,14 @@ class TrainingLoop:
         self._mark_checkpoint()  # the time-based policy counts training time from here
         try:
             while step < total and self.alive:
-                pending.append(self.engine_.step(step))
+                pending.append(self.stepper.step(step))
                 step += 1
                 at_end = step == total
                 log_step = step % self.cfg.train.log_every == 0 or at_end
                 if log_step:
                     self._show(progress, step, self._log(pending))
                     pending = []
-                    self.engine_.after_log()
+                    self.stepper.after_log()
                 elif progress.tty:
                     progress.goto(step)
                 stopping = self.stop.signum is not None and not at_end
@@ -323,7 +326,7 @@ class TrainingLoop:
         finally:
             progress.close()
         for row, member in enumerate(self.alive):
-            self.engine_.write_back(row, self.members[member])
+            self.stepper.write_back(row, self.members[member])
             self.results[member] = MemberResult(self.states[row])
         return self.results
 
@@ -365,7 +368,7 @@ class TrainingLoop:
     def _drop_rows(self, rows: list[int]) -> None:
         keep = [r for r in range(len(self.alive)) if r not in rows]
         if keep:
-            self.engine_.drop(rows)
+            self.stepper.drop(rows)
         self.states = [self.states[r] for r in keep]
         self.alive = [self.alive[r] for r in keep]
 
@@ -375,13 +378,13 @@ class TrainingLoop:
         outer_rng = torch.get_rng_state()
         for row, member in enumerate(self.alive):
             trainer, state = self.members[member], self.states[row]
-            self.engine_.write_back(row, trainer)
+            self.stepper.write_back(row, trainer)
             state.pending = [losses[row] for losses in pending]
             if self.rng_states[member] is not None:
                 torch.set_rng_state(self.rng_states[member])
             save_checkpoint(trainer.checkpoint_path, trainer.model, trainer.optimizer, state,
                             trainer.config_for_checkpoint)
-            self.engine_.release(trainer)
+            self.stepper.release(trainer)
         torch.set_rng_state(outer_rng)
 
 
