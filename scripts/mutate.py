@@ -101,9 +101,9 @@ MUTATIONS = (
              "sae/training/loop.py",
              "state.pending = [losses[row] for losses in pending]", "state.pending = []",
              ("tests/test_integrity.py", "-k", "same_curve")),
-    Mutation("job: a corrupt newest checkpoint counted for the resume step",
-             "sae/training/job.py",
-             "for path in (newest, older_checkpoint(newest)):", "for path in (newest,):",
+    Mutation("resume: only the newest checkpoint tried (a corrupt one counted as no resume)",
+             "sae/training/trainer.py",
+             "    return path, older_checkpoint(path)", "    return (path,)",
              ("tests/test_pack_sweep.py", "-k", "different_steps")),
 )
 

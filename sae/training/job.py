@@ -56,8 +56,8 @@ from sae.training.cell import (
     record_stop,
     skip_or_prepare,
 )
-from sae.training.loop import MemberResult, TrainingLoop
-from sae.training.trainer import Trainer, older_checkpoint
+from sae.training.loop import MemberResult, TrainingLoop, failure_reason
+from sae.training.trainer import Trainer, resume_candidates
 
 log = logging.getLogger(__name__)
 
@@ -75,9 +75,9 @@ class Cell:
         self.tracker: Any = None
         self.trainer: Trainer | None = None
 
-    def fail(self, exc: BaseException | str) -> Outcome:
-        reason = exc if isinstance(exc, str) else f"{type(exc).__name__}: {exc}"
-        return fail_run(self.rid, self.directory, self.tracker, reason, self.command)
+    def fail(self, exc: BaseException) -> Outcome:
+        return fail_run(self.rid, self.directory, self.tracker, failure_reason(exc),
+                        self.command)
 
 
 def run_packed_job(entries: Sequence[str]) -> dict[str, Any]:
@@ -228,8 +228,7 @@ def _log_start(cells: list[Cell], device: torch.device, train_set: EmbeddingSet,
 def resume_step(cell: Cell) -> int:
     """The step the cell resumes from: of its newest checkpoint whose header reads (the
     Trainer sets a corrupt one aside and takes the one before, as here), else 0."""
-    newest = checkpoint_path(cell.directory)
-    for path in (newest, older_checkpoint(newest)):
+    for path in resume_candidates(checkpoint_path(cell.directory)):
         try:
             return int(load_meta(path).get("step", 0))
         except (FileNotFoundError, CorruptCheckpointError):

@@ -59,7 +59,12 @@ class MemberResult:
 
     @property
     def reason(self) -> str | None:
-        return None if self.failure is None else f"{type(self.failure).__name__}: {self.failure}"
+        return None if self.failure is None else failure_reason(self.failure)
+
+
+def failure_reason(exc: BaseException) -> str:
+    """How a failed run's status names its exception."""
+    return f"{type(exc).__name__}: {exc}"
 
 
 class StepEngine(Protocol):
@@ -392,10 +397,7 @@ def restore_pending(states: list[TrainState]) -> list[torch.Tensor]:
     """The members' losses since the last log point, as (G, 4) per step: a checkpoint written
     between log points kept them (the members of a loop resume from one step, so they hold
     the same count)."""
-    counts = {len(s.pending) for s in states}
-    if counts == {0} or len(counts) > 1:
-        return []
-    return [torch.stack(rows) for rows in zip(*(s.pending for s in states))]
+    return [torch.stack(rows) for rows in zip(*(s.pending for s in states), strict=True)]
 
 
 def train_alone(trainer: Trainer) -> TrainState:

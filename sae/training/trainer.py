@@ -153,6 +153,12 @@ def train_step(model: TopKSAE, optimizer: torch.optim.Optimizer, x: torch.Tensor
 
 
 # -- checkpoints ------------------------------------------------------------------------------
+def resume_candidates(path: Path) -> tuple[Path, Path]:
+    """The checkpoints a run resumes from, newest first: ``path``, then the one before it
+    (where a corrupt newest one is set aside)."""
+    return path, older_checkpoint(path)
+
+
 def older_checkpoint(path: Path) -> Path:
     """Where the checkpoint before ``path`` is kept: ``prev.safetensors`` beside
     ``last.safetensors`` (``<stem>-prev<suffix>`` for any other name)."""
@@ -253,7 +259,7 @@ class Trainer:
         corrupt one is set aside with a one-line warning naming it (never trained from)."""
         from sae.io.tensors import CorruptCheckpointError, set_aside_corrupt
 
-        for path in (self.checkpoint_path, older_checkpoint(self.checkpoint_path)):
+        for path in resume_candidates(self.checkpoint_path):
             if not path.exists():
                 continue
             try:
